@@ -1,0 +1,1 @@
+"""Context distillation: divergence losses, teacher/student views, the jitted step, the trainer."""

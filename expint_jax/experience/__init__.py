@@ -1,0 +1,1 @@
+"""Experience: the versioned pool, its extraction from trajectories, selection and injection."""

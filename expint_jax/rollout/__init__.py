@@ -1,0 +1,1 @@
+"""Rollout: sampler, LLM backends, the ReAct agent, environments and judges."""

@@ -1,0 +1,1 @@
+"""Task environments: each gives tasks, tools and a verifier."""

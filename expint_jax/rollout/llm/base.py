@@ -1,0 +1,33 @@
+"""The one interface every LLM backend implements.
+
+A backend takes a batch of conversations and returns one ``Completion`` per conversation, in
+order. It never raises for a single failed request: that request's completion has
+``finish_reason="error"`` and an ``error`` message (with no secret in it), so one bad call does not
+sink a batch of agent rollouts. ``BackendError`` is for failures of the backend itself
+(misconfiguration, a model that cannot load).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from expint_jax.records import Completion, Message, SamplingParams
+
+
+class BackendError(RuntimeError):
+    """The backend cannot serve at all (bad configuration, missing key, unreachable model)."""
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    """Batched chat completion."""
+
+    def chat(
+        self, conversations: Sequence[Sequence[Message]], params: SamplingParams
+    ) -> list[Completion]: ...
+
+
+def chat_one(backend: ChatBackend, messages: Sequence[Message], params: SamplingParams) -> Completion:
+    """Convenience for a single conversation."""
+    return backend.chat([messages], params)[0]
