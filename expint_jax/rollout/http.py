@@ -10,6 +10,7 @@ Used by the OpenAI-compatible backend, the web tools and the LLM judge. Contract
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import random
@@ -94,8 +95,8 @@ def request_json(
         request = urllib.request.Request(url, data=body, headers=all_headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
-                raw = response.read()
                 last_status = response.status
+                raw = response.read()
         except urllib.error.HTTPError as e:
             last_status = e.code
             detail = _read_error_body(e)
@@ -103,7 +104,10 @@ def request_json(
             if e.code in RETRYABLE_STATUS:
                 continue
             raise HttpError(last_error, status=e.code) from None
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
+        except http.client.IncompleteRead:
+            last_error = f"truncated response body from {url}"
+            continue
+        except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
             last_error = redact(f"{type(e).__name__} contacting {url}: {reason}", secrets)
             last_status = None
