@@ -1,0 +1,163 @@
+"""``OpenAICompatible``: a ``ChatBackend`` for any ``/v1/chat/completions`` server.
+
+Works with vLLM, SGLang, DeepSeek, OpenAI and anything else speaking that protocol. Contract:
+  * ``chat(conversations, params)`` returns one ``Completion`` per conversation, in input order.
+  * At most ``max_concurrency`` requests are in flight at once per backend instance, also when
+    several threads call ``chat`` at the same time (a shared semaphore guards every request).
+  * Each request has a timeout and is retried with exponential back-off by
+    ``expint_jax.rollout.http`` (5xx, 429, time-outs, truncated or non-JSON bodies).
+  * A request that fails for good, or whose answer lacks ``choices[0].message``, becomes
+    ``Completion(text="", finish_reason="error", error=...)`` for that conversation only.
+  * The API key is read from a named environment variable and only ever placed in the
+    ``Authorization`` header: it is passed as a secret to the HTTP helpers (so it is redacted
+    from their errors and logs) and never appears in ``repr``, errors or log lines.
+
+``SamplingParams`` mapping: ``temperature``, ``top_p``, ``max_tokens``, ``stop`` (when non-empty),
+``seed`` (when set). ``top_k`` is not part of the OpenAI API; it is sent only when > 0, which
+vLLM and SGLang accept and the OpenAI service rejects. With ``logprobs=True`` the request asks
+for per-token log-probabilities and ``Completion.logprobs`` carries them when the server returns
+them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from expint_jax.records import Completion, Message, SamplingParams
+from expint_jax.rollout.http import HttpError, RetryPolicy, post_json, redact
+from expint_jax.rollout.llm.base import BackendError
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "function_call": "stop",
+                   "length": "length"}
+
+
+class MalformedResponse(ValueError):
+    """A 2xx answer whose JSON does not have the shape of a chat completion."""
+
+
+class OpenAICompatible:
+    """Batched chat completions over HTTP; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = None,
+        max_concurrency: int = 8,
+        retry: RetryPolicy = RetryPolicy(),
+        logprobs: bool = False,
+        extra_body: Mapping[str, Any] | None = None,
+    ):
+        if not base_url.startswith(("http://", "https://")):
+            raise BackendError(f"OpenAICompatible: base_url must start with http:// or https://, got {base_url!r}")
+        if not model:
+            raise BackendError("OpenAICompatible: model must be a non-empty string")
+        if max_concurrency < 1:
+            raise BackendError(f"OpenAICompatible: max_concurrency must be >= 1, got {max_concurrency}")
+        api_key = ""
+        if api_key_env is not None:
+            api_key = os.environ.get(api_key_env, "")
+            if not api_key:
+                raise BackendError(f"OpenAICompatible: environment variable {api_key_env} is not set or empty")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key_env = api_key_env
+        self.max_concurrency = max_concurrency
+        self.retry = retry
+        self.logprobs = logprobs
+        self.extra_body = dict(extra_body or {})
+        self._api_key = api_key
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+
+    @property
+    def url(self) -> str:
+        # Accept base URLs given with or without the conventional /v1 suffix.
+        root = self.base_url if self.base_url.endswith("/v1") else self.base_url + "/v1"
+        return root + "/chat/completions"
+
+    def __repr__(self) -> str:
+        return (f"OpenAICompatible(base_url={self.base_url!r}, model={self.model!r}, "
+                f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency})")
+
+    def chat(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[Completion]:
+        if not conversations:
+            return []
+        payloads = [self._payload(messages, params) for messages in conversations]
+        workers = min(self.max_concurrency, len(payloads))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-chat") as pool:
+            return list(pool.map(self._complete, payloads, [params] * len(payloads)))
+
+    def _payload(self, messages: Sequence[Message], params: SamplingParams) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": [m.to_json() for m in messages],
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+        }
+        if params.stop:
+            payload["stop"] = list(params.stop)
+        if params.seed is not None:
+            payload["seed"] = params.seed
+        if params.top_k > 0:
+            payload["top_k"] = params.top_k
+        if self.logprobs:
+            payload["logprobs"] = True
+        payload.update(self.extra_body)
+        return payload
+
+    def _complete(self, payload: Mapping[str, Any], params: SamplingParams) -> Completion:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        secrets = (self._api_key,) if self._api_key else ()
+        try:
+            with self._slots:
+                body = post_json(self.url, payload, headers=headers, policy=self.retry, secrets=secrets)
+            return _parse_completion(body, params)
+        except (HttpError, MalformedResponse) as e:
+            message = redact(f"{type(e).__name__}: {e}", secrets)
+        except Exception as e:  # noqa: BLE001 - the protocol forbids raising for one failed request
+            message = redact(f"unexpected {type(e).__name__} from {self.url}: {e}", secrets)
+            log.warning("chat request failed unexpectedly: %s", message)
+        return Completion(text="", finish_reason="error", error=message)
+
+
+def _parse_completion(body: Any, params: SamplingParams) -> Completion:
+    if not isinstance(body, Mapping):
+        raise MalformedResponse(f"expected a JSON object, got {type(body).__name__}")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        detail = body.get("error") if "error" in body else "missing or empty 'choices'"
+        raise MalformedResponse(f"no completion in response: {str(detail)[:300]}")
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice, Mapping) else None
+    if not isinstance(message, Mapping):
+        raise MalformedResponse("choices[0].message is missing or not an object")
+    text = message.get("content")
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise MalformedResponse(f"choices[0].message.content is {type(text).__name__}, expected a string")
+    finish = _FINISH_REASONS.get(choice.get("finish_reason") or "stop", "stop")
+    # vLLM and SGLang report which stop string ended the text in "stop_reason" (an int = a stop token).
+    stop_reason = choice.get("stop_reason")
+    stop_string = stop_reason if isinstance(stop_reason, str) and stop_reason in params.stop else None
+    return Completion(text=text, finish_reason=finish, logprobs=_logprobs(choice), stop_string=stop_string)
+
+
+def _logprobs(choice: Mapping[str, Any]) -> tuple[float, ...] | None:
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, Mapping) else None
+    if not isinstance(content, list):
+        return None
+    values = [entry.get("logprob") for entry in content if isinstance(entry, Mapping)]
+    if len(values) != len(content) or not all(isinstance(v, (int, float)) for v in values):
+        return None
+    return tuple(float(v) for v in values)

@@ -1,0 +1,196 @@
+"""OpenAICompatible against the scripted local server: failures, concurrency, ordering, secrets."""
+
+import logging
+import threading
+import time
+
+import pytest
+
+from expint_jax.records import Message, SamplingParams
+from expint_jax.rollout.http import RetryPolicy
+from expint_jax.rollout.llm.base import BackendError, ChatBackend, chat_one
+from expint_jax.rollout.llm.openai import OpenAICompatible
+from tests.fakes.http_server import Reply, ScriptedServer, sequence
+from tests.fakes.openai import chat_reply, completion_body, request_messages
+
+FAST = RetryPolicy(max_attempts=3, timeout_s=0.5, backoff_s=0.01, max_backoff_s=0.02)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
+HELLO = [Message("user", "hello")]
+
+
+def backend(server, **kwargs):
+    kwargs.setdefault("retry", FAST)
+    return OpenAICompatible(server.url, "fake-model", **kwargs)
+
+
+def test_implements_the_protocol_and_maps_sampling_params():
+    params = SamplingParams(temperature=0.3, top_p=0.9, top_k=20, max_tokens=64, stop=("</tool_call>",), seed=7)
+    with ScriptedServer(sequence([], then=chat_reply("hi"))) as server:
+        llm = backend(server)
+        assert isinstance(llm, ChatBackend)
+        assert chat_one(llm, [Message("system", "s"), Message("user", "u")], params).text == "hi"
+        body = server.requests[0].json
+        assert server.requests[0].path == "/v1/chat/completions"
+        assert body["model"] == "fake-model"
+        assert body["messages"] == [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        assert (body["temperature"], body["top_p"], body["top_k"], body["max_tokens"]) == (0.3, 0.9, 20, 64)
+        assert body["stop"] == ["</tool_call>"] and body["seed"] == 7
+        llm.chat([HELLO], GREEDY)
+        minimal = server.requests[1].json
+        assert not {"stop", "seed", "top_k", "logprobs"} & minimal.keys()
+
+
+def test_base_url_with_v1_suffix_is_not_doubled():
+    with ScriptedServer(sequence([], then=chat_reply("ok"))) as server:
+        OpenAICompatible(server.url + "/v1/", "m", retry=FAST).chat([HELLO], GREEDY)
+        assert server.requests[0].path == "/v1/chat/completions"
+
+
+def test_finish_reason_stop_string_and_logprobs():
+    replies = [
+        Reply(json_body=completion_body("cut", finish_reason="length")),
+        Reply(json_body=completion_body("call", stop_reason="</tool_call>", logprobs=[-0.5, -1.25])),
+        Reply(json_body=completion_body(None, finish_reason="tool_calls")),
+    ]
+    with ScriptedServer(sequence(replies)) as server:
+        llm = backend(server, logprobs=True, max_concurrency=1)
+        params = SamplingParams(temperature=0.0, stop=("</tool_call>",))
+        cut, call, empty = llm.chat([HELLO, HELLO, HELLO], params)
+        assert server.requests[0].json["logprobs"] is True
+    assert (cut.text, cut.finish_reason, cut.logprobs) == ("cut", "length", None)
+    assert (call.stop_string, call.logprobs) == ("</tool_call>", (-0.5, -1.25))
+    assert (empty.text, empty.finish_reason) == ("", "stop")
+
+
+def test_transient_failures_are_retried_then_succeed():
+    replies = [Reply(status=500, text="boom"), Reply(text='{"choices": [', truncate_to=5), chat_reply("fine")]
+    with ScriptedServer(sequence(replies)) as server:
+        out = backend(server).chat([HELLO], GREEDY)
+        assert len(server.requests) == 3
+    assert out[0].text == "fine" and out[0].error is None
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        (Reply(status=500, text="overloaded"), "HTTP 500"),
+        (Reply(delay_s=1.0, json_body=completion_body("late")), "gave up"),
+        (Reply(text='{"choices": [{"message": {"content": "tru', truncate_to=12), "gave up"),
+        (Reply(text="<html>not json</html>"), "invalid JSON"),
+        (Reply(json_body={"object": "chat.completion"}), "missing or empty 'choices'"),
+        (Reply(json_body={"error": {"message": "model not loaded"}}), "model not loaded"),
+        (Reply(json_body={"choices": [{"finish_reason": "stop"}]}), "message is missing"),
+        (Reply(json_body={"choices": [{"message": {"content": 42}}]}), "content is int"),
+        (Reply(status=400, text="bad request"), "HTTP 400"),
+    ],
+    ids=["500", "timeout", "truncated", "non-json", "no-choices", "error-body", "no-message", "bad-content", "400"],
+)
+def test_a_failed_request_becomes_an_error_completion(reply, expected):
+    with ScriptedServer(sequence([], then=reply)) as server:
+        (out,) = backend(server).chat([HELLO], GREEDY)
+    assert out.finish_reason == "error" and out.text == ""
+    assert expected in out.error
+
+
+def test_one_failure_does_not_sink_the_batch():
+    def handler(request):
+        content = request_messages(request)[-1]["content"]
+        return Reply(status=503, text="down") if content == "bad" else chat_reply(content.upper())
+
+    with ScriptedServer(handler) as server:
+        out = backend(server).chat([[Message("user", "a")], [Message("user", "bad")], [Message("user", "c")]], GREEDY)
+    assert [c.text for c in out] == ["A", "", "C"]
+    assert [c.finish_reason for c in out] == ["stop", "error", "stop"]
+
+
+class _ConcurrencyProbe:
+    """Echoes the last user message after a random-ish delay, recording the peak number in flight."""
+
+    def __init__(self, hold_s):
+        self.hold_s = hold_s
+        self.in_flight = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, request):
+        content = request_messages(request)[-1]["content"]
+        with self.lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        # Later requests finish sooner, so completion order differs from submission order.
+        time.sleep(self.hold_s * (1 + (7 - int(content) % 8) / 8))
+        with self.lock:
+            self.in_flight -= 1
+        return chat_reply(f"echo {content}")
+
+
+def test_requests_run_in_parallel_up_to_the_limit_and_results_keep_their_order():
+    probe = _ConcurrencyProbe(hold_s=0.1)
+    conversations = [[Message("user", str(i))] for i in range(12)]
+    with ScriptedServer(probe) as server:
+        llm = backend(server, max_concurrency=4, retry=RetryPolicy(max_attempts=1, timeout_s=5))
+        start = time.perf_counter()
+        out = llm.chat(conversations, GREEDY)
+        elapsed = time.perf_counter() - start
+    assert [c.text for c in out] == [f"echo {i}" for i in range(12)]
+    assert probe.peak == 4
+    assert elapsed < 12 * 0.1  # strictly faster than serial
+
+
+def test_the_limit_holds_across_threads_sharing_one_backend():
+    probe = _ConcurrencyProbe(hold_s=0.05)
+    with ScriptedServer(probe) as server:
+        llm = backend(server, max_concurrency=3, retry=RetryPolicy(max_attempts=1, timeout_s=5))
+        results = {}
+
+        def run(name):
+            results[name] = llm.chat([[Message("user", str(i))] for i in range(6)], GREEDY)
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert probe.peak == 3
+    assert all([c.text for c in results[n]] == [f"echo {i}" for i in range(6)] for n in range(3))
+
+
+def test_api_key_goes_only_into_the_header(monkeypatch, caplog):
+    secret = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("FAKE_LLM_KEY", secret)
+
+    def echo_headers(request):  # a hostile server echoing the credentials back in its error
+        return Reply(status=502, text=f"denied for {request.headers.get('Authorization')}")
+
+    with ScriptedServer(echo_headers) as server:
+        llm = backend(server, api_key_env="FAKE_LLM_KEY")
+        with caplog.at_level(logging.DEBUG):
+            (out,) = llm.chat([HELLO], GREEDY)
+        assert server.requests[0].headers["Authorization"] == f"Bearer {secret}"
+    assert out.finish_reason == "error" and "***" in out.error
+    assert secret not in out.error
+    assert secret not in repr(llm) and secret not in str(llm)
+    assert all(secret not in record.getMessage() for record in caplog.records)
+
+
+def test_missing_key_variable_is_a_backend_error_naming_it(monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(BackendError, match="NO_SUCH_KEY_VAR"):
+        OpenAICompatible("http://127.0.0.1:9", "m", api_key_env="NO_SUCH_KEY_VAR")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"base_url": "localhost:8000"}, "base_url"),
+    ({"model": ""}, "model"),
+    ({"max_concurrency": 0}, "max_concurrency"),
+])
+def test_bad_configuration_is_rejected(kwargs, match):
+    args = {"base_url": "http://127.0.0.1:9", "model": "m"} | kwargs
+    with pytest.raises(BackendError, match=match):
+        OpenAICompatible(args.pop("base_url"), args.pop("model"), **args)
+
+
+def test_empty_batch_makes_no_request():
+    with ScriptedServer(sequence([])) as server:
+        assert backend(server).chat([], GREEDY) == []
+        assert server.requests == []
