@@ -1,0 +1,365 @@
+"""Hugging Face Qwen3 checkpoints <-> our NNX ``Qwen3``, one tensor at a time.
+
+Import (``load_checkpoint``): reads ``config.json``, checks every tensor's name and shape from the
+safetensors headers first (one error listing all missing, unexpected and mis-shaped tensors),
+then streams tensors from memory-mapped files straight into arrays that already carry their final
+sharding. Stacked layer parameters are filled layer by layer on device, so the host never holds
+more than one checkpoint tensor (no full host copy of the model).
+
+Export (``save_checkpoint``): writes safetensors shards (bounded size, with
+``model.safetensors.index.json`` when there is more than one), ``config.json``,
+``generation_config.json`` and tokenizer files when given, each file atomically; the directory
+loads with ``transformers.AutoModelForCausalLM.from_pretrained``. With tied embeddings no
+``lm_head.weight`` is written, as transformers 5 does.
+
+Layout mapping (HF ``[out, in]`` Linear weights vs our ``[in, ...out]`` einsum kernels) lives in
+``_TENSOR_MAP`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as safetensors_bytes
+
+from expint_jax import storage
+from expint_jax.models.config import DTypePolicy, Qwen3Config
+from expint_jax.models.qwen3 import Qwen3
+from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec, param_shardings
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja")
+_NP_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model; the message names files, tensors and shapes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mapping:
+    """How one HF tensor becomes (a layer slice of) one of our parameters, and back."""
+
+    ours: str  # parameter path: "embed", "final_norm", "lm_head" or "layers/<name>"
+    to_ours: Callable[[np.ndarray, Qwen3Config], np.ndarray]
+    to_hf: Callable[[np.ndarray, Qwen3Config], np.ndarray]
+
+
+def _identity(t: np.ndarray, _: Qwen3Config) -> np.ndarray:
+    return t
+
+
+def _in_heads(heads_attr: str) -> _Mapping:
+    """HF [heads*head_dim, embed] <-> ours [embed, heads, head_dim]."""
+
+    def to_ours(t, c):
+        return t.T.reshape(c.hidden_size, getattr(c, heads_attr), c.head_dim)
+
+    def to_hf(t, c):
+        return t.reshape(c.hidden_size, -1).T
+
+    return to_ours, to_hf
+
+
+def _heads_bias(heads_attr: str):
+    return (lambda t, c: t.reshape(getattr(c, heads_attr), c.head_dim)), (lambda t, c: t.reshape(-1))
+
+
+def _transpose(t: np.ndarray, _: Qwen3Config) -> np.ndarray:
+    return t.T
+
+
+def _o_to_ours(t, c):  # HF [embed, heads*head_dim] -> ours [heads, head_dim, embed]
+    return t.T.reshape(c.num_heads, c.head_dim, c.hidden_size)
+
+
+def _o_to_hf(t, c):
+    return t.reshape(-1, c.hidden_size).T
+
+
+_LAYER_MAP: dict[str, _Mapping] = {
+    "input_layernorm.weight": _Mapping("layers/attn_norm", _identity, _identity),
+    "self_attn.q_proj.weight": _Mapping("layers/q_proj", *_in_heads("num_heads")),
+    "self_attn.k_proj.weight": _Mapping("layers/k_proj", *_in_heads("num_kv_heads")),
+    "self_attn.v_proj.weight": _Mapping("layers/v_proj", *_in_heads("num_kv_heads")),
+    "self_attn.o_proj.weight": _Mapping("layers/o_proj", _o_to_ours, _o_to_hf),
+    "self_attn.q_norm.weight": _Mapping("layers/q_norm", _identity, _identity),
+    "self_attn.k_norm.weight": _Mapping("layers/k_norm", _identity, _identity),
+    "post_attention_layernorm.weight": _Mapping("layers/mlp_norm", _identity, _identity),
+    "mlp.gate_proj.weight": _Mapping("layers/gate_proj", _transpose, _transpose),
+    "mlp.up_proj.weight": _Mapping("layers/up_proj", _transpose, _transpose),
+    "mlp.down_proj.weight": _Mapping("layers/down_proj", _transpose, _transpose),
+}
+_BIAS_MAP: dict[str, _Mapping] = {
+    "self_attn.q_proj.bias": _Mapping("layers/q_bias", *_heads_bias("num_heads")),
+    "self_attn.k_proj.bias": _Mapping("layers/k_bias", *_heads_bias("num_kv_heads")),
+    "self_attn.v_proj.bias": _Mapping("layers/v_bias", *_heads_bias("num_kv_heads")),
+    "self_attn.o_proj.bias": _Mapping("layers/o_bias", _identity, _identity),
+}
+
+
+def tensor_map(config: Qwen3Config) -> dict[str, tuple[_Mapping, int | None]]:
+    """Every HF tensor name the model needs -> (mapping, layer index or None)."""
+    out: dict[str, tuple[_Mapping, int | None]] = {
+        "model.embed_tokens.weight": (_Mapping("embed", _identity, _identity), None),
+        "model.norm.weight": (_Mapping("final_norm", _identity, _identity), None),
+    }
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (_Mapping("lm_head", _identity, _identity), None)
+    per_layer = _LAYER_MAP | (_BIAS_MAP if config.attention_bias else {})
+    for i in range(config.num_layers):
+        for suffix, mapping in per_layer.items():
+            out[f"model.layers.{i}.{suffix}"] = (mapping, i)
+    return out
+
+
+def _expected_hf_shape(mapping: _Mapping, layer: int | None, ours_shape: tuple[int, ...], config: Qwen3Config):
+    slice_shape = ours_shape[1:] if layer is not None else ours_shape
+    return mapping.to_hf(np.empty(slice_shape, np.uint8), config).shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class _SafetensorsDirectory:
+    """The tensors of a checkpoint directory: name -> file, shapes from headers, lazy reads."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = storage.read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{directory}: no *.safetensors files and no model.safetensors.index.json")
+            weight_map = None
+        self._handles: dict[str, Any] = {}
+        self.file_of: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for name in files:
+            handle = self._open(name)
+            for key in handle.keys():
+                self.file_of[key] = name
+                self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if key not in self.file_of:
+                    raise CheckpointError(f"{index}: tensor {key!r} is listed in {name} but that file does not hold it")
+
+    def _open(self, name: str):
+        path = self.directory / name
+        if not path.exists():
+            raise CheckpointError(f"{path}: listed in the index but missing")
+        try:
+            self._handles[name] = safe_open(str(path), framework="numpy")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        return self._handles[name]
+
+    def read(self, key: str) -> np.ndarray:
+        name = self.file_of[key]
+        try:
+            return self._handles[name].get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{self.directory / name}: cannot read tensor {key!r} ({e})") from None
+
+
+def _check_tensors(files: _SafetensorsDirectory, expected: Mapping[str, tuple[int, ...]], tied: bool) -> None:
+    present = set(files.shapes)
+    ignorable = {"lm_head.weight"} if tied else set()  # older exports write the tied head too
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected) - ignorable - {k for k in present if k.endswith("rotary_emb.inv_freq")})
+    wrong = [
+        f"  {k}: checkpoint {files.shapes[k]} vs model {expected[k]}"
+        for k in sorted(set(expected) & present)
+        if files.shapes[k] != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
+    if wrong:
+        problems.append("shape mismatches:\n" + "\n".join(wrong))
+    if problems:
+        raise CheckpointError(f"{files.directory}: checkpoint does not match the Qwen3 config:\n" + "\n".join(problems))
+
+
+def abstract_model(config: Qwen3Config, *, policy: DTypePolicy = DTypePolicy(), rules: LogicalRules = DEFAULT_RULES,
+                   remat: str = "none") -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and shape-only state of a Qwen3, without allocating parameters."""
+    model = nnx.eval_shape(lambda: Qwen3(config, policy=policy, rules=rules, remat=remat, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def _flat_params(state: nnx.State) -> dict[str, nnx.Variable]:
+    flat = {}
+    for path, variable in nnx.to_flat_state(state):
+        flat["/".join(str(p) for p in path)] = variable
+    return flat
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+    policy: DTypePolicy | None = None,
+    remat: str = "none",
+) -> Qwen3:
+    """Loads a Hugging Face Qwen3 directory into a (sharded, when ``mesh`` is given) ``Qwen3``."""
+    path = Path(path)
+    config = Qwen3Config.from_json_file(path / "config.json")
+    policy = policy or DTypePolicy()
+    graphdef, abstract = abstract_model(config, policy=policy, rules=rules, remat=remat)
+    params = _flat_params(abstract)
+    files = _SafetensorsDirectory(path)
+    mapping = tensor_map(config)
+    expected = {k: _expected_hf_shape(m, layer, params[m.ours].get_value().shape, config) for k, (m, layer) in mapping.items()}
+    _check_tensors(files, expected, config.tie_word_embeddings)
+
+    shardings = _flat_params(param_shardings(abstract, mesh, rules)) if mesh is not None else {}
+    by_param: dict[str, list[tuple[str, int | None]]] = {}
+    for key, (m, layer) in mapping.items():
+        by_param.setdefault(m.ours, []).append((key, layer))
+
+    values: dict[str, jax.Array] = {}
+    for name, variable in params.items():
+        shape, dtype = variable.get_value().shape, policy.param
+        sharding = shardings[name] if mesh is not None else None
+        sources = by_param[name]
+        if sources[0][1] is None:  # a single tensor
+            key = sources[0][0]
+            host = mapping[key][0].to_ours(files.read(key), config)
+            values[name] = _place(host, dtype, sharding)
+        else:
+            values[name] = _fill_layers(shape, dtype, sharding, mesh, sources, files, mapping, config, variable, rules)
+    for name, variable in params.items():
+        variable.set_value(values[name])
+    model = nnx.merge(graphdef, abstract)
+    log.info("loaded %s (%d tensors, %.1fM parameters)", path, len(mapping), config.num_params / 1e6)
+    return model
+
+
+def _place(host: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    host = np.ascontiguousarray(host)
+    if sharding is None:
+        return jnp.asarray(host, dtype=dtype)
+    # Each device receives only its own block of the (memory-mapped) host tensor.
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: np.asarray(host[index], dtype=dtype))
+
+
+def _fill_layers(shape, dtype, sharding, mesh, sources, files, mapping, config, variable, rules) -> jax.Array:
+    """Builds a stacked [layers, ...] parameter on device, one checkpoint tensor at a time."""
+    if sharding is None:
+        stacked = jnp.zeros(shape, dtype)
+        layer_sharding = None
+    else:
+        stacked = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+        axes = variable.get_metadata()["logical_axes"][1:]
+        layer_spec = logical_to_spec(axes, rules, dict(mesh.shape), shape[1:])
+        layer_sharding = jax.sharding.NamedSharding(mesh, layer_spec)
+    for key, layer in sources:
+        host = np.ascontiguousarray(mapping[key][0].to_ours(files.read(key), config))
+        piece = _place(host, host.dtype, layer_sharding)
+        stacked = _set_layer(stacked, piece, jnp.int32(layer))
+    return stacked
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _set_layer(stacked: jax.Array, piece: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, piece.astype(stacked.dtype), index, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _hf_tensors(model: Qwen3, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, host array) in checkpoint order; stacked parameters are fetched one layer at a time."""
+    config = model.config
+    params = _flat_params(nnx.state(model, nnx.Param))
+    for key, (m, layer) in tensor_map(config).items():
+        value = params[m.ours].get_value()
+        piece = value if layer is None else value[layer]
+        host = np.asarray(jax.device_get(piece.astype(dtype)))
+        yield key, np.ascontiguousarray(m.to_hf(host, config))
+
+
+def save_checkpoint(
+    model: Qwen3,
+    path: str | Path,
+    *,
+    dtype: str | None = None,
+    tokenizer: Any = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Writes a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+    ``dtype`` (``"float32"``/``"bfloat16"``/``"float16"``) defaults to the parameter dtype.
+    Tokenizer files come from ``tokenizer`` (anything with ``save_pretrained``) or are copied from
+    ``tokenizer_dir`` when given. Only process 0 writes in a multi-host run.
+    """
+    path = Path(path)
+    dtype = dtype or model.policy.param_dtype
+    if dtype not in _NP_DTYPES:
+        raise ValueError(f"save_checkpoint: dtype {dtype!r}; choose one of {sorted(_NP_DTYPES)}")
+    writer = jax.process_index() == 0
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, array in _hf_tensors(model, _NP_DTYPES[dtype]):
+        if size and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = array
+        size += array.nbytes
+    if not writer:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    total = 0
+    for name, shard in zip(names, shards):
+        storage.write_bytes(path / name, safetensors_bytes(shard, metadata={"format": "pt"}))
+        weight_map.update({k: name for k in shard})
+        total += sum(a.nbytes for a in shard.values())
+    if len(shards) > 1:
+        storage.write_json(path / "model.safetensors.index.json",
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+    storage.write_json(path / "config.json", model.config.to_hf(torch_dtype=dtype))
+    storage.write_json(path / "generation_config.json", generation_config(model.config))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    elif tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            source = Path(tokenizer_dir) / name
+            if source.exists():
+                storage.write_bytes(path / name, source.read_bytes())
+    return path
+
+
+def generation_config(config: Qwen3Config) -> dict[str, Any]:
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "do_sample": True,
+            "temperature": 0.7, "top_p": 0.8, "top_k": 20}

@@ -1,0 +1,270 @@
+"""Qwen3 (dense) as a Flax NNX module, numerically the Hugging Face ``Qwen3ForCausalLM``.
+
+Layout: the decoder layers' parameters are stacked along a leading ``layers`` axis and the
+forward pass is one ``lax.scan`` of the pure function ``decoder_layer`` over them (compile time
+independent of depth; optional rematerialization per layer). Every parameter carries
+``logical_axes`` metadata and activations are constrained by logical names, so one rules table
+(``expint_jax.parallel.rules``) decides the sharding.
+
+Forward contract (all entry points take explicit position ids, which only drive RoPE):
+  * ``model(ids, positions, segment_ids=...)`` or ``attention_mask=[B, T, T]`` -> fp32 logits.
+  * ``model.hidden_states(...)`` -> final normalized hidden states [B, T, E] without the vocabulary
+    projection (the distillation losses project chunk by chunk with ``model.unembedding()``).
+  * ``model.extend(ids, positions, cache, token_valid)`` appends T tokens to a ``KVCache`` and
+    returns their hidden states and the new cache: prefill is an extend from an empty cache,
+    decoding is an extend by one token, and a conversation can keep growing the same cache.
+Exactly one of ``segment_ids`` (0 = padding; causal within equal ids) or ``attention_mask``
+(boolean ``[B, T, T]``, e.g. a tree mask) may be given; with neither, plain causal attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from expint_jax.models import ops
+from expint_jax.models.config import DTypePolicy, Qwen3Config
+from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Logical names of each stacked layer parameter (leading axis = layers).
+LAYER_AXES: dict[str, tuple[str | None, ...]] = {
+    "attn_norm": ("layers", "norm"),
+    "q_proj": ("layers", "embed", "heads", "head_dim"),
+    "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "o_proj": ("layers", "heads", "head_dim", "embed"),
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
+    "mlp_norm": ("layers", "norm"),
+    "gate_proj": ("layers", "embed", "mlp"),
+    "up_proj": ("layers", "embed", "mlp"),
+    "down_proj": ("layers", "mlp", "embed"),
+    "q_bias": ("layers", "heads", "head_dim"),
+    "k_bias": ("layers", "kv_heads", "head_dim"),
+    "v_bias": ("layers", "kv_heads", "head_dim"),
+    "o_bias": ("layers", "norm"),
+}
+CACHE_AXES = ("layers", "batch", "seq", "act_kv_heads", None)
+
+
+def layer_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """Shapes of the stacked layer parameters (without biases unless the config has them)."""
+    c = config
+    shapes = {
+        "attn_norm": (c.num_layers, c.hidden_size),
+        "q_proj": (c.num_layers, c.hidden_size, c.num_heads, c.head_dim),
+        "k_proj": (c.num_layers, c.hidden_size, c.num_kv_heads, c.head_dim),
+        "v_proj": (c.num_layers, c.hidden_size, c.num_kv_heads, c.head_dim),
+        "o_proj": (c.num_layers, c.num_heads, c.head_dim, c.hidden_size),
+        "q_norm": (c.num_layers, c.head_dim),
+        "k_norm": (c.num_layers, c.head_dim),
+        "mlp_norm": (c.num_layers, c.hidden_size),
+        "gate_proj": (c.num_layers, c.hidden_size, c.intermediate_size),
+        "up_proj": (c.num_layers, c.hidden_size, c.intermediate_size),
+        "down_proj": (c.num_layers, c.intermediate_size, c.hidden_size),
+    }
+    if c.attention_bias:
+        shapes |= {
+            "q_bias": (c.num_layers, c.num_heads, c.head_dim),
+            "k_bias": (c.num_layers, c.num_kv_heads, c.head_dim),
+            "v_bias": (c.num_layers, c.num_kv_heads, c.head_dim),
+            "o_bias": (c.num_layers, c.hidden_size),
+        }
+    return shapes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys/values of every layer for a static number of slots, shared write pointer ``end``.
+
+    ``k``/``v``: [layers, batch, slots, kv_heads, head_dim]; ``valid``: [batch, slots], True where a
+    slot holds a real token (left padding stays False); ``end``: int32 scalar, the next free slot.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    end: jax.Array
+
+    @classmethod
+    def empty(cls, config: Qwen3Config, batch: int, slots: int, dtype: Any = jnp.float32) -> KVCache:
+        shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, slots), bool),
+            end=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[2]
+
+
+def decoder_layer(
+    params: dict[str, jax.Array],
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    kv: tuple[jax.Array, jax.Array] | None,
+    write_at: jax.Array | None,
+    *,
+    config: Qwen3Config,
+    compute_dtype: Any,
+    rules: LogicalRules,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One pre-norm decoder layer. ``kv`` is this layer's cache (written at ``write_at``) or None."""
+    c = config
+    p = {name: w.astype(compute_dtype) for name, w in params.items()}
+
+    h = ops.rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    q = jnp.einsum("bte,ehd->bthd", h, p["q_proj"])
+    k = jnp.einsum("bte,ehd->bthd", h, p["k_proj"])
+    v = jnp.einsum("bte,ehd->bthd", h, p["v_proj"])
+    if c.attention_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    q = constrain(q, ("batch", "seq", "act_heads", None), rules)
+    k = constrain(k, ("batch", "seq", "act_kv_heads", None), rules)
+    q = ops.apply_rope(ops.rms_norm(q, p["q_norm"], c.rms_norm_eps), positions, c.rope_theta)
+    k = ops.apply_rope(ops.rms_norm(k, p["k_norm"], c.rms_norm_eps), positions, c.rope_theta)
+
+    if kv is not None:
+        k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_at, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_at, axis=1)
+        kv = (k_cache, v_cache)
+        k, v = k_cache.astype(compute_dtype), v_cache.astype(compute_dtype)
+
+    attn = ops.attention(q, k, v, mask)
+    out = jnp.einsum("bthd,hde->bte", attn, p["o_proj"])
+    if c.attention_bias:
+        out = out + p["o_bias"]
+    x = constrain(x + out, ("batch", "seq", "act_embed"), rules)
+
+    h = ops.rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    gate = constrain(h @ p["gate_proj"], ("batch", "seq", "act_mlp"), rules)
+    up = constrain(h @ p["up_proj"], ("batch", "seq", "act_mlp"), rules)
+    x = x + (jax.nn.silu(gate) * up) @ p["down_proj"]
+    return constrain(x, ("batch", "seq", "act_embed"), rules), kv
+
+
+class Qwen3(nnx.Module):
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        policy: DTypePolicy = DTypePolicy(),
+        rules: LogicalRules = DEFAULT_RULES,
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        self.config = config
+        self.policy = policy
+        self.rules = rules
+        self.remat = remat
+        dtype = policy.param
+        normal = jax.nn.initializers.normal(0.02)
+
+        def param(name: str, shape: tuple[int, ...], axes: tuple[str | None, ...], init: Any) -> nnx.Param:
+            return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+        ones = jax.nn.initializers.ones
+        zeros = jax.nn.initializers.zeros
+        self.embed = param("embed", (config.vocab_size, config.hidden_size), ("vocab", "embed"), normal)
+        self.layers = nnx.Dict({
+            name: param(name, shape, LAYER_AXES[name], ones if "norm" in name else zeros if "bias" in name else normal)
+            for name, shape in layer_shapes(config).items()
+        })
+        self.final_norm = param("final_norm", (config.hidden_size,), ("norm",), ones)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else param("lm_head", (config.vocab_size, config.hidden_size), ("vocab", "embed"), normal)
+        )
+
+    # -- projections ------------------------------------------------------------------------
+
+    def unembedding(self) -> jax.Array:
+        """The output projection as [vocab, embed] (the embedding itself when tied)."""
+        return (self.embed if self.lm_head is None else self.lm_head)[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits for hidden states [..., E]. Materializes [..., V]: use on few positions only."""
+        w = self.unembedding().astype(self.policy.compute)
+        out = jnp.einsum("...e,ve->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        return out
+
+    # -- forward passes ---------------------------------------------------------------------
+
+    def __call__(self, input_ids, positions, *, segment_ids=None, attention_mask=None) -> jax.Array:
+        hidden = self.hidden_states(input_ids, positions, segment_ids=segment_ids, attention_mask=attention_mask)
+        return constrain(self.logits(hidden), ("batch", "seq", "act_vocab"), self.rules)
+
+    def hidden_states(self, input_ids, positions, *, segment_ids=None, attention_mask=None) -> jax.Array:
+        mask = self._mask(input_ids, segment_ids, attention_mask)
+        hidden, _ = self._run(input_ids, positions, mask, cache=None)
+        return hidden
+
+    def extend(self, input_ids, positions, cache: KVCache, token_valid=None) -> tuple[jax.Array, KVCache]:
+        """Appends ``T`` tokens at slots ``[end, end + T)``; returns their hidden states and the cache.
+
+        ``token_valid`` [B, T] marks real tokens (False for left padding); invalid tokens are never
+        attended to. Each new token sees every valid cached slot before it and the valid new tokens
+        up to itself.
+        """
+        batch, steps = input_ids.shape
+        if token_valid is None:
+            token_valid = jnp.ones((batch, steps), bool)
+        slots = jnp.arange(cache.num_slots)
+        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.end, axis=1)
+        query_slot = cache.end + jnp.arange(steps)
+        mask = valid[:, None, :] & (slots[None, None, :] <= query_slot[None, :, None]) & token_valid[:, :, None]
+        hidden, (k, v) = self._run(input_ids, positions, mask, cache=cache)
+        return hidden, KVCache(k=k, v=v, valid=valid, end=cache.end + steps)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _mask(self, input_ids, segment_ids, attention_mask) -> jax.Array:
+        if segment_ids is not None and attention_mask is not None:
+            raise ValueError("pass segment_ids or attention_mask, not both")
+        batch, steps = input_ids.shape
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, steps, steps):
+                raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected {(batch, steps, steps)}")
+            return attention_mask.astype(bool)
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, steps), jnp.int32)
+        return ops.segment_mask(segment_ids, segment_ids, causal=True)
+
+    def _run(self, input_ids, positions, mask, cache: KVCache | None):
+        compute = self.policy.compute
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(compute)
+        x = constrain(x, ("batch", "seq", "act_embed"), self.rules)
+        layer_params = {name: p[...] for name, p in self.layers.items()}
+        block = functools.partial(decoder_layer, config=self.config, compute_dtype=compute, rules=self.rules)
+
+        def body(carry, layer):
+            params, kv = layer
+            out, kv = block(params, carry, positions, mask, kv, None if cache is None else cache.end)
+            return out, kv
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, kv_out = jax.lax.scan(body, x, (layer_params, kv_in))
+        hidden = ops.rms_norm(x, self.final_norm[...].astype(compute), self.config.rms_norm_eps)
+        return hidden, kv_out
