@@ -1,0 +1,123 @@
+"""Injection: the block format, pure placement into system / last user message, specs, rebuilding contexts."""
+
+import pytest
+
+from expint_jax.experience.inject import (
+    EXPERIENCE_HEADER,
+    GlobalInjection,
+    NoInjection,
+    StepwiseInjection,
+    apply_global,
+    apply_stepwise,
+    context_before_turn,
+    format_experience_block,
+    inject,
+    make_injection,
+)
+from expint_jax.experience.select import AllSelector
+from expint_jax.records import Message, Trajectory
+
+POOL = {"G0": "When a search fails, rephrase it.", "G3": "When numbers matter, compute them."}
+
+HISTORY = (
+    Message("system", "You are an agent."),
+    Message("user", "What is 2+2?"),
+    Message("assistant", "<tool_call>...</tool_call>"),
+    Message("user", "<tool_response>\n4\n</tool_response>"),
+)
+
+
+def test_block_text_and_concatenation():
+    block = format_experience_block(POOL)
+    assert block == (
+        f"\n\n{EXPERIENCE_HEADER}\n[G0]. When a search fails, rephrase it.\n[G3]. When numbers matter, compute them."
+    )
+    assert format_experience_block({}) == ""
+    assert format_experience_block({"G7": "x"}).startswith("\n\n")
+
+
+def test_block_rejects_non_text_items():
+    with pytest.raises(TypeError, match="G1"):
+        format_experience_block({"G1": 3})
+
+
+def test_apply_global_appends_to_system_only_and_is_pure():
+    original = list(HISTORY)
+    out = apply_global(original, "<B>")
+    assert out[0] == Message("system", "You are an agent.<B>")
+    assert out[1:] == HISTORY[1:]
+    assert original == list(HISTORY) and isinstance(out, tuple)
+
+
+def test_apply_stepwise_appends_to_last_user_message_only():
+    out = apply_stepwise(HISTORY, "<B>")
+    assert out[3].content == "<tool_response>\n4\n</tool_response><B>"
+    assert out[:3] == HISTORY[:3]
+    assert apply_stepwise(HISTORY[:2], "<B>")[1].content == "What is 2+2?<B>"
+
+
+def test_missing_target_message_is_a_clear_error():
+    with pytest.raises(ValueError, match="system message"):
+        apply_global(HISTORY[1:], "<B>")
+    with pytest.raises(ValueError, match="user message"):
+        apply_stepwise(HISTORY[:1], "<B>")
+
+
+def test_inject_applies_only_non_empty_blocks():
+    assert inject(HISTORY) == HISTORY
+    both = inject(HISTORY, "<G>", "<S>")
+    assert both[0].content.endswith("<G>") and both[3].content.endswith("<S>")
+    assert inject([Message("user", "q")], step_block="<S>") == (Message("user", "q<S>"),)
+
+
+def test_specs_have_kinds_and_freeze_their_pool():
+    pool = dict(POOL)
+    spec = GlobalInjection(pool)
+    pool["G9"] = "added later"
+    assert "G9" not in spec.pool and spec.block == format_experience_block(POOL)
+    with pytest.raises(TypeError):
+        spec.pool["G1"] = "x"  # type: ignore[index]
+    assert (NoInjection().kind, spec.kind, StepwiseInjection(POOL, AllSelector()).kind) == ("none", "global", "stepwise")
+
+
+def test_stepwise_block_for_rejects_unknown_ids():
+    spec = StepwiseInjection(POOL, AllSelector())
+    assert spec.block_for(["G3"]) == format_experience_block({"G3": POOL["G3"]})
+    assert spec.block_for([]) == ""
+    with pytest.raises(KeyError, match="G5"):
+        spec.block_for(["G3", "G5"])
+
+
+def test_make_injection():
+    assert isinstance(make_injection("none"), NoInjection)
+    assert isinstance(make_injection("global", POOL), GlobalInjection)
+    assert isinstance(make_injection("stepwise", POOL, AllSelector()), StepwiseInjection)
+    with pytest.raises(ValueError, match="selector"):
+        make_injection("stepwise", POOL)
+    with pytest.raises(ValueError, match="pool"):
+        make_injection("global")
+    with pytest.raises(ValueError, match="unknown injection kind 'everywhere'"):
+        make_injection("everywhere", POOL)
+
+
+def _two_turn_trajectory(**injected) -> Trajectory:
+    messages = HISTORY + (Message("assistant", "<answer>4</answer>"),)
+    return Trajectory(task_id="t", messages=messages, **injected)
+
+
+def test_context_before_turn_stepwise():
+    traj = _two_turn_trajectory(injection="stepwise", step_injections=("<S0>", ""), step_experience_ids=(("G0",), ()))
+    assert context_before_turn(traj, 0) == (HISTORY[0], Message("user", "What is 2+2?<S0>"))
+    assert context_before_turn(traj, 1) == HISTORY  # "" means nothing was injected before turn 1
+
+
+def test_context_before_turn_global_and_none():
+    traj = _two_turn_trajectory(injection="global", global_injection="<G>")
+    expected = (Message("system", "You are an agent.<G>"),) + HISTORY[1:]
+    assert context_before_turn(traj, 1) == expected
+    assert context_before_turn(_two_turn_trajectory(), 1) == HISTORY
+
+
+def test_context_before_turn_out_of_range():
+    with pytest.raises(IndexError, match="2 assistant turns; turn 2"):
+        context_before_turn(_two_turn_trajectory(), 2)
