@@ -235,9 +235,7 @@ def build_offline_qwen3_tokenizer(cache_dir: str | os.PathLike | None = None) ->
         tok = _assemble_tokenizer(load_tiktoken_ranks(ranks_path))
         save_tokenizer(tok, cache)
         storage.write_json(cache / _BUILD_MARKER, marker)
-    # Loads tokenizer.json as written; AutoTokenizer would rebuild Qwen2Tokenizer from the vocab in
-    # Python, several times slower, to the same result.
-    return transformers.PreTrainedTokenizerFast.from_pretrained(cache, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(cache, local_files_only=True)
 
 
 def _cache_is_current(cache: Path, marker: Mapping[str, object]) -> bool:
