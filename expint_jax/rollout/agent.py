@@ -9,11 +9,12 @@ Contract of one rollout:
   * Sampling stops at ``<tool_response>`` (the model must not invent tool results) and at
     ``</tool_call>`` (one call per turn). The reply is cut before any ``<tool_response>`` and after
     the first ``</tool_call>``; a ``</tool_call>`` removed by the backend as a stop string is put
-    back, and stripped of surrounding whitespace, it is stored as the assistant turn.
+    back. The result, stripped of surrounding whitespace, is the stored assistant turn.
   * ``<answer>…</answer>`` ends the rollout (termination ``answer``; an answer wins over a tool
     call in the same reply). A tool call runs the tool and appends a user turn
     ``<tool_response>\\n{observation}\\n</tool_response>``. A malformed call, an unknown tool, a
     ``ToolError`` or any other tool failure becomes an error observation; it never raises.
+    ``num_tool_calls`` counts the replies that attempted a call, well-formed or not.
   * A reply with neither a tool call nor an answer: the paper's agent simply asks again. We ask
     again with a short nudge user turn (so the history keeps alternating user/assistant) and stop
     with ``no_action`` after ``max_no_action_turns`` such replies in a row.
@@ -47,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from expint_jax.experience.inject import InjectionSpec, NoInjection, StepwiseInjection, inject
+from expint_jax.experience.select import Selection
 from expint_jax.models.chat import (
     TOOL_CALL_END,
     TOOL_CALL_START,
@@ -275,14 +277,13 @@ class ReActAgent:
         return [self._trajectory(r, reward, seed) for r, reward in zip(rollouts, rewards, strict=True)]
 
     def _prepare_requests(self, rollouts: Sequence[_Rollout]) -> None:
-        selections: list[Any] = [None] * len(rollouts)
-        if isinstance(self.injection, StepwiseInjection) and rollouts:
-            selections = self.injection.selector.select_batch([r.messages for r in rollouts], self.injection.pool)
+        stepwise = self.injection if isinstance(self.injection, StepwiseInjection) else None
+        selections = [Selection(())] * len(rollouts)
+        if stepwise is not None and rollouts:
+            selections = stepwise.selector.select_batch([r.messages for r in rollouts], stepwise.pool)
         for r, selection in zip(rollouts, selections, strict=True):
-            request = _Request(inject(r.messages, self._global_block))
-            if selection is not None:
-                block = self.injection.block_for(selection.ids)  # type: ignore[union-attr]
-                request = _Request(inject(r.messages, self._global_block, block), block, selection.ids, selection.fallback)
+            block = stepwise.block_for(selection.ids) if stepwise is not None else ""
+            request = _Request(inject(r.messages, self._global_block, block), block, selection.ids, selection.fallback)
             tokens = self.count_tokens(request.messages)
             if tokens > self.config.max_context_tokens:
                 r.messages = _with_forced_answer(r.messages)

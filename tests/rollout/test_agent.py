@@ -12,7 +12,7 @@ from expint_jax.experience.inject import (
     context_before_turn,
     format_experience_block,
 )
-from expint_jax.experience.select import Selection
+from expint_jax.experience.select import BM25Selector, Selection
 from expint_jax.models.chat import format_tool_call, format_tool_response
 from expint_jax.records import Completion, Message, SamplingParams, Trajectory
 from expint_jax.rollout import prompts
@@ -292,6 +292,17 @@ def test_stepwise_injection_only_in_the_last_user_message_of_each_call():
     assert not any(EXPERIENCE_HEADER in m.content for m in traj.messages)
     assert not any(EXPERIENCE_HEADER in m.content for histories in selector.seen for h in histories for m in h)
     assert traj.metadata["selector_fallbacks"] == 1
+
+
+def test_stepwise_with_the_bm25_selector():
+    pool = {"G0": "Echo tools repeat the text exactly.", "G1": "Visit pages that exist.", "G2": "Answer briefly."}
+    backend, selector = ScriptedBackend(three_turns), BM25Selector(k=1, k_min=1)
+    traj = run(backend, injection=StepwiseInjection(pool, selector))
+    turn_starts = [i for i, m in enumerate(traj.messages) if m.role == "assistant"]
+    for k, ids in enumerate(traj.step_experience_ids):
+        assert ids == selector.select(traj.messages[: turn_starts[k]], pool).ids
+        assert context_before_turn(traj, k) == backend.requests[k]
+    assert traj.step_experience_ids[0] == ("G0",)  # "What does echo say?" matches the echo lesson
 
 
 def test_global_injection_in_the_system_prompt_of_every_call():
