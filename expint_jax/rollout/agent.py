@@ -194,10 +194,10 @@ def observe(reply: str, tools: Mapping[str, Tool]) -> tuple[str, bool]:
             raise TypeError(f"tool returned {type(result).__name__}, not text")
         return result, False
     except ToolError as e:
-        return prompts.tool_error_observation(call.name, str(e)), True
+        return prompts.tool_error_observation(str(e)), True
     except Exception as e:  # a buggy tool must not sink a whole batch of rollouts
         logger.exception("tool %r raised on arguments %r", call.name, call.arguments)
-        return prompts.tool_error_observation(call.name, f"internal failure ({type(e).__name__}: {e})"), True
+        return prompts.tool_failure_observation(call.name, e), True
 
 
 def _with_forced_answer(messages: Sequence[Message]) -> list[Message]:

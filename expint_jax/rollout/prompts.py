@@ -65,5 +65,10 @@ def unknown_tool_observation(name: str, available: Sequence[str]) -> str:
     return f"Error: there is no tool named {name!r}. Available tools: {', '.join(available) or 'none'}."
 
 
-def tool_error_observation(name: str, message: str) -> str:
-    return f"Error from tool {name!r}: {message}"
+def tool_error_observation(message: str) -> str:
+    """A ``ToolError`` as the agent sees it; tools name themselves in their messages."""
+    return f"Error: {message}"
+
+
+def tool_failure_observation(name: str, error: BaseException) -> str:
+    return f"Error: tool {name!r} failed internally ({type(error).__name__}: {error}). Try another approach."

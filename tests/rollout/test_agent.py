@@ -138,9 +138,9 @@ def test_tool_call_then_answer():
         ('<tool_call>\n{"arguments": {"text": "hi"}}\n</tool_call>', 'needs a non-empty string "name"'),
         ('<tool_call>\n{"name": "echo", "arguments": ["hi"]}\n</tool_call>', "must be a JSON object, got a array"),
         ("<tool_call>\n" + '{"name": "search", "arguments": {}}' + "\n</tool_call>", "there is no tool named 'search'. Available tools: big, buggy, echo, visit."),
-        (call("visit", text="x"), "Error from tool 'visit': page https://x.example/ does not exist"),
-        (call("buggy", text="x"), "Error from tool 'buggy': internal failure (KeyError"),
-        (call("echo", text=""), "Error from tool 'echo': echo: argument 'text' must be a non-empty string"),
+        (call("visit", text="x"), "Error: page https://x.example/ does not exist"),
+        (call("buggy", text="x"), "Error: tool 'buggy' failed internally (KeyError: 'internal')"),
+        (call("echo", text=""), "Error: echo: argument 'text' must be a non-empty string"),
     ],
     ids=["invalid-json", "no-name", "array-arguments", "unknown-tool", "tool-error", "tool-bug", "bad-argument"],
 )
