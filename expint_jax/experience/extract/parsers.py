@@ -1,0 +1,245 @@
+"""Lenient parsers for the extraction LLM's answers.
+
+Contract: every public parser either returns a well-typed value or raises ``ParseError`` with a
+short reason (the reason is fed back to the model on a retry). No other exception escapes, for
+any input string; the property tests check this on arbitrary text.
+
+Leniency, in the order tried: the contents of each Markdown code fence, the whole answer, then
+each balanced ``[...]`` / ``{...}`` span in the text (prose around the JSON is ignored). Each
+candidate is decoded as strict JSON first, then as a Python-style literal, which accepts single
+quotes, trailing commas, ``True``/``None`` as well as ``true``/``null``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import re
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from expint_jax.experience.extract.operations import OPERATION_KINDS, Operation
+
+MAX_ANSWER_CHARS = 200_000  # longer answers are cut: a runaway generation, not a pool
+_MAX_SPANS = 16  # bracketed spans tried per answer
+_FENCE = re.compile(r"```[ \t]*[A-Za-z0-9_+-]*[ \t]*\n?(.*?)```", re.DOTALL)
+_EXPERIENCES = re.compile(r"<experiences?>(.*?)(?:</experiences?>|\Z)", re.DOTALL | re.IGNORECASE)
+_BULLET = re.compile(r"^\s*(?:[-*•]+\s*|#+\s*|(?:\d{1,2}[.)]|\(\d{1,2}\)|\[\d{1,2}\]\.?)\s+)")
+_LITERAL_NAMES = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
+
+
+class ParseError(ValueError):
+    """The answer does not contain what was asked for; ``str(e)`` says what is wrong."""
+
+
+def clean_text(text: str) -> str:
+    """One line, single spaces, no list marker or wrapping quotes."""
+    text = " ".join(str(text).split())
+    text = _BULLET.sub("", text, count=1).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
+        text = text[1:-1].strip()
+    return text
+
+
+def loads_lenient(answer: str) -> Any:
+    """The first JSON-like value found in ``answer``."""
+    if not isinstance(answer, str):
+        raise ParseError(f"expected text, got {type(answer).__name__}")
+    answer = answer[:MAX_ANSWER_CHARS]
+    for candidate in _candidates(answer):
+        try:
+            return _decode(candidate)
+        except ParseError:
+            continue
+    raise ParseError("no JSON value found in the answer")
+
+
+def _candidates(answer: str) -> Iterator[str]:
+    for match in _FENCE.finditer(answer):
+        yield match.group(1)
+    yield answer
+    yield from _bracketed_spans(answer)
+
+
+def _bracketed_spans(text: str) -> Iterator[str]:
+    """Balanced ``[...]``/``{...}`` spans, quotes respected, from the first few openers."""
+    closer = {"[": "]", "{": "}"}
+    starts = [i for i, ch in enumerate(text) if ch in closer][:_MAX_SPANS]
+    for start in starts:
+        stack: list[str] = []
+        quote: str | None = None
+        escaped = False
+        for i in range(start, len(text)):
+            ch = text[i]
+            if quote:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == quote:
+                    quote = None
+            elif ch in "\"'":
+                quote = ch
+            elif ch in closer:
+                stack.append(closer[ch])
+            elif ch in "]}":
+                if not stack or stack.pop() != ch:
+                    break
+                if not stack:
+                    yield text[start : i + 1]
+                    break
+
+
+def _decode(candidate: str) -> Any:
+    candidate = candidate.strip()
+    if not candidate:
+        raise ParseError("empty")
+    try:
+        return json.loads(candidate)
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escape sequences such as JSON's "\/"
+            tree = ast.parse(candidate.replace("\\/", "/"), mode="eval")
+        return _literal(tree.body)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as e:
+        raise ParseError(f"not a literal: {type(e).__name__}") from None
+
+
+def _literal(node: ast.AST) -> Any:
+    """Like ``ast.literal_eval`` for containers and constants, plus JSON's true/false/null."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool, type(None))):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in _LITERAL_NAMES:
+        return _LITERAL_NAMES[node.id]
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):  # a ** expansion
+            raise ValueError("dict expansion")
+        return {_hashable(_literal(k)): _literal(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _literal(node.operand)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return -value if isinstance(node.op, ast.USub) else value
+    raise ValueError(f"unsupported {type(node).__name__}")
+
+
+def _hashable(key: Any) -> Any:
+    if isinstance(key, (list, dict)):
+        raise ValueError("unhashable key")
+    return key
+
+
+def parse_experiences(answer: str, max_items: int) -> list[str]:
+    """Lessons inside ``<Experiences>...</Experiences>``, one per line (or a JSON list of strings)."""
+    if not isinstance(answer, str):
+        raise ParseError(f"expected text, got {type(answer).__name__}")
+    match = _EXPERIENCES.search(answer[:MAX_ANSWER_CHARS])
+    if match is None:
+        raise ParseError("no <Experiences>...</Experiences> block")
+    body = match.group(1)
+    lines: list[Any]
+    try:
+        value = loads_lenient(body)
+        lines = value if isinstance(value, list) and all(isinstance(v, str) for v in value) else body.splitlines()
+    except ParseError:
+        lines = body.splitlines()
+    lessons = [clean_text(line) for line in lines]
+    lessons = [lesson for lesson in lessons if lesson]
+    if not lessons:
+        raise ParseError("the <Experiences> block is empty")
+    return list(dict.fromkeys(lessons))[:max_items]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedOperations:
+    operations: tuple[Operation, ...]
+    rejected: tuple[str, ...]  # why each dropped element was dropped
+
+
+def parse_operations(answer: str) -> ParsedOperations:
+    """A list of ``{"operation", "id", "content"}``; malformed elements are dropped and reported.
+
+    An empty list is a valid answer (nothing to change). A list whose elements are all malformed
+    is a ``ParseError``, so that the caller retries.
+    """
+    value = loads_lenient(answer)
+    if isinstance(value, dict):
+        value = value.get("operations", [value]) if "operation" not in value else [value]
+    if not isinstance(value, list):
+        raise ParseError(f"expected a JSON list of operations, got {type(value).__name__}")
+    operations: list[Operation] = []
+    rejected: list[str] = []
+    for index, element in enumerate(value):
+        try:
+            operations.append(_operation(element))
+        except ParseError as e:
+            rejected.append(f"element {index}: {e}")
+    if value and not operations:
+        raise ParseError("no valid operation in the list (" + "; ".join(rejected)[:300] + ")")
+    return ParsedOperations(tuple(operations), tuple(rejected))
+
+
+def _operation(element: Any) -> Operation:
+    if not isinstance(element, dict):
+        raise ParseError(f"expected an object, got {type(element).__name__}")
+    kind = element.get("operation", element.get("op"))
+    if not isinstance(kind, str) or kind.strip().upper() not in OPERATION_KINDS:
+        raise ParseError(f"'operation' must be one of {OPERATION_KINDS}, got {kind!r}")
+    kind = kind.strip().upper()
+    target = normalize_id(element.get("id"))
+    content = element.get("content")
+    content = clean_text(content) if isinstance(content, str) else None
+    if kind in ("ADD", "UPDATE") and not content:
+        raise ParseError(f"{kind} needs a non-empty 'content'")
+    if kind in ("UPDATE", "DELETE") and target is None:
+        raise ParseError(f"{kind} needs an 'id'")
+    return Operation(kind, target if kind != "ADD" else None, content if kind in ("ADD", "UPDATE") else None)
+
+
+def normalize_id(value: Any) -> str | None:
+    """``"G3"``, ``"[G3]"``, ``"g3"`` and ``3`` all name ``G3``; anything else stays as written."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return f"G{value}" if value >= 0 else None
+    if not isinstance(value, str):
+        return None
+    text = value.strip().strip("[]().").strip()
+    if not text or text.lower() in ("null", "none"):
+        return None
+    match = re.fullmatch(r"[Gg]?(\d+)", text)
+    return f"G{int(match.group(1))}" if match else text
+
+
+def parse_pool_rewrite(answer: str) -> list[tuple[str | None, str]]:
+    """A rewritten pool as ``(id it continues or None, text)`` pairs, in order.
+
+    Accepts ``{"G0": "text", ...}``, ``["text", ...]`` or ``[{"id": ..., "content": ...}, ...]``.
+    """
+    entries = _pool_entries(loads_lenient(answer))
+    pairs: list[tuple[str | None, str]] = []
+    for source, text in entries:
+        if not isinstance(text, str) or not clean_text(text):
+            raise ParseError(f"every lesson must be a non-empty string, got {text!r}"[:200])
+        pairs.append((source, clean_text(text)))
+    if not pairs:
+        raise ParseError("the rewritten pool is empty")
+    return pairs
+
+
+def _pool_entries(value: Any) -> list[tuple[str | None, Any]]:
+    if isinstance(value, dict) and isinstance(value.get("pool"), (list, dict)):
+        value = value["pool"]  # an object wrapping the pool
+    if isinstance(value, dict):
+        return [(normalize_id(k), v) for k, v in value.items()]
+    if isinstance(value, list):
+        return [
+            (normalize_id(e.get("id")), e.get("content", e.get("text"))) if isinstance(e, dict) else (None, e)
+            for e in value
+        ]
+    raise ParseError(f"expected a JSON object or list of lessons, got {type(value).__name__}")

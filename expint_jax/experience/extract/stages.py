@@ -1,0 +1,264 @@
+"""The five extraction stages. Each reads its inputs, asks the LLM, and persists what it got.
+
+Work-directory layout (every file written atomically; a file that exists is never recomputed):
+
+    summaries/<task>/<k>.json       one rollout summary            {"summary", "fallback"}
+    critiques/<task>.json           one group's proposed lessons   {"lessons", "fallback"}
+    group_updates/<task>/<j>.json   operations for one proposal    {"proposal", "operations", "fallback"}
+    reconcile.json                  the reconciled operations      {"operations", "fallback"}
+    consolidated_pool.jsonl         the pool after consolidation (only when reconcile left it over the cap)
+
+``<task>`` is a filesystem-safe slug of the task id plus a hash of it. Fallbacks when a request
+fails every retry (each logged and counted under its kind, see ``stats.FALLBACKS``):
+
+    summary      -> a digest of the trajectory's own text (outcome, agent turns clipped)
+    critique     -> no lessons from that group
+    group update -> the proposal becomes a plain ADD
+    reconcile    -> the deterministic rules of ``operations.reconcile`` on all operations
+    consolidate  -> truncation to the first ``max_pool_size`` items in pool order: the items of the
+                    input pool in their order, then this run's additions in the order proposed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from expint_jax import storage
+from expint_jax.experience.bank import ExperiencePool, read_pool, write_pool
+from expint_jax.experience.extract import parsers, prompts
+from expint_jax.experience.extract.calls import Ask, AskPolicy, ask_all
+from expint_jax.experience.extract.config import ExtractionConfig
+from expint_jax.experience.extract.groups import RolloutGroup
+from expint_jax.experience.extract.operations import Operation, apply_operations, reconcile, text_key
+from expint_jax.experience.extract.stats import RunStats
+from expint_jax.records import Trajectory
+from expint_jax.rollout.llm.base import ChatBackend
+
+DIGEST_TURN_CHARS = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """What every stage of one run shares."""
+
+    backend: ChatBackend
+    config: ExtractionConfig
+    workdir: Path
+    stats: RunStats
+    iteration: int | None
+
+    @property
+    def style(self) -> prompts.LessonStyle:
+        return prompts.style(self.config.granularity)
+
+    @property
+    def policy(self) -> AskPolicy:
+        return AskPolicy(self.config.sampling, self.config.max_retries, self.config.concurrency)
+
+    def cached(self, relative: str, stage: str) -> Any | None:
+        path = self.workdir / relative
+        if not path.exists():
+            return None
+        self.stats.cached[stage] += 1
+        return storage.read_json(path)
+
+    def save(self, relative: str, obj: Any) -> None:
+        storage.write_json(self.workdir / relative, obj)
+
+
+def task_slug(task_id: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", task_id).strip("._")[:40] or "task"
+    return f"{safe}-{hashlib.sha1(task_id.encode('utf-8')).hexdigest()[:8]}"
+
+
+def trajectory_digest(trajectory: Trajectory) -> str:
+    """The summary fallback: the rollout's own text, clipped, with its outcome."""
+    steps = prompts.render_trajectory(trajectory, DIGEST_TURN_CHARS)
+    return (f"(automatic digest; no summary available) Outcome: {prompts.outcome(trajectory)}. "
+            f"Answer: {trajectory.prediction or '(no answer)'}.\n{steps}")
+
+
+def summarize(run: StageRun, groups: Sequence[RolloutGroup]) -> dict[str, list[str]]:
+    """task id -> one summary per rollout, in rollout order."""
+    stage = "summary"
+    found: dict[str, str] = {}
+    asks: list[Ask] = []
+    rollouts: dict[str, Trajectory] = {}
+    for group in groups:
+        for k, trajectory in enumerate(group.trajectories):
+            key = f"summaries/{task_slug(group.task_id)}/{k}.json"
+            rollouts[key] = trajectory
+            cached = run.cached(key, stage)
+            if cached is not None:
+                found[key] = cached["summary"]
+            else:
+                messages = prompts.summary_messages(group.question, trajectory, run.config.max_message_chars)
+                asks.append(Ask(key, messages))
+
+    def keep(key: str, summary: str) -> None:
+        run.save(key, {"task_id": rollouts[key].task_id, "summary": summary, "fallback": False})
+        found[key] = summary
+
+    failed = ask_all(run.backend, asks, _non_empty, keep, stage=stage, policy=run.policy, stats=run.stats)
+    for key, reason in failed.items():
+        run.stats.fallback("summary_from_trajectory", f"{key}: {reason}")
+        digest = trajectory_digest(rollouts[key])
+        run.save(key, {"task_id": rollouts[key].task_id, "summary": digest, "fallback": True})
+        found[key] = digest
+    return {
+        g.task_id: [found[f"summaries/{task_slug(g.task_id)}/{k}.json"] for k in range(len(g.trajectories))]
+        for g in groups
+    }
+
+
+def _non_empty(text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise parsers.ParseError("empty answer")
+    return text
+
+
+def critique(run: StageRun, groups: Sequence[RolloutGroup], summaries: dict[str, list[str]],
+             pool: ExperiencePool) -> dict[str, list[str]]:
+    """task id -> proposed lessons."""
+    stage = "critique"
+    found: dict[str, list[str]] = {}
+    asks: list[Ask] = []
+    task_of: dict[str, str] = {}
+    for group in groups:
+        key = f"critiques/{task_slug(group.task_id)}.json"
+        task_of[key] = group.task_id
+        cached = run.cached(key, stage)
+        if cached is not None:
+            found[group.task_id] = cached["lessons"]
+            continue
+        labelled = [(prompts.outcome(t), s) for t, s in zip(group.trajectories, summaries[group.task_id])]
+        messages = prompts.critique_messages(group.question, group.reference, labelled, pool.as_mapping(),
+                                             run.style, run.config.max_lessons_per_group)
+        asks.append(Ask(key, messages))
+
+    def keep(key: str, lessons: list[str]) -> None:
+        run.save(key, {"task_id": task_of[key], "lessons": lessons, "fallback": False})
+        found[task_of[key]] = lessons
+
+    limit = run.config.max_lessons_per_group
+    failed = ask_all(run.backend, asks, lambda text: parsers.parse_experiences(text, limit), keep,
+                     stage=stage, policy=run.policy, stats=run.stats)
+    for key, reason in failed.items():
+        run.stats.fallback("critique_no_lessons", f"{task_of[key]}: {reason}")
+        run.save(key, {"task_id": task_of[key], "lessons": [], "fallback": True})
+        found[task_of[key]] = []
+    return {g.task_id: found[g.task_id] for g in groups}
+
+
+def group_update(run: StageRun, lessons: dict[str, list[str]], pool: ExperiencePool) -> list[Operation]:
+    """Operations proposed for every lesson, each tagged with the task it came from."""
+    stage = "group_update"
+    found: dict[str, list[Operation]] = {}
+    asks: list[Ask] = []
+    origin: dict[str, tuple[str, str]] = {}  # key -> (task id, proposal)
+    for task_id, proposals in lessons.items():
+        for j, proposal in enumerate(proposals):
+            key = f"group_updates/{task_slug(task_id)}/{j}.json"
+            origin[key] = (task_id, proposal)
+            cached = run.cached(key, stage)
+            if cached is not None:
+                found[key] = [Operation.from_json(o, key) for o in cached["operations"]]
+            else:
+                asks.append(Ask(key, prompts.group_update_messages(proposal, pool.as_mapping(), run.style)))
+
+    def keep(key: str, parsed: parsers.ParsedOperations) -> None:
+        task_id, proposal = origin[key]
+        for problem in parsed.rejected:
+            run.stats.fallback("invalid_operation_dropped", f"{key}: {problem}")
+        operations = [op.with_sources([task_id]) for op in parsed.operations]
+        run.save(key, {"task_id": task_id, "proposal": proposal, "fallback": False,
+                       "operations": [op.to_json() for op in operations]})
+        found[key] = operations
+
+    failed = ask_all(run.backend, asks, parsers.parse_operations, keep, stage=stage, policy=run.policy,
+                     stats=run.stats)
+    for key, reason in failed.items():
+        task_id, proposal = origin[key]
+        run.stats.fallback("group_update_as_add", f"{key}: {reason}")
+        operations = [Operation("ADD", None, proposal, (task_id,))]
+        run.save(key, {"task_id": task_id, "proposal": proposal, "fallback": True,
+                       "operations": [op.to_json() for op in operations]})
+        found[key] = operations
+    return [op for key in origin for op in found[key]]
+
+
+def batch_reconcile(run: StageRun, operations: Sequence[Operation], pool: ExperiencePool) -> ExperiencePool:
+    """One LLM call merges all operations; the deterministic rules then make them consistent."""
+    stage = "reconcile"
+    key = "reconcile.json"
+    cached = run.cached(key, stage)
+    if cached is not None:
+        final = [Operation.from_json(o, key) for o in cached["operations"]]
+        return apply_operations(pool, final, granularity=run.config.granularity, iteration=run.iteration)
+    proposed = [op for op in operations if op.kind != "NONE"]
+    result: dict[str, tuple[Operation, ...]] = {}
+    fallback = False
+    if proposed:
+        listing = [{k: v for k, v in op.to_json().items() if k != "source_task_ids"} for op in proposed]
+        messages = prompts.reconcile_messages(listing, pool.as_mapping(), run.style, run.config.max_pool_size)
+
+        def keep(_: str, parsed: parsers.ParsedOperations) -> None:
+            for problem in parsed.rejected:
+                run.stats.fallback("invalid_operation_dropped", f"{key}: {problem}")
+            result[key] = tuple(_with_provenance(op, proposed) for op in parsed.operations)
+
+        failed = ask_all(run.backend, [Ask(key, messages)], parsers.parse_operations, keep, stage=stage,
+                         policy=run.policy, stats=run.stats)
+        if failed:
+            run.stats.fallback("reconcile_deterministic", failed[key])
+            fallback = True
+    final, notes = reconcile(result.get(key, tuple(proposed)), pool)
+    for note in notes:
+        run.stats.note(note.kind, note.detail)
+    run.save(key, {"operations": [op.to_json() for op in final], "fallback": fallback})
+    return apply_operations(pool, final, granularity=run.config.granularity, iteration=run.iteration)
+
+
+def _with_provenance(op: Operation, proposed: Sequence[Operation]) -> Operation:
+    """Sources of a reconciled operation: those of the proposals on the same id or with the same text."""
+    key = text_key(op.content or "")
+    sources = [s for p in proposed
+               if (op.target_id is not None and p.target_id == op.target_id) or (key and text_key(p.content or "") == key)
+               for s in p.source_task_ids]
+    return op.with_sources(sources)
+
+
+def consolidate(run: StageRun, pool: ExperiencePool) -> ExperiencePool:
+    """Brings a pool over the cap back under it (the LLM rewrites it; fallback: truncation)."""
+    stage = "consolidate"
+    key = "consolidated_pool.jsonl"
+    cap = run.config.max_pool_size
+    if (run.workdir / key).exists():
+        run.stats.cached[stage] += 1
+        return read_pool(run.workdir / key)
+    result: dict[str, ExperiencePool] = {}
+
+    def parse(text: str) -> list[tuple[str | None, str]]:
+        entries: dict[str, tuple[str | None, str]] = {}
+        for source, lesson in parsers.parse_pool_rewrite(text):
+            entries.setdefault(text_key(lesson), (source, lesson))  # the first copy of a repeated lesson wins
+        if len(entries) > cap:
+            raise parsers.ParseError(f"the answer has {len(entries)} distinct lessons, the limit is {cap}")
+        return list(entries.values())
+
+    def keep(_: str, entries: list[tuple[str | None, str]]) -> None:
+        result[key] = pool.rewritten(entries, granularity=run.config.granularity, iteration=run.iteration)
+
+    messages = prompts.consolidate_messages(pool.as_mapping(), run.style, cap)
+    failed = ask_all(run.backend, [Ask(key, messages)], parse, keep, stage=stage, policy=run.policy, stats=run.stats)
+    if failed:
+        run.stats.fallback("consolidate_truncate", f"{len(pool)} items cut to {cap}: {failed[key]}")
+        result[key] = pool.truncated(cap)
+    write_pool(run.workdir / key, result[key])
+    return result[key]
