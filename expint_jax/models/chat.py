@@ -80,11 +80,11 @@ class ChatFormat:
         self.tool_response_start_id = self._special_id(TOOL_RESPONSE_START)
         self.tool_response_end_id = self._special_id(TOOL_RESPONSE_END)
         self._headers = {role: (self.im_start_id, *self.text_ids(f"{role}\n")) for role in ROLES}
-        self._footer = (self.im_end_id, *self.text_ids("\n"))
+        self._newline = tuple(self.text_ids("\n"))
 
     def _special_id(self, token: str) -> int:
         ids = self.tokenizer.encode(token, add_special_tokens=False)
-        if len(ids) != 1:
+        if len(ids) != 1 or self.tokenizer.decode(ids) != token:  # decode catches an unknown-token id
             raise ValueError(
                 f"tokenizer {type(self.tokenizer).__name__} has no single token for {token!r} "
                 f"(it encodes to {ids}); ChatFormat needs a Qwen3 tokenizer"
@@ -113,7 +113,7 @@ class ChatFormat:
 
     def message_suffix_ids(self) -> tuple[int, ...]:
         """``<|im_end|>\\n``."""
-        return self._footer
+        return (self.im_end_id, *self._newline)
 
     def generation_prompt_ids(self) -> tuple[int, ...]:
         return self._headers["assistant"]
@@ -135,12 +135,12 @@ class ChatFormat:
         assistant_turns = 0
         for message, content in zip(messages, contents, strict=True):
             start = len(ids)
-            header, newline = self._headers[message.role], self._footer[1:]
-            ids += [*header, *content, self.im_end_id, *newline]
+            header, body, newline = self._headers[message.role], [*content, self.im_end_id], self._newline
+            ids += [*header, *body, *newline]
             is_assistant = message.role == "assistant"
-            mask += [False] * len(header) + [is_assistant] * (len(content) + 1) + [False] * len(newline)
+            mask += [False] * len(header) + [is_assistant] * len(body) + [False] * len(newline)
             turn = assistant_turns if is_assistant else -1
-            turns += [turn] * (len(header) + len(content) + 1) + [-1] * len(newline)
+            turns += [turn] * (len(header) + len(body)) + [-1] * len(newline)
             assistant_turns += is_assistant
             spans.append((start, len(ids)))
         if add_generation_prompt:
@@ -166,7 +166,8 @@ class ChatFormat:
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _checked(messages: Sequence[Message]) -> Sequence[Message]:
+def _checked(messages: Sequence[Message]) -> tuple[Message, ...]:
+    messages = tuple(messages)
     for i, message in enumerate(messages):
         if not isinstance(message, Message):
             raise TypeError(f"messages[{i}] is a {type(message).__name__}, expected expint_jax.records.Message")
@@ -209,7 +210,8 @@ def parse_tool_call(text: str) -> ToolCall | ToolCallError:
     try:
         call = json.loads(body)
     except json.JSONDecodeError as e:
-        return ToolCallError("invalid_json", f"the tool call is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}")
+        where = f"line {e.lineno}, column {e.colno}"
+        return ToolCallError("invalid_json", f"the tool call is not valid JSON: {e.msg} at {where}")
     except (ValueError, RecursionError) as e:  # e.g. integers too long, nesting too deep
         return ToolCallError("invalid_json", f"the tool call is not valid JSON: {e}")
     if not isinstance(call, dict):
