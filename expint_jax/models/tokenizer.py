@@ -15,6 +15,10 @@ Contract:
 As in the released Qwen3 tokenizer: NFC normalization, the Qwen2 pre-tokenizer regex, byte-level
 BPE; ``<|im_end|>`` is eos and ``<|endoftext|>`` pad; the tool/think tags are added tokens that are
 not special, so ``decode(..., skip_special_tokens=True)`` keeps them.
+
+Caveat shared with the released tokenizer: NFC runs in the ``tokenizers`` library, whose Unicode
+tables lag Python's ``unicodedata`` for a few recent combining marks (e.g. U+1CF4 U+1AC4 is
+reordered by Python only), so on such text the ids can differ from the tiktoken encoder's.
 """
 
 from __future__ import annotations
