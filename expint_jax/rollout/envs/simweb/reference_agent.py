@@ -1,0 +1,342 @@
+"""A scripted SimWeb agent (no LLM): proves tasks solvable and writes ReAct-format trajectories.
+
+The agent reads only the question text and tool observations, as a model would: it parses the
+question (``tasks.parse_question``), searches, opens the entity's page when a result is that page,
+otherwise opens directory pages (URLs ending in "/") of the question's site -- or the site's root
+-- and follows links (exact entity name first, then the section for the entity's kind, then the
+alphabetical range holding its initial), reads ``- Label: value`` facts, follows reference links
+for multi-hop questions and combines values for compare/arithmetic questions.
+
+Trajectories are built with the ReAct agent's own pieces -- ``prompts.system_prompt``,
+``chat.format_tool_call`` / ``format_tool_response`` and ``agent.observe`` (tool execution and
+error observations) -- so they are exactly what ``ReActAgent`` would store: assistant turns are
+``<think>\\n…\\n</think>\\n\\n<tool_call>\\n{json}\\n</tool_call>``, tool results are user turns
+``<tool_response>\\n…\\n</tool_response>``, the last turn ends with ``<answer>…</answer>``.
+
+``Mistakes`` makes the agent imperfect with seeded probabilities, so groups of rollouts of one
+task can have 0 < mean reward < 1:
+  * ``answer_early`` -- after the first search, answer from the snippets without opening a page;
+  * ``wrong_link``   -- when a near-miss name (one word different) is on offer, take it for the
+                        target and read its page;
+  * ``skip_hop``     -- in multi-source questions, answer after the first page (the intermediate
+                        entity, or the first of two values).
+Every rollout's random stream is ``random.Random(f"{seed}:{task_id}:{member}")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from collections import deque
+from collections.abc import Sequence
+
+from expint_jax.models.chat import format_tool_call, format_tool_response
+from expint_jax.records import Message, Trajectory
+from expint_jax.rollout import prompts
+from expint_jax.rollout.agent import observe
+from expint_jax.rollout.envs.base import Environment, Task
+from expint_jax.rollout.envs.simweb.site import RELATIONS, SECTION_TITLES
+from expint_jax.rollout.envs.simweb.tasks import ParsedQuestion, parse_question
+from expint_jax.rollout.envs.simweb.tools import VisitedPage, parse_page
+from expint_jax.rollout.envs.web import SearchHit, parse_search_results
+from expint_jax.rollout.judge import extract_numbers, parse_number
+from expint_jax.rollout.tools import Tool
+
+AGENT_NAME = "simweb-reference"
+UNKNOWN = "unknown"
+_FACT = re.compile(r"^- (?P<label>[^:\n]+): (?P<value>.+)$", re.M)
+_RANGE = re.compile(r"^(?P<section>\w+) (?P<first>[A-Z])(?:–(?P<last>[A-Z]))? \|")
+_NUMERIC_LABELS = {"Founded", "Born", "Released", "Staff", "Attendance", "Units sold", "Annual budget", "Price"}
+_PHRASES = {
+    "Founded": "founding year", "Headquarters": "headquarters city", "Director": "director", "Staff": "staff count",
+    "Annual budget": "annual budget", "Born": "birth year", "Hometown": "hometown", "Date": "date",
+    "Venue": "venue city", "Organizer": "organizer", "Attendance": "attendance", "Released": "release year",
+    "Maker": "maker", "Price": "price", "Units sold": "number of units sold",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mistakes:
+    answer_early: float = 0.0
+    wrong_link: float = 0.0
+    skip_hop: float = 0.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            p = getattr(self, field.name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"Mistakes.{field.name} must be a probability in [0, 1], got {p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceAgentConfig:
+    mistakes: Mistakes = Mistakes()
+    think: bool = True  # write a <think> block before every action
+    max_tool_calls: int = 20  # give up ("unknown") after this many calls
+    instructions: str = prompts.DEFAULT_INSTRUCTIONS
+
+
+def read_facts(page_text: str) -> dict[str, str]:
+    """The ``- Label: value`` facts of a page text."""
+    return {m.group("label").strip(): m.group("value").strip() for m in _FACT.finditer(page_text)}
+
+
+def is_near_miss(candidate: str, name: str) -> bool:
+    """Same number of words as ``name`` and exactly one of them different."""
+    a, b = candidate.split(), name.split()
+    return len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) == 1
+
+
+class _GiveUp(Exception):
+    """The agent could not find what it needs within its budget."""
+
+
+class _AnswerNow(Exception):
+    """A mistake made the agent answer before it had the facts."""
+
+    def __init__(self, answer: str, thought: str):
+        super().__init__(answer)
+        self.answer, self.thought = answer, thought
+
+
+class _Episode:
+    """One rollout: the conversation so far and the agent's tool access."""
+
+    def __init__(self, task: Task, tools: dict[str, Tool], config: ReferenceAgentConfig, rng: random.Random):
+        self.task, self.tools, self.config, self.rng = task, tools, config, rng
+        system = prompts.system_prompt([t.spec for t in tools.values()], config.instructions)
+        self.messages = [Message("system", system), Message("user", task.question)]
+        self.tool_calls = 0
+        self.mistakes: list[str] = []
+        self.known_links: dict[str, str] = {}  # anchor -> url, from every page seen
+        self.searched = False
+
+    def _turn(self, thought: str, body: str) -> str:
+        return f"<think>\n{thought}\n</think>\n\n{body}" if self.config.think else body
+
+    def call(self, thought: str, name: str, arguments: dict[str, str]) -> str:
+        if self.tool_calls >= self.config.max_tool_calls:
+            raise _GiveUp(f"tool budget of {self.config.max_tool_calls} calls used up")
+        reply = self._turn(thought, format_tool_call(name, arguments))
+        observation, _ = observe(reply, self.tools)
+        self.tool_calls += 1
+        self.messages += [Message("assistant", reply), Message("user", format_tool_response(observation))]
+        return observation
+
+    def visit(self, thought: str, url: str) -> VisitedPage | None:
+        page = parse_page(self.call(thought, "visit", {"url": url}))
+        if page is not None:
+            self.known_links.update({link.title: link.url for link in page.links})
+        return page
+
+    def answer(self, thought: str, value: str) -> str:
+        self.messages.append(Message("assistant", self._turn(thought, f"<answer>{value}</answer>")))
+        return value
+
+    def slip(self, kind: str) -> bool:
+        """Draws whether the mistake ``kind`` happens now, and records it when it does."""
+        if self.rng.random() < getattr(self.config.mistakes, kind):
+            self.mistakes.append(kind)
+            return True
+        return False
+
+
+class ReferenceAgent:
+    """Solves SimWeb tasks with the environment's ``search`` and ``visit`` tools."""
+
+    def __init__(self, env: Environment, config: ReferenceAgentConfig = ReferenceAgentConfig()):
+        self.env, self.config = env, config
+
+    def run(self, task: Task, seed: int = 0, member: int = 0) -> Trajectory:
+        tools = {tool.spec.name: tool for tool in self.env.tools(task)}
+        for needed in ("search", "visit"):
+            if needed not in tools:
+                raise ValueError(f"task {task.task_id!r}: the reference agent needs a {needed!r} tool")
+        episode = _Episode(task, tools, self.config, random.Random(f"{seed}:{task.task_id}:{member}"))
+        parsed = parse_question(task.question)
+        if parsed is None:
+            prediction = episode.answer("I cannot tell what this question asks for.", UNKNOWN)
+        else:
+            try:
+                prediction = self._solve(episode, parsed)
+            except _AnswerNow as early:
+                prediction = episode.answer(early.thought, early.answer)
+            except _GiveUp as reason:
+                prediction = episode.answer(f"I could not find the information ({reason}).", UNKNOWN)
+        return Trajectory(
+            task_id=task.task_id,
+            messages=tuple(episode.messages),
+            num_tool_calls=episode.tool_calls,
+            prediction=prediction,
+            reward=self.env.score(task, prediction),
+            ground_truth=task.answer,
+            metadata={"agent": AGENT_NAME, "seed": seed, "member": member, "mistakes": list(episode.mistakes),
+                      "llm_calls": sum(m.role == "assistant" for m in episode.messages),
+                      **{k: task.metadata[k] for k in ("level", "source", "style", "form") if k in task.metadata}},
+        )
+
+    def run_batch(self, tasks: Sequence[Task], n: int = 1, seed: int = 0) -> list[Trajectory]:
+        """``n`` rollouts per task, task-major (all of task 0's rollouts first), like ``ReActAgent``."""
+        if n < 1:
+            raise ValueError(f"run_batch: n must be >= 1, got {n}")
+        return [self.run(task, seed, member) for task in tasks for member in range(n)]
+
+    # --- solving -----------------------------------------------------------------------------
+
+    def _solve(self, ep: _Episode, q: ParsedQuestion) -> str:
+        form = q.form
+        if form.style in ("lookup", "chain"):
+            return self._follow_path(ep, q, q.names[0])
+        label = form.path[-1]
+        values = []
+        for i, name in enumerate(q.names):
+            values.append(self._fact_of(ep, q, name, form.kind, label))
+            if i == 0 and ep.slip("skip_hop"):
+                guess = name if form.style == "compare" else values[0]
+                return ep.answer(f"{name} has {label}: {values[0]}. That should settle it; the answer is {guess}.",
+                                 guess)
+        return ep.answer(*self._combine(q, label, values))
+
+    def _follow_path(self, ep: _Episode, q: ParsedQuestion, name: str) -> str:
+        kind = q.form.kind
+        for step, label in enumerate(q.form.path):
+            value = self._fact_of(ep, q, name, kind, label)
+            if step == len(q.form.path) - 1:
+                return ep.answer(f"The page of {name} gives {label}: {value}. So the answer is {value}.", value)
+            if ep.slip("skip_hop"):
+                return ep.answer(f"The {_PHRASES[label]} of {name} is {value}. That answers the question.", value)
+            name, kind = value, RELATIONS[label]
+        raise AssertionError("unreachable: a question path is never empty")
+
+    def _fact_of(self, ep: _Episode, q: ParsedQuestion, name: str, kind: str, label: str) -> str:
+        page = self._locate(ep, q, name, kind, label)
+        facts = read_facts(page.text)
+        if label not in facts:
+            raise _GiveUp(f"the page {page.url} does not list {label}")
+        return facts[label]
+
+    def _combine(self, q: ParsedQuestion, label: str, values: list[str]) -> tuple[str, str]:
+        a, b = q.names
+        x, y = (parse_number(v) for v in values)
+        if x is None or y is None:
+            raise _GiveUp(f"{label} values {values} are not numbers")
+        read = f"{a} has {label}: {values[0]}; {b} has {label}: {values[1]}."
+        combine = q.form.combine
+        if combine in ("earliest", "smallest", "largest"):
+            pick_a = (x < y) if combine != "largest" else (x > y)
+            winner = a if pick_a else b
+            return f"{read} So the answer is {winner}.", winner
+        result = {"sum": x + y, "difference": x - y, "gap": abs(x - y)}[combine]
+        text = _like(values[0], result, span=label in ("Founded", "Born", "Released"))
+        return f"{read} The {combine} is {text}.", text
+
+    # --- navigation --------------------------------------------------------------------------
+
+    def _locate(self, ep: _Episode, q: ParsedQuestion, name: str, kind: str, label: str) -> VisitedPage:
+        """Opens the page of entity ``name``; see the module docstring for the strategy."""
+        wanted = f"the {_PHRASES[label]} of {name}"
+        near = [anchor for anchor in ep.known_links if is_near_miss(anchor, name)]
+        if name in ep.known_links or near:
+            url = self._choose(ep, name, ep.known_links.get(name), near, lambda a: ep.known_links[a])
+            if url is not None:
+                return self._open(ep, name, url, f"I need {wanted}. A page I saw links to it; I'll open it.")
+        hits = self._search(ep, name, label, wanted)
+        exact = next((h.url for h in hits if h.title == name), None)
+        near_hits = {h.title: h.url for h in hits if is_near_miss(h.title, name)}
+        url = self._choose(ep, name, exact, list(near_hits), near_hits.__getitem__)
+        if url is not None:
+            return self._open(ep, name, url, f'The result "{name}" is the page of {name} itself; I\'ll open it.')
+        directories = [h for h in hits if h.url.startswith(q.root_url) and h.url.endswith("/") and h.url != q.root_url]
+        frontier = deque((h.url, f'No result is the page of {name} itself, but "{h.title}" is a directory page '
+                                 f"on the site; I'll open it and look for a link to {name}.") for h in directories)
+        frontier.append((q.root_url, f"The search did not lead to a page about {name}. I'll start from the site's "
+                                     f"home page {q.root_url} and navigate to it."))
+        seen: set[str] = set()
+        while frontier:
+            url, thought = frontier.popleft()
+            if url in seen:
+                continue
+            seen.add(url)
+            page = ep.visit(thought, url)
+            if page is None:
+                continue
+            anchors = {link.title: link.url for link in page.links}
+            near = [a for a in anchors if is_near_miss(a, name)]
+            target = self._choose(ep, name, anchors.get(name), near, anchors.__getitem__)
+            if target is not None:
+                return self._open(ep, name, target, f"This page links to {name}; I'll open it.")
+            for next_url, next_thought in self._directory_links(page, q.root_url, name, kind):
+                frontier.appendleft((next_url, next_thought))
+        raise _GiveUp(f"no page about {name} was found on {q.root_url}")
+
+    def _search(self, ep: _Episode, name: str, label: str, wanted: str) -> list[SearchHit]:
+        query = f"{name} {_PHRASES[label]}"
+        hits = parse_search_results(ep.call(f"I need {wanted}. I'll search for it.", "search", {"query": query}))
+        first_search, ep.searched = not ep.searched, True
+        if first_search and ep.slip("answer_early"):
+            guess = _guess_from_snippets(hits, label)
+            raise _AnswerNow(guess, f"The search results already mention {name}; from the snippets the answer "
+                                    f"seems to be {guess}.")
+        return hits
+
+    def _choose(self, ep: _Episode, name: str, exact: str | None, near: list[str], url_of) -> str | None:
+        """The URL to open for ``name``: the exact match, or -- on a ``wrong_link`` slip -- a near miss."""
+        if near and ep.slip("wrong_link"):
+            return url_of(near[0])
+        return exact
+
+    def _open(self, ep: _Episode, name: str, url: str, thought: str) -> VisitedPage:
+        page = ep.visit(thought, url)
+        if page is None:
+            raise _GiveUp(f"the page of {name} at {url} could not be opened")
+        return page
+
+    def _directory_links(self, page: VisitedPage, root_url: str, name: str, kind: str) -> list[tuple[str, str]]:
+        """Directory links worth following towards ``name``, best last (they are pushed on a stack)."""
+        section = SECTION_TITLES[kind]
+        found = []
+        for link in page.links:
+            if not (link.url.startswith(root_url) and link.url.endswith("/")) or link.url == root_url:
+                continue
+            letters = _RANGE.match(link.title)
+            if letters and letters.group("section") == section:
+                if letters.group("first") <= name[0].upper() <= (letters.group("last") or letters.group("first")):
+                    found.append((link.url, f'This directory splits entries alphabetically; {name} starts with '
+                                            f'"{name[0].upper()}", so I\'ll open "{link.title}".'))
+            elif link.title.startswith(f"{section} |"):
+                found.append((link.url, f'{name} should be listed under "{link.title}"; I\'ll open it.'))
+        return found
+
+
+def _guess_from_snippets(hits: list[SearchHit], label: str) -> str:
+    text = " ".join(h.snippet for h in hits)
+    if label in _NUMERIC_LABELS:
+        numbers = extract_numbers(text)
+        if not numbers:
+            return UNKNOWN
+        return str(int(numbers[0])) if numbers[0].is_integer() else str(numbers[0])
+    return hits[0].title if hits else UNKNOWN
+
+
+def _like(example: str, value: float, span: bool) -> str:
+    """``value`` written like ``example`` ("$1,234.50" style money, "1,240" counts; years as spans)."""
+    if span:
+        return str(round(value))
+    if example.startswith("$"):
+        return f"${value:,.2f}" if "." in example else f"${round(value):,}"
+    return f"{round(value):,}"
+
+
+def run_reference_agent(
+    env: Environment,
+    tasks: Sequence[Task] | None = None,
+    *,
+    n: int = 1,
+    seed: int = 0,
+    mistakes: Mistakes = Mistakes(),
+    think: bool = True,
+) -> list[Trajectory]:
+    """Trajectories of the reference agent on ``tasks`` (default: all of ``env``'s tasks)."""
+    agent = ReferenceAgent(env, ReferenceAgentConfig(mistakes=mistakes, think=think))
+    return agent.run_batch(env.tasks() if tasks is None else tasks, n=n, seed=seed)
