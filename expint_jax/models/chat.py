@@ -211,7 +211,7 @@ def parse_tool_call(text: str) -> ToolCall | ToolCallError:
         call = json.loads(body)
     except json.JSONDecodeError as e:
         where = f"line {e.lineno}, column {e.colno}"
-        return ToolCallError("invalid_json", f"the tool call is not valid JSON: {e.msg} at {where}")
+        return ToolCallError("invalid_json", f"the tool call is not valid JSON: {e.msg} ({where})")
     except (ValueError, RecursionError) as e:  # e.g. integers too long, nesting too deep
         return ToolCallError("invalid_json", f"the tool call is not valid JSON: {e}")
     if not isinstance(call, dict):
@@ -233,7 +233,11 @@ def _json_type(value: Any) -> str:
 
 
 def format_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
-    """The block the agent writes to call ``name``; ``parse_tool_call`` reads it back."""
+    """The block the agent writes to call ``name``; ``parse_tool_call`` reads it back.
+
+    ``</`` inside JSON strings is written ``<\\/`` (a JSON escape for the same text), so that a
+    string such as ``"</tool_call>"`` cannot close the block early.
+    """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"tool name must be a non-empty string, got {name!r}")
     if not isinstance(arguments, Mapping):
@@ -242,6 +246,7 @@ def format_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
         body = json.dumps({"name": name, "arguments": dict(arguments)}, ensure_ascii=False)
     except (TypeError, ValueError) as e:
         raise TypeError(f"arguments of tool {name!r} are not JSON-serializable: {e}") from None
+    body = body.replace("</", "<\\/")
     return f"{TOOL_CALL_START}\n{body}\n{TOOL_CALL_END}"
 
 

@@ -292,6 +292,13 @@ def test_format_tool_call_matches_the_qwen3_template(tok):
     assert f"<|im_start|>assistant\n{format_tool_call('search', arguments)}<|im_end|>" in rendered
 
 
+def test_closing_tags_inside_arguments_do_not_end_the_call():
+    arguments = {"code": "print('</tool_call>')", "html": "</answer></tool_response>"}
+    text = format_tool_call("python", arguments)
+    assert text.count("</tool_call>") == 1
+    assert parse_tool_call(text) == ToolCall("python", arguments)
+
+
 def test_format_tool_call_rejects_bad_input():
     with pytest.raises(ValueError, match="non-empty string"):
         format_tool_call(" ", {})
