@@ -172,7 +172,8 @@ def test_encode_and_decode_agree_with_tiktoken_on_random_text(tok, reference):
 
 
 def test_long_runs_use_the_longest_merges(tok, reference):
-    texts = [c * n for c in [" ", "\n", "\t", "-", "=", "#", "0", "é", "中", "\r\n", " \n", ".."] for n in (1, 2, 3, 7, 31, 64, 127, 300)]
+    units = [" ", "\n", "\t", "-", "=", "#", "0", "é", "中", "\r\n", " \n", ".."]
+    texts = [unit * n for unit in units for n in (1, 2, 3, 7, 31, 64, 127, 300)]
     rng = random.Random(7)
     texts += ["".join(rng.choice([" ", "\n", "\t", "\r", "x", "1", "-", "="]) for _ in range(200)) for _ in range(200)]
     for text in texts:
