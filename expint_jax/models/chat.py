@@ -179,6 +179,8 @@ def _checked(messages: Sequence[Message]) -> tuple[Message, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class ToolCall:
+    """A tool call read from assistant text."""
+
     name: str
     arguments: Mapping[str, Any]
 
@@ -215,20 +217,20 @@ def parse_tool_call(text: str) -> ToolCall | ToolCallError:
     except (ValueError, RecursionError) as e:  # e.g. integers too long, nesting too deep
         return ToolCallError("invalid_json", f"the tool call is not valid JSON: {e}")
     if not isinstance(call, dict):
-        return ToolCallError("not_an_object", f"the tool call must be a JSON object, got a {_json_type(call)}")
+        return ToolCallError("not_an_object", f"the tool call must be a JSON object, got {_json_type(call)}")
     name = call.get("name")
     if not isinstance(name, str) or not name.strip():
         return ToolCallError("missing_name", 'the tool call needs a non-empty string "name"')
     arguments = call.get("arguments", {})
     if not isinstance(arguments, dict):
         return ToolCallError(
-            "bad_arguments", f'"arguments" of tool {name!r} must be a JSON object, got a {_json_type(arguments)}'
+            "bad_arguments", f'"arguments" of tool {name!r} must be a JSON object, got {_json_type(arguments)}'
         )
     return ToolCall(name=name, arguments=arguments)
 
 
 def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 

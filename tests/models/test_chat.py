@@ -242,12 +242,12 @@ def test_parse_tool_call_reads_the_first_block():
         ('<tool_call>\n{"name": "search", "arguments": {"q": }}\n</tool_call>', "invalid_json", "line 1, column"),
         ("<tool_call>\n" + "[" * 100_000 + "\n</tool_call>", "invalid_json", "not valid JSON"),
         ("<tool_call>" + "9" * 5000 + "</tool_call>", "invalid_json", "not valid JSON"),
-        ('<tool_call>["search", {}]</tool_call>', "not_an_object", "got a array"),
+        ('<tool_call>["search", {}]</tool_call>', "not_an_object", "got an array"),
         ('<tool_call>{"arguments": {}}</tool_call>', "missing_name", '"name"'),
         ('<tool_call>{"name": "  ", "arguments": {}}</tool_call>', "missing_name", '"name"'),
         ('<tool_call>{"name": 3}</tool_call>', "missing_name", '"name"'),
         ('<tool_call>{"name": "search", "arguments": "{\\"q\\": 1}"}</tool_call>', "bad_arguments", "got a string"),
-        ('<tool_call>{"name": "search", "arguments": null}</tool_call>', "bad_arguments", "got a null"),
+        ('<tool_call>{"name": "search", "arguments": null}</tool_call>', "bad_arguments", "got null"),
     ],
 )
 def test_parse_tool_call_explains_malformed_calls(text, reason, words):
