@@ -5,6 +5,14 @@ Contract:
     no trailing newline. ``dump_release_pool(parse_release_pool(text)) == text`` for every file
     the release writes (key order preserved). Duplicate keys, non-string texts and empty texts
     are errors naming the file and key.
+  * Rollouts: JSONL records ``{"id", "problem", "prompt", "groundtruth", "reward", "response",
+    "trajectories": [{"agent", "trajectory": [OpenAI messages]}], ...}``. Each entry of
+    ``trajectories`` becomes one ``Trajectory`` with ``task_id = str(id)``, converted to Qwen3's text
+    protocol: an assistant message's ``tool_calls`` become ``<tool_call>`` blocks after its text,
+    and ``role: tool`` messages become a user turn of ``<tool_response>`` blocks (consecutive tool
+    messages share one turn, as in Qwen3's template). The release puts the experience pool into
+    the first user message (``prompt``); our trajectories never store experience text, so that
+    message is replaced by ``problem`` and the original kept in ``metadata["release_prompt"]``.
   * Stats: ``{"step_<k>": {"epoch", "batch", "complete", "rollout": {"avg_reward", "Pass@<n>",
     "avg_tool_call"}}}``; ``StepStats`` reads and writes one step, ``rollout_stats`` computes the
     ``rollout`` block from our trajectories.
@@ -16,9 +24,11 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from expint_jax.records import Trajectory
+from expint_jax.models.chat import format_tool_call, format_tool_response
+from expint_jax.records import Message, RecordError, Trajectory, read_jsonl
 
 
 class ReleaseFormatError(ValueError):
@@ -50,6 +60,97 @@ def parse_release_pool(text: str, where: str = "<pool>") -> dict[str, str]:
 
 def dump_release_pool(mapping: Mapping[str, str]) -> str:
     return json.dumps(dict(mapping), indent=2, ensure_ascii=False)
+
+
+def read_release_rollouts(path: str | Path) -> list[Trajectory]:
+    trajectories: list[Trajectory] = []
+    try:
+        for where, record in read_jsonl(path):
+            trajectories.extend(trajectories_from_release(record, where))
+    except RecordError as e:
+        raise ReleaseFormatError(str(e)) from None
+    return trajectories
+
+
+def trajectories_from_release(record: Any, where: str) -> list[Trajectory]:
+    if not isinstance(record, Mapping):
+        raise ReleaseFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key, types in (("id", (int, str)), ("problem", str), ("trajectories", list)):
+        if not isinstance(record.get(key), types) or isinstance(record.get(key), bool):
+            raise ReleaseFormatError(f"{where}: key {key!r} is missing or has the wrong type")
+    reward = record.get("reward")
+    if reward is not None and (not isinstance(reward, (int, float)) or isinstance(reward, bool)):
+        raise ReleaseFormatError(f"{where}: key 'reward' must be a number or null, got {reward!r}")
+    ground_truth = record.get("groundtruth")
+    metadata = {key: record[key] for key in ("runid", "source_id", "index", "rollout_time", "retry_count", "error")
+                if key in record}
+    out = []
+    for k, entry in enumerate(record["trajectories"]):
+        entry_where = f"{where}: trajectories[{k}]"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("trajectory"), list):
+            raise ReleaseFormatError(f"{entry_where}: expected an object with a 'trajectory' list")
+        messages = list(messages_from_release(entry["trajectory"], f"{entry_where}.trajectory"))
+        extra: dict[str, Any] = {"agent": entry.get("agent")}
+        first_user = next((i for i, m in enumerate(messages) if m.role == "user"), None)
+        if first_user is not None and messages[first_user].content != record["problem"]:
+            extra["release_prompt"] = messages[first_user].content
+            messages[first_user] = Message("user", record["problem"])
+        out.append(Trajectory(
+            task_id=str(record["id"]),
+            messages=tuple(messages),
+            termination="answer" if record.get("error") is None else "backend_error",
+            num_tool_calls=sum(len(m.get("tool_calls") or []) for m in entry["trajectory"] if isinstance(m, Mapping)),
+            prediction=record.get("response") if isinstance(record.get("response"), str) else None,
+            reward=None if reward is None else float(reward),
+            ground_truth=None if ground_truth is None else str(ground_truth),
+            metadata={**metadata, **extra},
+        ))
+    return out
+
+
+def messages_from_release(messages: Sequence[Any], where: str) -> tuple[Message, ...]:
+    """OpenAI-style messages (with ``tool_calls`` and ``role: tool``) in Qwen3's text protocol."""
+    out: list[Message] = []
+    previous_role = None
+    for i, message in enumerate(messages):
+        here = f"{where}[{i}]"
+        if not isinstance(message, Mapping):
+            raise ReleaseFormatError(f"{here}: expected an object, got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content") or ""
+        if not isinstance(content, str):
+            raise ReleaseFormatError(f"{here}: key 'content' must be a string or null")
+        if role == "tool":
+            block = format_tool_response(content)
+            if previous_role == "tool":
+                out[-1] = Message("user", f"{out[-1].content}\n{block}")
+            else:
+                out.append(Message("user", block))
+        elif role == "assistant":
+            calls = [_tool_call_text(call, f"{here}.tool_calls[{j}]")
+                     for j, call in enumerate(message.get("tool_calls") or [])]
+            parts = [content, *calls] if content.strip() else calls
+            out.append(Message("assistant", "\n".join(parts)))
+        elif role in ("system", "user"):
+            out.append(Message(role, content))
+        else:
+            raise ReleaseFormatError(f"{here}: key 'role' is {role!r}, expected system, user, assistant or tool")
+        previous_role = role
+    return tuple(out)
+
+
+def _tool_call_text(call: Any, where: str) -> str:
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise ReleaseFormatError(f"{where}: expected {{'function': {{'name': ..., 'arguments': ...}}}}")
+    arguments = function.get("arguments") or {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise ReleaseFormatError(f"{where}: function.arguments is not valid JSON ({e.msg})") from None
+    if not isinstance(arguments, Mapping):
+        raise ReleaseFormatError(f"{where}: function.arguments must be a JSON object")
+    return format_tool_call(function["name"], arguments)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,8 @@ mid-stage loses at most the batch in flight. A failed answer is asked again, up 
   * backend error or empty answer -> the same conversation is sent again;
   * unparseable answer -> the conversation plus the bad answer and a note saying what was wrong.
 
+Reasoning (``<think>`` blocks) is removed before parsing.
+
 Requests that never produce a usable answer are returned with the last reason, for the caller's
 documented fallback.
 """
@@ -23,6 +25,7 @@ from typing import Any
 from expint_jax.experience.extract.parsers import ParseError
 from expint_jax.experience.extract.prompts import retry_instruction
 from expint_jax.experience.extract.stats import RunStats
+from expint_jax.models.chat import strip_think
 from expint_jax.records import Message, SamplingParams
 from expint_jax.rollout.llm.base import BackendError, ChatBackend
 
@@ -72,7 +75,7 @@ def ask_all(
                     reason, follow_up = "empty answer", ask.messages
                 else:
                     try:
-                        value = parse(completion.text)
+                        value = parse(strip_think(completion.text))
                     except ParseError as e:
                         reason = f"unparseable answer ({e})"
                         follow_up = (*ask.messages, Message("assistant", completion.text), retry_instruction(str(e)))

@@ -12,7 +12,9 @@ applied to that call's answer, so the rules below always hold:
   3. ``DELETE`` beats ``UPDATE``: updates of an id that is also deleted are dropped.
   4. Several ``UPDATE``s of one id: the first in input order wins (an LLM would merge their texts;
      without one, any choice loses information, and the first is stable); sources are merged.
-  5. An ``ADD`` whose text equals (case, spacing and punctuation aside) a surviving pool item, an
+  5. An ``UPDATE`` whose new text equals (case, spacing and punctuation aside) another surviving
+     lesson, or an earlier update's, turns into a ``DELETE`` of its id: the lesson lives on.
+  6. An ``ADD`` whose text equals (case, spacing and punctuation aside) a surviving pool item, an
      updated text or an earlier ``ADD`` is dropped; its sources join the one it duplicates.
 
 The result lists deletions, then updates (both in pool order), then additions (input order).
@@ -107,8 +109,13 @@ def reconcile(operations: Sequence[Operation], pool: ExperiencePool) -> tuple[tu
     for item in pool:
         if item.id not in deletes and item.id not in updates:
             seen[text_key(item.text)] = -1
-    for op in updates.values():
-        seen[text_key(op.content or "")] = -1
+    for target, op in sorted(updates.items(), key=lambda entry: pool.ids.index(entry[0])):
+        key = text_key(op.content or "")
+        if key in seen:
+            notes.append(Note("update_repeats_lesson", f"UPDATE of {target} repeats another lesson; {target} is deleted"))
+            deletes[target] = Operation("DELETE", target, None, updates.pop(target).source_task_ids)
+        else:
+            seen[key] = -1
     kept_adds: list[Operation] = []
     for op in adds:
         key = text_key(op.content or "")

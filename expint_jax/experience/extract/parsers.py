@@ -17,10 +17,12 @@ import dataclasses
 import json
 import re
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from expint_jax.experience.extract.operations import OPERATION_KINDS, Operation
+
+T = TypeVar("T")
 
 MAX_ANSWER_CHARS = 200_000  # longer answers are cut: a runaway generation, not a pool
 _MAX_SPANS = 16  # bracketed spans tried per answer
@@ -45,15 +47,29 @@ def clean_text(text: str) -> str:
 
 def loads_lenient(answer: str) -> Any:
     """The first JSON-like value found in ``answer``."""
+    return _first_valid(answer, lambda value: value)
+
+
+def json_values(answer: str) -> Iterator[Any]:
+    """Every JSON-like value found in ``answer``, most likely first (see the module docstring)."""
     if not isinstance(answer, str):
         raise ParseError(f"expected text, got {type(answer).__name__}")
-    answer = answer[:MAX_ANSWER_CHARS]
-    for candidate in _candidates(answer):
+    for candidate in _candidates(answer[:MAX_ANSWER_CHARS]):
         try:
-            return _decode(candidate)
+            yield _decode(candidate)
         except ParseError:
             continue
-    raise ParseError("no JSON value found in the answer")
+
+
+def _first_valid(answer: str, interpret: Callable[[Any], T]) -> T:
+    """``interpret`` of the first value it accepts; prose may hold bracketed text like "[1]"."""
+    first_error: ParseError | None = None
+    for value in json_values(answer):
+        try:
+            return interpret(value)
+        except ParseError as e:
+            first_error = first_error or e
+    raise first_error or ParseError("no JSON value found in the answer")
 
 
 def _candidates(answer: str) -> Iterator[str]:
@@ -167,7 +183,10 @@ def parse_operations(answer: str) -> ParsedOperations:
     An empty list is a valid answer (nothing to change). A list whose elements are all malformed
     is a ``ParseError``, so that the caller retries.
     """
-    value = loads_lenient(answer)
+    return _first_valid(answer, _operations)
+
+
+def _operations(value: Any) -> ParsedOperations:
     if isinstance(value, dict):
         value = value.get("operations", [value]) if "operation" not in value else [value]
     if not isinstance(value, list):
@@ -221,9 +240,12 @@ def parse_pool_rewrite(answer: str) -> list[tuple[str | None, str]]:
 
     Accepts ``{"G0": "text", ...}``, ``["text", ...]`` or ``[{"id": ..., "content": ...}, ...]``.
     """
-    entries = _pool_entries(loads_lenient(answer))
+    return _first_valid(answer, _pool_pairs)
+
+
+def _pool_pairs(value: Any) -> list[tuple[str | None, str]]:
     pairs: list[tuple[str | None, str]] = []
-    for source, text in entries:
+    for source, text in _pool_entries(value):
         if not isinstance(text, str) or not clean_text(text):
             raise ParseError(f"every lesson must be a non-empty string, got {text!r}"[:200])
         pairs.append((source, clean_text(text)))
