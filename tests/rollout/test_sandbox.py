@@ -1,0 +1,201 @@
+"""The Python sandbox: every escape attempt is stopped or refused and says so; normal code works."""
+
+import glob
+import importlib.util
+import os
+import time
+
+import pytest
+
+from expint_jax.rollout.sandbox import (
+    PythonTool,
+    Sandbox,
+    SandboxLimits,
+    observation,
+    probe_isolation,
+    truncate_middle,
+)
+from expint_jax.rollout.tools import ToolError
+
+LIMITS = SandboxLimits(wall_time_s=20.0, cpu_time_s=5, memory_bytes=1 << 30, max_output_chars=2000)
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    return Sandbox(LIMITS)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_normal_code_prints_and_computes(sandbox):
+    result = sandbox.run("import math\nprint(sum(range(10)), math.comb(5, 2))\nprint('done')")
+    assert result.ok and result.stdout == "45 10\ndone\n" and result.stderr == ""
+    assert result.killed_reason is None and not result.timed_out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numpy") is None, reason="numpy is not installed")
+def test_numpy_works(sandbox):
+    result = sandbox.run("import numpy as np\nprint(np.linalg.solve([[2.0, 0], [0, 4.0]], [2.0, 8.0]).tolist())")
+    assert result.ok, result.stderr
+    assert result.stdout.strip() == "[1.0, 2.0]"
+
+
+def test_network_socket_is_refused(sandbox):
+    result = sandbox.run("import socket\ns = socket.socket()\ns.connect(('127.0.0.1', 9))")
+    assert result.exit_status == 1
+    assert "PermissionError: sandbox: network access is disabled" in result.stderr
+    assert "network access is disabled" in observation(result, LIMITS)
+
+
+@pytest.mark.skipif(not probe_isolation().network_namespace, reason="unshare --net is not available here")
+def test_network_namespace_has_only_loopback(sandbox):
+    result = sandbox.run("print(sorted(line.split(':')[0].strip() for line in open('/proc/net/dev').readlines()[2:]))")
+    assert result.stdout.strip() == "['lo']"
+
+
+def test_fork_bomb_is_refused_quickly_and_leaves_no_process(sandbox):
+    started = time.monotonic()
+    result = sandbox.run("import os\nwhile True:\n    os.fork()")
+    assert time.monotonic() - started < 5
+    assert "sandbox: starting or signalling processes is not allowed (os.fork)" in result.stderr
+    assert not _alive(result.pid)
+    for code in ("import subprocess\nsubprocess.run(['true'])", "import os\nos.system('true')"):
+        assert "starting or signalling processes is not allowed" in sandbox.run(code).stderr
+
+
+_SHELL_BOMB = b"b() { b | b & }; b"
+
+
+def _shell_bombs() -> int:
+    count = 0
+    for path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(path, "rb") as f:
+                count += _SHELL_BOMB in f.read()
+        except OSError:
+            continue
+    return count
+
+
+@pytest.mark.skipif(probe_isolation().pids_cgroup_root is None, reason="no writable pids cgroup here")
+def test_fork_bomb_that_bypasses_the_audit_hook_is_capped_and_killed():
+    # _posixsubprocess.fork_exec raises no audit event; the bomb also starts a new session, so
+    # killing the process group alone would miss it. The pids cgroup caps and finds it.
+    code = (
+        "import os, time, _posixsubprocess\n"
+        "r, w = os.pipe()\n"
+        f"args = [b'/bin/sh', b'-c', {_SHELL_BOMB!r}]\n"
+        "_posixsubprocess.fork_exec(args, [args[0]], True, (w,), None, None, -1, -1, -1, -1, -1, -1, r, w,"
+        " False, True, -1, None, None, None, -1, None, False)\n"
+        "time.sleep(60)\n"
+    )
+    limits = SandboxLimits(wall_time_s=1.5, cpu_time_s=5, max_processes=24)
+    result = Sandbox(limits).run(code)
+    assert result.timed_out and result.killed_reason == "wall_time"
+    assert "Cannot fork" in result.stderr  # the cap was hit
+    assert _shell_bombs() == 0
+    root = probe_isolation().pids_cgroup_root
+    assert not [d for d in os.listdir(root) if d.startswith(f"expint-sandbox-{os.getpid()}-")]
+
+
+def test_ten_gigabyte_allocation_is_stopped(sandbox):
+    result = sandbox.run("block = bytearray(10 * 1024 ** 3)\nprint('allocated')")
+    assert result.killed_reason == "memory" and "allocated" not in result.stdout
+    assert "more than 1024 MiB of memory" in observation(result, LIMITS)
+
+
+def test_endless_loop_hits_the_cpu_limit():
+    limits = SandboxLimits(wall_time_s=30.0, cpu_time_s=1)
+    result = Sandbox(limits).run("while True:\n    pass")
+    assert result.killed_reason == "cpu_time" and result.exit_status is None and not result.timed_out
+    assert "more than 1 s of CPU time" in observation(result, limits)
+    assert not _alive(result.pid)
+
+
+def test_sleeping_forever_hits_the_wall_clock_limit():
+    limits = SandboxLimits(wall_time_s=0.5, cpu_time_s=5)
+    started = time.monotonic()
+    result = Sandbox(limits).run("import time\nprint('start', flush=True)\ntime.sleep(60)")
+    assert time.monotonic() - started < 5
+    assert result.timed_out and result.killed_reason == "wall_time" and result.stdout == "start\n"
+    assert "time limit of 0.5 s" in observation(result, limits)
+    assert not _alive(result.pid)
+
+
+def test_writes_outside_the_scratch_directory_are_refused(sandbox, tmp_path):
+    target = tmp_path / "outside.txt"
+    attempts = [
+        f"open({str(target)!r}, 'w').write('x')",
+        f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)",
+        "open('../../escaped.txt', 'w')",
+        f"import os\nos.symlink({str(tmp_path)!r}, 'link')\nopen('link/outside.txt', 'w')",
+        f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')",
+    ]
+    for code in attempts:
+        result = sandbox.run(code)
+        assert "sandbox: writing outside the scratch directory is not allowed" in result.stderr, code
+    assert not target.exists()
+    keep = tmp_path / "keep.txt"
+    keep.write_text("keep")
+    for code in (f"import os\nos.remove({str(keep)!r})", f"import os\nos.rename({str(keep)!r}, 'mine.txt')",
+                 f"import shutil\nshutil.rmtree({str(tmp_path)!r})"):
+        assert "changing files outside the scratch directory is not allowed" in sandbox.run(code).stderr, code
+    assert keep.read_text() == "keep"
+
+
+def test_scratch_directory_is_fresh_writable_and_removed(sandbox):
+    first = sandbox.run("import os\nopen('note.txt', 'w').write('hi')\nprint(os.getcwd())\nprint(open('note.txt').read())")
+    scratch, content = first.stdout.split()
+    assert first.ok and content == "hi"
+    assert not os.path.exists(scratch)
+    second = sandbox.run("import os\nprint(os.listdir('.'))")
+    assert second.stdout.strip() == "[]"
+
+
+def test_secrets_in_the_parent_environment_do_not_reach_the_code(sandbox, monkeypatch):
+    monkeypatch.setenv("SERPER_API_KEY", "do-not-leak-123")
+    result = sandbox.run("import os\nprint(os.environ.get('SERPER_API_KEY'))\nprint(sorted(os.environ))")
+    assert result.stdout.splitlines()[0] == "None" and "do-not-leak-123" not in result.stdout
+
+
+def test_long_output_is_cut_with_a_marker(sandbox):
+    result = sandbox.run("print('a' * 50000)\nprint('THE END')")
+    assert result.ok
+    assert len(result.stdout) < LIMITS.max_output_chars + 100
+    assert "characters cut ...]" in result.stdout and result.stdout.rstrip().endswith("THE END")
+    assert truncate_middle("x" * 10, 20) == "x" * 10
+
+
+def test_exit_status_and_exceptions_are_reported(sandbox):
+    assert sandbox.run("import sys\nsys.exit(3)").exit_status == 3
+    result = sandbox.run("x = 1\ny = x / 0")
+    assert result.exit_status == 1
+    assert 'File "<code>", line 2' in result.stderr and "ZeroDivisionError" in result.stderr
+    assert "The code exited with status 1." in observation(result, LIMITS)
+
+
+def test_python_tool_observations(sandbox):
+    tool = PythonTool(sandbox)
+    assert tool.spec.name == "python" and tool.spec.parameters["required"] == ["code"]
+    assert tool({"code": "print(6 * 7)"}) == "42"
+    assert tool({"code": "```python\nprint('fenced')\n```"}) == "fenced"
+    assert "printed nothing" in tool({"code": "x = 1"})
+    with pytest.raises(ToolError, match="ZeroDivisionError"):
+        tool({"code": "1 / 0"})
+    with pytest.raises(ToolError, match="network access is disabled"):
+        tool({"code": "import socket\nsocket.socket()"})
+    with pytest.raises(ToolError, match="'code' must be a non-empty string"):
+        tool({"source": "print(1)"})
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError, match="wall_time_s"):
+        SandboxLimits(wall_time_s=0)
+    with pytest.raises(TypeError, match="code must be str"):
+        Sandbox(LIMITS).run(b"print(1)")
