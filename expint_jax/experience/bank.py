@@ -100,6 +100,11 @@ class ExperienceItem:
             raise PoolError(f"{where}: {e}") from None
 
 
+def text_key(text: str) -> str:
+    """Identity of a lesson's wording: case, spacing and punctuation do not count (duplicate detection)."""
+    return " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split())
+
+
 def new_uid(text: str, iteration: int | None, taken: Iterable[str]) -> str:
     """A deterministic uid for a newly added text, distinct from every uid in ``taken``."""
     digest = hashlib.sha1(" ".join(text.split()).encode("utf-8")).hexdigest()[:10]

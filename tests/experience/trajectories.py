@@ -1,4 +1,4 @@
-"""Hand-written SimWeb-style rollouts (Qwen3 ReAct text format) for the experience tests.
+"""Hand-written SimWeb rollouts (Qwen3 ReAct text, SimWeb's observation formats) for the experience tests.
 
 Three tasks, three rollouts each:
   * ``founding``: one rollout visits the page and answers right; one answers from snippets
@@ -10,29 +10,30 @@ Three tasks, three rollouts each:
 
 from __future__ import annotations
 
-import json
-
+from expint_jax.models.chat import format_tool_call, format_tool_response
 from expint_jax.records import Message, Trajectory
+from expint_jax.rollout.envs.simweb.site import Link, Page
+from expint_jax.rollout.envs.simweb.tools import format_page
+from expint_jax.rollout.envs.web import SearchHit, format_search_results
 
 SYSTEM = "You are a web research agent. Use the tools, then answer inside <answer></answer>."
 
 
 def call(name: str, **arguments: str) -> str:
-    payload = json.dumps({"name": name, "arguments": arguments})
-    return f"<think>I should use {name}.</think>\n<tool_call>\n{payload}\n</tool_call>"
+    return f"<think>\nI should use {name}.\n</think>\n\n{format_tool_call(name, arguments)}"
 
 
-def response(text: str) -> str:
-    return f"<tool_response>\n{text}\n</tool_response>"
+def results(query: str, *rows: tuple[str, str, str]) -> str:
+    return format_tool_response(format_search_results(query, [SearchHit(*row) for row in rows]))
 
 
-def results(*rows: tuple[str, str, str]) -> str:
-    return response("\n".join(f"{k + 1}. {title} ({url})\nsnippet: {snippet}" for k, (title, url, snippet) in
-                              enumerate(rows)))
+def page(url: str, title: str, text: str, *links: tuple[str, str]) -> str:
+    shown = Page(url, title, text, tuple(Link(*link) for link in links), indexed=True, role="item", parent=None)
+    return format_tool_response(format_page(shown))
 
 
 def answer(text: str) -> str:
-    return f"<think>Done.</think>\n<answer>{text}</answer>"
+    return f"<think>\nDone.\n</think>\n\n<answer>{text}</answer>"
 
 
 def rollout(task_id: str, question: str, steps: list[tuple[str, str]], final: str, gold: str, reward: float,
@@ -46,29 +47,31 @@ def rollout(task_id: str, question: str, steps: list[tuple[str, str]], final: st
 
 
 FOUNDING_Q = "In which year was the Harbor Lantern Society founded?"
+FOUNDING_URL = "https://lantern.example.org/society.html"
 FOUNDING_SEARCH = results(
-    ("Harbor Lantern Society - Directory", "https://lantern.example.org/directory",
-     "Societies and clubs of the harbor district."),
-    ("Lantern festival 1999", "https://news.example.org/lantern-1999", "The festival drew crowds in 1999."),
+    "Harbor Lantern Society founded",
+    ("Harbor Lantern Society", FOUNDING_URL, "A society of the harbor district."),
+    ("Lantern festival 1999", "https://news.example.org/lantern-1999.html", "The festival drew crowds in 1999."),
 )
-FOUNDING_PAGE = response("Harbor Lantern Society\nThe society was founded in 1923 by local sailors.\n"
-                         "[1] Members — https://lantern.example.org/members")
+FOUNDING_PAGE = page(FOUNDING_URL, "Harbor Lantern Society", "Key facts:\n- Founded: 1923",
+                     ("Members", "https://lantern.example.org/members.html"))
 
 DIRECTOR_Q = "Who directs the Museum of Tides?"
-DIRECTOR_SEARCH = results(
-    ("Museums A-Z", "https://city.example.org/museums", "A directory of every museum in the city."),
-)
-DIRECTOR_DIRECTORY = response("Museums A-Z\n[1] Museum of Tides — https://city.example.org/museums/tides\n"
-                              "[2] Museum of Salt — https://city.example.org/museums/salt")
-DIRECTOR_PAGE = response("Museum of Tides\nDirector: Ada Moreno. Opened in 1961.")
+DIRECTORY_URL = "https://city.example.org/museums/"
+DIRECTOR_URL = "https://city.example.org/museums/tides.html"
+DIRECTOR_SEARCH = results("Museum of Tides director",
+                          ("Museums A-Z", DIRECTORY_URL, "A directory of every museum in the city."))
+DIRECTOR_DIRECTORY = page(DIRECTORY_URL, "Museums A-Z", "Every museum of the city.",
+                          ("Museum of Tides", DIRECTOR_URL), ("Museum of Salt", "https://city.example.org/museums/salt.html"))
+DIRECTOR_PAGE = page(DIRECTOR_URL, "Museum of Tides", "Key facts:\n- Director: Ada Moreno\n- Opened: 1961")
 
 
 def simweb_rollouts() -> list[Trajectory]:
     founding_search = (call("search", query="Harbor Lantern Society founded"), FOUNDING_SEARCH)
-    founding_visit = (call("visit", url="https://lantern.example.org/directory"), FOUNDING_PAGE)
+    founding_visit = (call("visit", url=FOUNDING_URL), FOUNDING_PAGE)
     capital_q = "What is the capital of the Republic of Ostra?"
     capital = [(call("search", query="capital of Ostra"),
-                results(("Ostra", "https://ostra.example.org/", "Ostra's capital is Velm.")))]
+                results("capital of Ostra", ("Ostra", "https://ostra.example.org/", "Ostra's capital is Velm.")))]
     director_search = (call("search", query="Museum of Tides director"), DIRECTOR_SEARCH)
     return [
         rollout("founding", FOUNDING_Q, [founding_search, founding_visit], "1923", "1923", 1.0),
@@ -77,12 +80,13 @@ def simweb_rollouts() -> list[Trajectory]:
         *(rollout("capital", capital_q, capital, "Velm", "Velm", 1.0) for _ in range(3)),
         rollout("director", DIRECTOR_Q, [
             director_search,
-            (call("visit", url="https://city.example.org/museums"), DIRECTOR_DIRECTORY),
-            (call("visit", url="https://city.example.org/museums/tides"), DIRECTOR_PAGE),
+            (call("visit", url=DIRECTORY_URL), DIRECTOR_DIRECTORY),
+            (call("visit", url=DIRECTOR_URL), DIRECTOR_PAGE),
         ], "Ada Moreno", "Ada Moreno", 1.0),
         rollout("director", DIRECTOR_Q, [director_search], "Museum of Salt", "Ada Moreno", 0.0),
         rollout("director", DIRECTOR_Q, [
             director_search,
-            (call("visit", url="https://city.example.org/tides"), response("Error: no page at https://city.example.org/tides")),
+            (call("visit", url="https://city.example.org/tides"),
+             format_tool_response("Error: visit: there is no page at 'https://city.example.org/tides'.")),
         ], "unknown", "Ada Moreno", 0.0),
     ]

@@ -24,11 +24,10 @@ Every rule that fired is reported as a ``Note`` so that the caller can log and c
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from expint_jax.experience.bank import ExperiencePool
+from expint_jax.experience.bank import ExperiencePool, text_key
 
 OPERATION_KINDS: tuple[str, ...] = ("ADD", "UPDATE", "DELETE", "NONE")
 
@@ -69,11 +68,6 @@ class Note:
 
     kind: str
     detail: str
-
-
-def text_key(text: str) -> str:
-    """Identity of a lesson's wording for duplicate detection."""
-    return " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split())
 
 
 def reconcile(operations: Sequence[Operation], pool: ExperiencePool) -> tuple[tuple[Operation, ...], tuple[Note, ...]]:

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from expint_jax import storage
-from expint_jax.experience.bank import ExperiencePool, read_pool, write_pool
+from expint_jax.experience.bank import ExperiencePool, read_pool, text_key, write_pool
 from expint_jax.experience.extract import parsers, prompts
 from expint_jax.experience.extract.calls import Ask, AskPolicy, ask_all
 from expint_jax.experience.extract.config import ExtractionConfig
 from expint_jax.experience.extract.groups import RolloutGroup
-from expint_jax.experience.extract.operations import Operation, apply_operations, reconcile, text_key
+from expint_jax.experience.extract.operations import Operation, apply_operations, reconcile
 from expint_jax.experience.extract.stats import RunStats
 from expint_jax.records import Trajectory
 from expint_jax.rollout.llm.base import ChatBackend

@@ -1,0 +1,158 @@
+"""How concrete a pool is: the paper's granularity statistics, by transparent text heuristics.
+
+For each item, four yes/no features; a report gives the share of items with each one. The paper
+reports 74.4 % URLs/domains, 57.3 % numbers, 93.9 % entities and 3.7 % strategy statements for
+instance-level pools, and 84.0 % strategy statements for principle-level pools.
+
+Heuristics (an item may have several features):
+  * url: ``http(s)://...``, ``www.``, or a bare domain ending in a common TLD
+    (``jetcraft.com``, ``en.wikipedia.org``).
+  * number: a digit anywhere outside URLs (years, counts, prices, ordinals like ``11th``).
+    Number words ("two sources") are generic and do not count.
+  * entity: outside URLs, any of
+      - a capitalized word that does not start a sentence (after ``.``, ``!``, ``?``, ``:``,
+        ``;``, a line break, or the item start): proper nouns and multi-word names. An item's
+        leading ``Label:`` (up to six words before a colon, the release's naming convention)
+        counts as a sentence of its own, so the capitalized word after it starts a sentence.
+        The pronoun "I" and format acronyms (URL, PDF, HTML, API, JSON, ID, FAQ, CSV) do not count;
+      - a quoted string of two or more characters ("...", '...', “...”, ‘...’, `...`);
+      - an identifier mixing letters and digits (``Q42``, ``A320``), ordinals (``11th``) aside.
+  * strategy: some sentence (label removed) opens with a conditional clause -- When, Whenever,
+    If, Once, Before, After, While, Unless, Upon, In case, As soon as -- followed later by a
+    comma: the "When [condition], [strategy]" shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from expint_jax import storage
+from expint_jax.experience.bank import ExperiencePool, PoolError, read_pool
+
+_TLDS = "com|org|net|edu|gov|io|ai|co|uk|de|fr|cn|jp|ru|info|int|mil|us|ca|au|in|wiki|dev|app"
+_URL = re.compile(
+    rf"https?://\S+|\bwww\.\S+|\b(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+(?:{_TLDS})\b(?:/\S*)?", re.IGNORECASE
+)
+_DIGIT = re.compile(r"\d")
+_LABEL = re.compile(r"^\s*[^\s:.!?][^:.!?\n]{0,60}?:\s+")
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?:;])\s+|\n+")
+_WORD = re.compile(r"[^\W\d_][\w'’-]*", re.UNICODE)
+_QUOTED = re.compile(r"\"[^\"\n]{2,}\"|“[^”\n]{2,}”|‘[^’\n]{2,}’|`[^`\n]{2,}`|(?<!\w)'[^'\n]{2,}'(?!\w)")
+_IDENTIFIER = re.compile(r"\b(?!\d+(?:st|nd|rd|th)\b)(?=[A-Za-z0-9]*[A-Za-z])(?=[A-Za-z0-9]*\d)[A-Za-z0-9]{2,}\b")
+_CONDITIONAL = re.compile(r"^[\"'“(]*(?:when|whenever|if|once|before|after|while|unless|upon|in case|as soon as)\b"
+                          r"[^,]*\S,", re.IGNORECASE)
+_GENERIC_CAPITALS = frozenset({"I", "URL", "URLs", "PDF", "HTML", "API", "JSON", "ID", "IDs", "FAQ", "CSV"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemFeatures:
+    url: bool
+    number: bool
+    entity: bool
+    strategy: bool
+
+
+def _label_and_body(text: str) -> str:
+    match = _LABEL.match(text)
+    if match and len(match.group(0).split()) <= 6:
+        return text[match.end():]
+    return text
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_BREAK.split(text) if s.strip()]
+
+
+def _has_entity(prose: str) -> bool:
+    if _QUOTED.search(prose) or _IDENTIFIER.search(prose):
+        return True
+    for sentence in _sentences(prose):
+        words = _WORD.findall(sentence)
+        if any(w[0].isupper() and w not in _GENERIC_CAPITALS for w in words[1:]):
+            return True
+    return False
+
+
+def item_features(text: str) -> ItemFeatures:
+    prose = _URL.sub(" ", text)
+    body = _label_and_body(prose)
+    return ItemFeatures(
+        url=bool(_URL.search(text)),
+        number=bool(_DIGIT.search(prose)),
+        entity=_has_entity(body),
+        strategy=any(_CONDITIONAL.match(s.strip()) for s in _sentences(body)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GranularityReport:
+    items: int
+    url_share: float
+    number_share: float
+    entity_share: float
+    strategy_share: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> GranularityReport:
+        return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls)})
+
+
+def analyze(texts: Iterable[str]) -> GranularityReport:
+    features = [item_features(t) for t in texts]
+    n = len(features)
+
+    def share(name: str) -> float:
+        return sum(getattr(f, name) for f in features) / n if n else 0.0
+
+    return GranularityReport(n, share("url"), share("number"), share("entity"), share("strategy"))
+
+
+def analyze_pool(pool: ExperiencePool) -> GranularityReport:
+    return analyze(item.text for item in pool)
+
+
+def write_report(path: str | Path, report: GranularityReport) -> None:
+    """Stores a report as JSON (e.g. ``<iteration dir>/granularity.json``), atomically."""
+    storage.write_json(path, report.to_json())
+
+
+def format_table(rows: Sequence[tuple[str, GranularityReport]]) -> str:
+    header = ("pool", "items", "URL/domain", "numbers", "entities", "strategy")
+    lines = [[name, str(r.items), *(f"{100 * v:.1f}%" for v in
+                                    (r.url_share, r.number_share, r.entity_share, r.strategy_share))]
+             for name, r in rows]
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in [header, *lines])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``expint granularity POOL [POOL ...] [--out report.json]``: prints one table row per pool."""
+    parser = argparse.ArgumentParser(prog="expint granularity", description=main.__doc__)
+    parser.add_argument("pools", nargs="+", type=Path, help="pool files: our .jsonl or the release's flat .json")
+    parser.add_argument("--out", type=Path, help="write the report of the (single) pool here as JSON")
+    args = parser.parse_args(argv)
+    if args.out and len(args.pools) != 1:
+        parser.error("--out needs exactly one pool")
+    try:
+        rows = [(str(path), analyze_pool(read_pool(path))) for path in args.pools]
+    except (PoolError, ValueError) as e:
+        print(f"expint granularity: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.out:
+        write_report(args.out, rows[0][1])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""SimWeb's offline experience writer: deterministic lessons from scored trajectories, no LLM.
+
+This is the testbed's writer, so that the whole self-evolution loop runs offline; it is not a
+replacement for the LLM pipeline (``expint_jax.experience.extract``), and it only understands
+SimWeb's tool protocol: ``search`` / ``visit`` calls with ``{"query"}`` / ``{"url"}`` arguments
+(a string or a list), search results and pages in the formats of ``expint_jax.rollout.envs.web``
+and ``expint_jax.rollout.envs.simweb.tools``.
+
+Each rollout is reduced to a ``RolloutTrace`` (queries, search hits, pages opened, failed visits,
+links followed). Within each informative group (0 < mean reward < 1 when judged), successes
+(reward >= 0.5) are contrasted with failures:
+
+  * principle lessons: fixed, abstract "Name: When [condition], [strategy]." rules, one per
+    behavioural pattern that separates the two (``PRINCIPLES``: answered without tools, answered
+    from snippets, gave up, followed a directory, read every entity's page, picked a look-alike
+    page, rephrased the query, hit a broken link, ran out of calls). A rule is written once however
+    many groups show it; rules are ordered by the number of groups that show them, then by their
+    order in ``PRINCIPLES``.
+  * instance lessons: concrete notes from the group's first success: the question, its answer and
+    the URL of the page stating it; the query whose results listed that page, or the page linking
+    to it; and a wrong answer a failure gave, if any.
+
+New lessons are appended to the pool unless their wording is already there; when the pool is
+over ``max_pool_size`` it keeps its first items in pool order (older lessons first), like the
+LLM pipeline's truncation fallback. The result is renumbered ``G0..``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+
+from expint_jax.experience.bank import DEFAULT_MAX_POOL_SIZE, ExperiencePool, check_granularity, text_key
+from expint_jax.experience.extract.groups import RolloutGroup
+from expint_jax.models.chat import TOOL_RESPONSE_END, TOOL_RESPONSE_START, ToolCall, parse_tool_call
+from expint_jax.records import Trajectory
+from expint_jax.rollout.envs.simweb.tools import VisitedPage, parse_page
+from expint_jax.rollout.envs.web import SEPARATOR, SearchHit, parse_search_results
+
+_TOOL_RESPONSE = re.compile(re.escape(TOOL_RESPONSE_START) + r"\n?(.*?)\n?" + re.escape(TOOL_RESPONSE_END), re.S)
+_NO_ANSWER = frozenset({"", "unknown", "none", "n/a", "not found", "i don't know"})
+SUCCESS_REWARD = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutTrace:
+    """What one rollout did with the tools, read from its messages."""
+
+    question: str
+    queries: tuple[str, ...]
+    hits: tuple[tuple[str, SearchHit], ...]  # (query, hit), in order
+    pages: tuple[VisitedPage, ...]  # pages opened, in order
+    failed_visits: tuple[str, ...]  # URLs that could not be opened
+    linked_pages: tuple[tuple[VisitedPage, VisitedPage], ...]  # (page, earlier page that linked to it)
+    tool_calls: int
+    prediction: str | None
+    reward: float | None
+    termination: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.reward is not None and self.reward >= SUCCESS_REWARD
+
+    @property
+    def gave_up(self) -> bool:
+        return (self.prediction or "").strip().lower() in _NO_ANSWER
+
+    @property
+    def content_pages(self) -> tuple[VisitedPage, ...]:
+        """Pages opened that the agent did not merely pass through to another page."""
+        sources = {parent.url for _, parent in self.linked_pages}
+        return tuple(p for p in self.pages if p.url not in sources)
+
+
+def _as_list(value: object) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    return [v for v in items if isinstance(v, str) and v.strip()]
+
+
+def trace_rollout(trajectory: Trajectory) -> RolloutTrace:
+    question = next((m.content for m in trajectory.messages if m.role == "user"), "")
+    queries: list[str] = []
+    hits: list[tuple[str, SearchHit]] = []
+    pages: list[VisitedPage] = []
+    failed: list[str] = []
+    linked: list[tuple[VisitedPage, VisitedPage]] = []
+    pending: ToolCall | None = None
+    calls = 0
+    for message in trajectory.messages:
+        if message.role == "assistant":
+            call = parse_tool_call(message.content)
+            pending = call if isinstance(call, ToolCall) else None
+            calls += pending is not None
+            continue
+        if message.role != "user" or pending is None:
+            continue
+        observation = "\n".join(_TOOL_RESPONSE.findall(message.content)) or message.content
+        if pending.name == "search":
+            asked = _as_list(pending.arguments.get("query"))
+            queries += asked
+            parts = observation.split(SEPARATOR)
+            labels = asked if len(parts) == len(asked) else [""] * len(parts)  # one part per query
+            hits += [(query, hit) for query, part in zip(labels, parts) for hit in parse_search_results(part)]
+        elif pending.name == "visit":
+            opened = [p for p in (parse_page(part) for part in observation.split(SEPARATOR)) if p is not None]
+            for page in opened:
+                parent = next((p for p in reversed(pages) if any(link.url == page.url for link in p.links)), None)
+                if parent is not None:
+                    linked.append((page, parent))
+                pages.append(page)
+            opened_urls = {p.url for p in opened}
+            failed += [url for url in _as_list(pending.arguments.get("url")) if url not in opened_urls]
+        pending = None
+    return RolloutTrace(question, tuple(queries), tuple(hits), tuple(pages), tuple(failed), tuple(linked), calls,
+                        trajectory.prediction, trajectory.reward, trajectory.termination)
+
+
+Contrast = Callable[[Sequence[RolloutTrace], Sequence[RolloutTrace]], bool]  # (successes, failures)
+
+
+def _pages(t: RolloutTrace) -> int:
+    return len(t.pages)
+
+
+PRINCIPLES: tuple[tuple[str, str, Contrast], ...] = (
+    ("answered_without_tools",
+     "Tool first: When a question asks for a specific fact, search for it and read a source before answering, "
+     "never answer from memory.",
+     lambda s, f: any(t.tool_calls == 0 for t in f) and any(t.tool_calls > 0 for t in s)),
+    ("answered_from_snippets",
+     "Open the source: When search results only show snippets, visit the most relevant result and read the fact "
+     "on the page before answering.",
+     lambda s, f: any(t.queries and not t.pages and not t.failed_visits for t in f) and any(map(_pages, s))),
+    ("gave_up",
+     "Keep navigating: When the pages read so far lack the answer, explore the site's listing pages before "
+     "concluding that the information is unavailable.",
+     lambda s, f: any(t.gave_up for t in f) and any(map(_pages, s))),
+    ("followed_directory",
+     "Follow the directory: When a search result is a directory or listing page, visit it and follow the link "
+     "that names the target before answering.",
+     lambda s, f: any(t.linked_pages for t in s) and not all(t.linked_pages for t in f)),
+    ("read_every_entity",
+     "Cover every part: When a question combines facts about several entities, open the page of each one before "
+     "comparing or computing the answer.",
+     lambda s, f: (min((len(t.content_pages) for t in s), default=0) >= 2
+                   and any(0 < len(t.content_pages) < min(len(u.content_pages) for u in s) for t in f))),
+    ("picked_lookalike",
+     "Match names exactly: When a page's title only resembles the entity in the question, keep looking for the "
+     "page whose title matches it exactly.",
+     lambda s, f: any(t.pages and t.pages[-1].url not in {u.pages[-1].url for u in s if u.pages}
+                      and not t.gave_up for t in f) and all(u.pages for u in s)),
+    ("rephrased_query",
+     "Query reformulation: When the first search does not surface the needed page, rephrase the query with other "
+     "key terms from the question.",
+     lambda s, f: any(len(set(t.queries)) >= 2 for t in s) and all(len(set(t.queries)) <= 1 for t in f)),
+    ("broken_link",
+     "Use listed links: When a page cannot be opened, return to the search results or a link list and copy a "
+     "URL exactly as it is listed.",
+     lambda s, f: any(t.failed_visits for t in f) and not any(t.failed_visits for t in s)),
+    ("ran_out_of_calls",
+     "Change approach: When repeated searches keep returning the same pages, navigate from the site's root page "
+     "instead of searching again.",
+     lambda s, f: any(t.termination in ("max_calls", "max_context") for t in f)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineWriterConfig:
+    granularity: str = "principle"
+    max_pool_size: int = DEFAULT_MAX_POOL_SIZE
+    informative_groups_only: bool = True
+
+    def __post_init__(self) -> None:
+        check_granularity(self.granularity, "OfflineWriterConfig.granularity")
+        if self.max_pool_size < 1:
+            raise ValueError(f"OfflineWriterConfig.max_pool_size must be >= 1, got {self.max_pool_size}")
+
+
+def _split(group: RolloutGroup) -> tuple[list[RolloutTrace], list[RolloutTrace]]:
+    traces = [trace_rollout(t) for t in group.trajectories]
+    return [t for t in traces if t.succeeded], [t for t in traces if not t.succeeded]
+
+
+def principle_lessons(groups: Sequence[RolloutGroup]) -> list[tuple[str, tuple[str, ...]]]:
+    """(lesson, task ids showing it), most supported first."""
+    support: dict[str, list[str]] = {}
+    for group in groups:
+        successes, failures = _split(group)
+        if not successes or not failures:
+            continue
+        for name, _, shows in PRINCIPLES:
+            if shows(successes, failures):
+                support.setdefault(name, []).append(group.task_id)
+    order = {name: k for k, (name, _, _) in enumerate(PRINCIPLES)}
+    text = {name: lesson for name, lesson, _ in PRINCIPLES}
+    ranked = sorted(support, key=lambda name: (-len(support[name]), order[name]))
+    return [(text[name], tuple(support[name])) for name in ranked]
+
+
+def _answer_page(trace: RolloutTrace) -> VisitedPage | None:
+    answer = (trace.prediction or "").strip().lower()
+    stating = [p for p in trace.pages if answer and answer in p.text.lower()]
+    return (stating or list(trace.pages) or [None])[-1]
+
+
+def instance_lessons(group: RolloutGroup) -> list[str]:
+    successes, failures = _split(group)
+    if not successes:
+        return []
+    best = successes[0]
+    question = " ".join(best.question.split())
+    page = _answer_page(best)
+    if page is None:
+        return []
+    lessons = [f'Answer source: The answer to "{question}" is {best.prediction}, stated on {page.url} ({page.title}).']
+    query = next((q for q, hit in best.hits if hit.url == page.url and q), None)
+    parent = next((p for child, p in best.linked_pages if child.url == page.url), None)
+    if query is not None:
+        lessons.append(f'Useful query: Searching "{query}" lists {page.url} ({page.title}) among the results.')
+    elif parent is not None:
+        lessons.append(f"Navigation: {page.title} ({page.url}) is linked from {parent.title} ({parent.url}).")
+    wrong = Counter(t.prediction.strip() for t in failures if t.prediction and not t.gave_up)
+    if wrong:
+        value = sorted(wrong, key=lambda v: (-wrong[v], v))[0]
+        lessons.append(f'Wrong answer: For "{question}", {value} is wrong; the right answer is {best.prediction}.')
+    return lessons
+
+
+def write_offline(groups: Iterable[RolloutGroup], pool: ExperiencePool, config: OfflineWriterConfig, *,
+                  iteration: int | None = None) -> ExperiencePool:
+    """The next pool: ``pool`` plus this batch's lessons, capped and renumbered."""
+    groups = [g for g in groups if g.is_informative or not config.informative_groups_only]
+    if config.granularity == "principle":
+        lessons = principle_lessons(groups)
+    else:
+        lessons = [(text, (g.task_id,)) for g in groups for text in instance_lessons(g)]
+    known = {text_key(item.text) for item in pool}
+    for text, sources in lessons:
+        if text_key(text) in known:
+            continue
+        known.add(text_key(text))
+        pool = pool.add(text, granularity=config.granularity, iteration=iteration, source_task_ids=sources)
+    return pool.truncated(config.max_pool_size).renumbered()
