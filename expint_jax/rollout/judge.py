@@ -120,7 +120,7 @@ def parse_number(text: str) -> float | None:
     return values[0]
 
 
-def numbers_close(a: float, b: float, *, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool:
+def numbers_close(a: float, b: float, *, rel_tol: float = 1e-9, abs_tol: float = 1e-9) -> bool:
     return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
@@ -197,7 +197,7 @@ def answers_match(
     *,
     containment: bool = False,
     max_extra_tokens: int = 10,
-    rel_tol: float = 1e-6,
+    rel_tol: float = 1e-9,
     abs_tol: float = 1e-9,
 ) -> bool:
     """Whether ``prediction`` states ``gold``; the rules are in the module docstring."""
@@ -261,7 +261,7 @@ class ExactMatchJudge:
 
     containment: bool = False
     max_extra_tokens: int = 10
-    rel_tol: float = 1e-6
+    rel_tol: float = 1e-9
     abs_tol: float = 1e-9
 
     def matches(self, prediction: str, gold: str) -> bool:

@@ -4,7 +4,7 @@ Five families -- rates, percentages, unit conversions, combinatorics, multi-step
 each at easy / medium / hard. Answers are computed exactly (``fractions.Fraction``). A problem
 whose exact answer is not a terminating decimal asks for rounding ("Round to 2 decimal places")
 and is verified with an absolute tolerance of half a unit in the last place (plus 1e-9), so both
-2.86 and 2.857 pass for 20/7; every other answer is verified with a relative tolerance of 1e-6.
+2.86 and 2.857 pass for 20/7; every other answer is verified with a relative tolerance of 1e-9.
 
 ``verify(prediction, gold, ...)`` reads the number robustly (``final_number``): the content of
 the last ``<answer>…</answer>`` or ``\\boxed{…}`` if present, LaTeX fractions, then
@@ -31,7 +31,7 @@ from expint_jax.rollout.sandbox import PythonTool, Sandbox
 from expint_jax.rollout.tools import Tool
 
 LEVELS = ("easy", "medium", "hard")
-EXACT_REL_TOL = 1e-6
+EXACT_REL_TOL = 1e-9
 
 
 @dataclasses.dataclass(frozen=True)
