@@ -35,6 +35,13 @@ class ReleaseFormatError(ValueError):
     """A release file is malformed; the message names the file, line and key."""
 
 
+def _loads(text: str, where: str, **kwargs: Any) -> Any:
+    try:
+        return json.loads(text, **kwargs)
+    except json.JSONDecodeError as e:
+        raise ReleaseFormatError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
 def parse_release_pool(text: str, where: str = "<pool>") -> dict[str, str]:
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: dict[str, Any] = {}
@@ -44,10 +51,7 @@ def parse_release_pool(text: str, where: str = "<pool>") -> dict[str, str]:
             seen[key] = value
         return seen
 
-    try:
-        obj = json.loads(text, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as e:
-        raise ReleaseFormatError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    obj = _loads(text, where, object_pairs_hook=no_duplicates)
     if not isinstance(obj, dict):
         raise ReleaseFormatError(f"{where}: expected a JSON object of id -> text, got {type(obj).__name__}")
     for key, value in obj.items():
@@ -197,10 +201,7 @@ class StepStats:
 
 
 def parse_release_stats(text: str, where: str = "<stats>") -> dict[str, StepStats]:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ReleaseFormatError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    obj = _loads(text, where)
     if not isinstance(obj, dict):
         raise ReleaseFormatError(f"{where}: expected an object of step_<k> entries")
     for key in obj:

@@ -8,6 +8,7 @@ import pytest
 
 from expint_jax.experience.bank import ExperiencePool, read_pool
 from expint_jax.experience.extract import STAGES, ExtractionConfig, extract_experience, group_rollouts
+from expint_jax.experience.release_format import read_release_rollouts
 from expint_jax.records import SamplingParams
 from expint_jax.rollout.http import RetryPolicy
 from expint_jax.rollout.llm.openai import OpenAICompatible
@@ -16,7 +17,6 @@ from tests.experience.fake_extractor import (
     current_lessons,
     extractor_llm,
     fenced,
-    good_consolidate_entries,
     good_group_update_ops,
     good_reconcile_ops,
     task_prompt,
@@ -290,3 +290,19 @@ def test_a_work_directory_refuses_different_inputs(run, groups, tmp_path):
     # Retries and batch size do not change what is asked: the same directory is accepted.
     run(extractor_llm(), groups, tmp_path, config=ExtractionConfig(
         max_retries=3, concurrency=1, sampling=CONFIG.sampling))
+
+
+def test_groups_must_have_distinct_task_ids(run, groups, tmp_path):
+    with pytest.raises(ValueError, match=r"share task ids \['founding'\]"):
+        run(extractor_llm(), [groups[0], groups[0]], tmp_path)
+
+
+def test_release_rollouts_feed_the_pipeline(run, tmp_path, release_file):
+    groups = group_rollouts(read_release_rollouts(release_file("official_rollout_example.jsonl")))
+    script = extractor_llm()
+    # Both example tasks failed every rollout (mean reward 0): not informative by default.
+    assert run(script, groups, tmp_path / "informative") == SEED_POOL.renumbered()
+    assert sum(script.hits.values()) == 0
+    config = ExtractionConfig(informative_groups_only=False, sampling=CONFIG.sampling)
+    pool = run(script, groups, tmp_path / "all", config=config)
+    assert len(pool) == 5 and {s for item in pool for s in item.source_task_ids} == {"3", "52"}

@@ -51,6 +51,10 @@ def extract_experience(
     on_stage_done: StageHook | None = None,
 ) -> ExperiencePool:
     workdir = Path(workdir)
+    task_ids = [g.task_id for g in groups]
+    repeated = sorted({t for t in task_ids if task_ids.count(t) > 1})
+    if repeated:
+        raise ValueError(f"extract_experience: several groups share task ids {repeated}; merge them first")
     _claim(workdir, groups, pool, config, iteration)
     final_path = workdir / "pool.jsonl"
     if final_path.exists():
