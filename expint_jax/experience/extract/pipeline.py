@@ -104,7 +104,7 @@ def _claim(workdir: Path, groups: Sequence[RolloutGroup], pool: ExperiencePool, 
         "pool": [item.to_json() for item in pool],
         "groups": [[t.to_json() for t in g.trajectories] for g in groups],
     }
-    fingerprint = hashlib.sha256(json.dumps(material, sort_keys=True, default=list).encode("utf-8")).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode("utf-8")).hexdigest()
     path = workdir / "inputs.json"
     if path.exists():
         previous = storage.read_json(path).get("fingerprint")
