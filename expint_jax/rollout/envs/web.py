@@ -234,7 +234,7 @@ class JinaVisit:
         return answer_each(urls, lambda url: self._visit(url, goal))
 
     def fetch(self, url: str) -> str:
-        """The page as text (Jina's markdown), cut to ``max_page_chars``."""
+        """The whole page as text (Jina's markdown)."""
         if not url.startswith(("http://", "https://")):
             raise ToolError(f"visit: {url!r} is not a web address (it must start with http:// or https://)")
         try:
@@ -248,14 +248,15 @@ class JinaVisit:
             raise ToolError(f"visit {url} failed: the reader service sent an unexpected response")
         if not content.strip():
             raise ToolError(f"visit {url}: the page has no readable text")
-        return truncate(content, self.max_page_chars)
+        return content
 
     def _visit(self, url: str, goal: str) -> str:
         content = self.fetch(url)
+        page = truncate(content, self.max_page_chars)
         header = f'The useful information in {url} for the goal "{goal}":'
         if self.summarizer is None:
-            return f"{header}\n{content}"
-        prompt = SUMMARY_PROMPT.format(goal=goal, url=url, content=content)
+            return f"{header}\n{page}"
+        prompt = SUMMARY_PROMPT.format(goal=goal, url=url, content=page)
         completion = self.summarizer.chat([[Message("user", prompt)]], self.summary_params)[0]
         if completion.finish_reason == "error" or not completion.text.strip():
             return (f"{header}\n(The page could not be summarized; here is the start of it.)\n"
