@@ -1,0 +1,366 @@
+"""Batched generation with a static-shape KV cache: a jitted prefill, then a jitted decode loop.
+
+Contract:
+  * Prompts are left-padded to a bucketed width (``bucket``), so prompts of different lengths
+    reuse compiled code; position ids restart at 0 on each row's first real token.
+  * The cache has a static number of slots (prompt width + output buffer, bucketed). ``prefill``
+    is one ``model.extend`` from an empty cache; ``decode`` is one jitted call whose
+    ``lax.while_loop`` samples a token per row, then extends the cache by it, until every row is
+    done or the output buffer is full. Parameters are arguments (``graphdef`` static, ``state``
+    traced), so new weights of the same shapes never recompile.
+  * Rows finish independently, by eos (any of ``eos_ids``), by a stop string (exact, see
+    ``stops``) or by their own token limit; a finished row's outputs stop changing and its
+    later tokens are fed to the cache as invalid slots.
+  * Per row and generated token: ``logprobs`` is the log-probability under the model's
+    unmodified distribution (softmax of the fp32 logits, no temperature or filtering), the one a
+    teacher-forced forward gives; ``sampling_logprobs`` is under the distribution actually
+    sampled (temperature, top-k, top-p applied; 0 for greedy).
+  * Randomness: row r draws with ``fold_in(fold_in(key(seed), row_ids[r]), step)``, so a row's
+    output does not depend on which rows share its batch (up to floating-point reassociation).
+  * Sharding: under ``jax.set_mesh``, the batch follows the ``batch`` logical axis and the cache
+    ``CACHE_AXES``; parameters keep the placement they were given (``parallel.shard_model``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from expint_jax.models.qwen3 import CACHE_AXES, KVCache
+from expint_jax.parallel.rules import constrain
+from expint_jax.rollout.sampler.sampling import Strategy, token_log_probs
+from expint_jax.rollout.sampler.stops import MATCHED, StopTable, TokenBytes, cut_at_stop
+
+RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
+FINISH_REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The smallest size >= n among minimum * {1, 1.5, 2, 3, 4, 6, 8, ...} (padding waste <= 50%)."""
+    size = max(int(minimum), 1)
+    while size < n:
+        if size % 2 == 0 and size * 3 // 2 >= n:
+            return size * 3 // 2
+        size *= 2
+    return size
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """Left-padded prompts: ``ids``/``valid``/``positions`` [B, W]; ``lengths`` [B] (0 = empty row)."""
+
+    ids: np.ndarray
+    valid: np.ndarray
+    positions: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def left_pad(cls, prompts: Sequence[Sequence[int]], width: int, batch_size: int, pad_id: int = 0) -> PromptBatch:
+        if len(prompts) > batch_size:
+            raise ValueError(f"{len(prompts)} prompts do not fit a batch of {batch_size}")
+        ids = np.full((batch_size, width), pad_id, np.int32)
+        lengths = np.zeros(batch_size, np.int32)
+        for row, prompt in enumerate(prompts):
+            prompt = np.asarray(prompt, np.int32).reshape(-1)
+            if prompt.size > width:
+                raise ValueError(f"prompt {row} has {prompt.size} tokens; the batch width is {width}")
+            if prompt.size:
+                ids[row, width - prompt.size :] = prompt
+            lengths[row] = prompt.size
+        valid = np.arange(width)[None, :] >= (width - lengths)[:, None]
+        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+        return cls(ids=ids, valid=valid, positions=positions, lengths=lengths)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeOutput:
+    """What the decode loop returns, all [B, N] or [B] arrays.
+
+    ``lengths`` counts the generated tokens including the one that finished the row (an eos or the
+    token completing a stop string); ``next_positions`` is each row's position after the tokens
+    that entered the cache (the last sampled token of the longest row never does).
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    sampling_logprobs: jax.Array
+    lengths: jax.Array
+    finish: jax.Array
+    next_positions: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Loop:
+    step: jax.Array  # tokens sampled per row so far (one per iteration)
+    cache: KVCache
+    last_token: jax.Array  # [B] sampled at the previous step, next to enter the cache
+    last_active: jax.Array  # [B] whether that token was a real output of an unfinished row
+    position: jax.Array  # [B] position id of last_token
+    stop_state: jax.Array  # [B] stop-string automaton state
+    done: jax.Array
+    out: DecodeOutput
+
+
+def _constrain_cache(cache: KVCache, rules) -> KVCache:
+    return dataclasses.replace(
+        cache,
+        k=constrain(cache.k, CACHE_AXES, rules),
+        v=constrain(cache.v, CACHE_AXES, rules),
+        valid=constrain(cache.valid, ("batch", "seq"), rules),
+    )
+
+
+def _extend_last_logits(model, cache, ids, positions, valid):
+    rules = model.rules
+    ids = constrain(ids, ("batch", "seq"), rules)
+    hidden, cache = model.extend(ids, positions, cache, valid)
+    # Left padding puts every row's newest real token in the last column.
+    logits = constrain(model.logits(hidden[:, -1]), ("batch", "act_vocab"), rules)
+    return _constrain_cache(cache, rules), logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_slots"))
+def prefill(graphdef, state, ids, positions, valid, *, num_slots: int) -> tuple[KVCache, jax.Array]:
+    """A fresh cache of ``num_slots`` slots holding the prompts, and each row's next-token logits."""
+    model = nnx.merge(graphdef, state)
+    cache = KVCache.empty(model.config, ids.shape[0], num_slots, model.policy.compute)
+    return _extend_last_logits(model, _constrain_cache(cache, model.rules), ids, positions, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def extend(graphdef, state, cache: KVCache, ids, positions, valid) -> tuple[KVCache, jax.Array]:
+    """Appends left-padded tokens to an existing cache; returns it and the next-token logits."""
+    return _extend_last_logits(nnx.merge(graphdef, state), cache, ids, positions, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new"), donate_argnames=("cache",))
+def decode(
+    graphdef,
+    state,
+    cache: KVCache,
+    logits: jax.Array,
+    positions: jax.Array,
+    row_keys: jax.Array,
+    limits: jax.Array,
+    eos_ids: jax.Array,
+    stop_transitions: jax.Array,
+    *,
+    strategy: Strategy,
+    max_new: int,
+) -> tuple[DecodeOutput, KVCache]:
+    """Samples up to ``max_new`` tokens per row from ``logits`` [B, V] onwards, in one while loop.
+
+    ``positions`` [B]: position id of each row's first new token; ``row_keys`` [B]: PRNG keys;
+    ``limits`` [B]: each row's token budget (<= ``max_new``; 0 = inactive row); ``eos_ids`` [E]
+    (-1 entries are ignored); ``stop_transitions`` [S, V] from ``StopTable``. The cache needs
+    ``max_new - 1`` free slots.
+    """
+    model = nnx.merge(graphdef, state)
+    rules = model.rules
+    batch = logits.shape[0]
+    row_axes = ("batch", None)
+
+    def record(loop: _Loop, logits: jax.Array) -> _Loop:
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, loop.step)
+        weights = strategy.log_weights(logits)
+        token = strategy.draw(weights, keys)
+        active = ~loop.done
+        out = loop.out
+
+        def put(buffer, values):
+            return constrain(buffer.at[:, loop.step].set(jnp.where(active, values, 0).astype(buffer.dtype)), row_axes, rules)
+
+        next_state = stop_transitions[loop.stop_state, token]
+        length = out.lengths + active
+        finish = jnp.select(
+            [~active, jnp.any(token[:, None] == eos_ids[None, :], axis=-1), next_state == MATCHED, length >= limits],
+            [out.finish, jnp.full_like(out.finish, EOS), jnp.full_like(out.finish, STOP), jnp.full_like(out.finish, LENGTH)],
+            out.finish,
+        )
+        out = DecodeOutput(
+            tokens=put(out.tokens, token),
+            logprobs=put(out.logprobs, token_log_probs(logits, token)),
+            sampling_logprobs=put(out.sampling_logprobs, token_log_probs(weights, token)),
+            lengths=length,
+            finish=finish,
+            next_positions=out.next_positions,
+        )
+        return dataclasses.replace(
+            loop,
+            step=loop.step + 1,
+            last_token=token,
+            last_active=active,
+            stop_state=jnp.maximum(next_state, 0),
+            done=finish != RUNNING,
+            out=out,
+        )
+
+    def keep_going(loop: _Loop) -> jax.Array:
+        return (loop.step < max_new) & ~jnp.all(loop.done)
+
+    def step(loop: _Loop) -> _Loop:
+        token_valid = loop.last_active[:, None]
+        hidden, cache = model.extend(loop.last_token[:, None], loop.position[:, None], loop.cache, token_valid)
+        next_logits = constrain(model.logits(hidden[:, 0]), ("batch", "act_vocab"), rules)
+        position = loop.position + loop.last_active
+        out = dataclasses.replace(loop.out, next_positions=position)
+        loop = dataclasses.replace(loop, cache=_constrain_cache(cache, rules), position=position, out=out)
+        return record(loop, next_logits)
+
+    zeros = jnp.zeros((batch, max_new))
+    first = _Loop(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        last_token=jnp.zeros(batch, jnp.int32),
+        last_active=jnp.zeros(batch, bool),
+        position=positions.astype(jnp.int32),
+        stop_state=jnp.zeros(batch, jnp.int32),
+        done=limits <= 0,
+        out=DecodeOutput(
+            tokens=zeros.astype(jnp.int32),
+            logprobs=zeros,
+            sampling_logprobs=zeros,
+            lengths=jnp.zeros(batch, jnp.int32),
+            finish=jnp.zeros(batch, jnp.int32),
+            next_positions=positions.astype(jnp.int32),
+        ),
+    )
+    last = jax.lax.while_loop(keep_going, step, record(first, logits))
+    return last.out, last.cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One row's output after eos and stop strings are applied.
+
+    ``token_ids``/``logprobs``/``sampling_logprobs`` cover the tokens of ``text``: the eos token and
+    the tokens of a stop string are left out (see ``stops`` for a stop string beginning inside a
+    token). ``finish_reason``: ``"eos"``, ``"stop"`` (a stop string; ``stop_string`` says which) or
+    ``"length"``. ``text`` is None when generation ran without ``TokenBytes``. ``num_generated``
+    counts every token the loop produced for the row, the eos or stop-completing one included.
+    """
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    sampling_logprobs: tuple[float, ...]
+    finish_reason: str
+    stop_string: str | None = None
+    text: str | None = None
+    num_generated: int = 0
+
+
+def row_keys(seed: int, row_ids: Sequence[int]) -> jax.Array:
+    base = jax.random.key(seed)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(row_ids, jnp.uint32))
+
+
+def padded_eos(eos_ids: Sequence[int]) -> np.ndarray:
+    """eos ids padded with -1 to a power-of-two length (>= 1) so eos sets share compiled code."""
+    eos = [int(i) for i in eos_ids]
+    size = 1 << max(len(eos) - 1, 0).bit_length()
+    return np.asarray(eos + [-1] * (size - len(eos)), np.int32)
+
+
+def finish_rows(
+    out: DecodeOutput,
+    num_rows: int,
+    *,
+    stops: Sequence[str] = (),
+    token_bytes: TokenBytes | None = None,
+) -> list[Generation]:
+    """Host side: drops eos, cuts text at stop strings, and packs each of the first ``num_rows``."""
+    host = jax.device_get(out)
+    results = []
+    for row in range(num_rows):
+        n = int(host.lengths[row])
+        finish = int(host.finish[row])
+        kept = n - 1 if finish == EOS else n
+        ids = [int(t) for t in host.tokens[row, :kept]]
+        reason, stop, text = FINISH_REASONS.get(finish, "length"), None, None
+        if token_bytes is not None:
+            cut = cut_at_stop(ids, token_bytes, stops)
+            kept, text, stop = cut.num_tokens, cut.text, cut.stop_string
+            if stop is not None:
+                reason = "stop"
+        results.append(
+            Generation(
+                token_ids=tuple(ids[:kept]),
+                logprobs=tuple(float(x) for x in host.logprobs[row, :kept]),
+                sampling_logprobs=tuple(float(x) for x in host.sampling_logprobs[row, :kept]),
+                finish_reason=reason,
+                stop_string=stop,
+                text=text,
+                num_generated=n,
+            )
+        )
+    return results
+
+
+def generate(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompts: Sequence[Sequence[int]],
+    *,
+    strategy: Strategy,
+    max_new_tokens: int | Sequence[int],
+    eos_ids: Sequence[int] = (),
+    stops: Sequence[str] = (),
+    token_bytes: TokenBytes | None = None,
+    seed: int = 0,
+    row_ids: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    pad_id: int = 0,
+) -> list[Generation]:
+    """Generates for every prompt (token id sequences) in one batch; see the module docstring.
+
+    ``max_new_tokens`` is one limit or one per prompt; ``row_ids`` (default 0..n-1) select each
+    row's random stream; ``batch_size`` pads the batch with inactive rows (for fixed shapes or a
+    batch that the mesh divides).
+    """
+    vocab_size = _vocab_size(state)
+    prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    if not prompts:
+        return []
+    for i, prompt in enumerate(prompts):
+        if prompt.size == 0:
+            raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
+        if prompt.min() < 0 or prompt.max() >= vocab_size:
+            raise ValueError(f"prompt {i} holds token ids outside [0, {vocab_size}): min {prompt.min()}, max {prompt.max()}")
+    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (len(prompts),))
+    if limits.min() < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {limits.min()}")
+    if stops and token_bytes is None:
+        raise ValueError("stop strings need token_bytes (the bytes of each token) to be matched")
+    if token_bytes is not None and len(token_bytes) != vocab_size:
+        raise ValueError(f"token_bytes covers {len(token_bytes)} ids but the model vocabulary is {vocab_size}")
+    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+    if len(row_ids) != len(prompts):
+        raise ValueError(f"{len(row_ids)} row_ids for {len(prompts)} prompts")
+    batch_size = batch_size or len(prompts)
+
+    width = bucket(max(p.size for p in prompts))
+    max_new = bucket(int(limits.max()))
+    batch = PromptBatch.left_pad(prompts, width, batch_size, pad_id)
+    all_limits = np.zeros(batch_size, np.int32)
+    all_limits[: len(prompts)] = limits
+    all_row_ids = row_ids + [0] * (batch_size - len(prompts))
+    table = token_bytes.stop_table(stops) if token_bytes is not None else StopTable.never(vocab_size)
+
+    cache, logits = prefill(graphdef, state, batch.ids, batch.positions, batch.valid, num_slots=bucket(width + max_new))
+    out, _ = decode(
+        graphdef, state, cache, logits, batch.lengths, row_keys(seed, all_row_ids), all_limits,
+        padded_eos(eos_ids), table.transitions, strategy=strategy, max_new=max_new,
+    )
+    return finish_rows(out, len(prompts), stops=stops, token_bytes=token_bytes)
+
+
+def _vocab_size(state: nnx.State) -> int:
+    return int(state["embed"].get_value().shape[0])

@@ -1,0 +1,163 @@
+"""Sampling strategies: how one token per row is drawn from fp32 logits.
+
+Every strategy is a small frozen dataclass (hashable, so it is a static argument of the jitted
+decode loop) with
+
+  * ``log_weights(logits [B, V]) -> [B, V]``: the sampling distribution as unnormalized log-probs,
+    temperature applied and excluded tokens at ``-inf``;
+  * ``__call__(logits [B, V], keys [B]) -> tokens [B] int32``: one PRNG key per row, so what a row
+    draws does not depend on the other rows of the batch; ``draw(log_weights, keys)`` is the same
+    draw from precomputed ``log_weights`` (the decode loop reuses them for the sampling log-prob).
+
+Filters apply in the order of Hugging Face and vLLM: temperature, then top-k, then top-p (on the
+distribution that top-k left). Ties at a top-k or top-p threshold are all kept.
+``from_params(SamplingParams)`` picks the strategy; temperature 0 is ``Greedy``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from expint_jax.records import SamplingParams
+
+
+def scale(logits: jax.Array, temperature: float) -> jax.Array:
+    return logits / jnp.float32(temperature)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keeps the ``k`` largest logits per row (and ties with the k-th), the rest become -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Keeps the smallest set of most likely tokens whose probability reaches ``p`` (nucleus)."""
+    if p >= 1.0:
+        return logits
+    descending = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(descending, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # A token stays while the tokens ranked above it hold less than p; the top token always stays.
+    num_kept = jnp.maximum(jnp.sum(mass_before < p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(descending, num_kept - 1, axis=-1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def token_log_probs(log_weights: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log-probability of ``tokens`` [B] under the (renormalized) distribution ``log_weights`` [B, V]."""
+    picked = jnp.take_along_axis(log_weights, tokens[:, None], axis=-1)[:, 0]
+    return picked - jax.nn.logsumexp(log_weights, axis=-1)
+
+
+class Strategy(abc.ABC):
+    @abc.abstractmethod
+    def log_weights(self, logits: jax.Array) -> jax.Array: ...
+
+    def draw(self, log_weights: jax.Array, keys: jax.Array) -> jax.Array:
+        """One token per row from ``log_weights`` (the output of ``log_weights``)."""
+        return jax.vmap(jax.random.categorical)(keys, log_weights).astype(jnp.int32)
+
+    def __call__(self, logits: jax.Array, keys: jax.Array) -> jax.Array:
+        return self.draw(self.log_weights(logits), keys)
+
+
+def _check_temperature(name: str, temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"{name}: temperature must be > 0 (use Greedy for temperature 0), got {temperature}")
+
+
+def _check_k(name: str, k: int) -> None:
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"{name}: k must be an int >= 1, got {k!r}")
+
+
+def _check_p(name: str, p: float) -> None:
+    if not 0 < p <= 1:
+        raise ValueError(f"{name}: p must be in (0, 1], got {p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Greedy(Strategy):
+    """The most likely token (the first one on exact ties); ignores the keys."""
+
+    def log_weights(self, logits: jax.Array) -> jax.Array:
+        best = jnp.argmax(logits, axis=-1)
+        return jnp.where(jnp.arange(logits.shape[-1]) == best[:, None], 0.0, -jnp.inf)
+
+    def draw(self, log_weights: jax.Array, keys: jax.Array) -> jax.Array:
+        return jnp.argmax(log_weights, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Temperature(Strategy):
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_temperature("Temperature", self.temperature)
+
+    def log_weights(self, logits: jax.Array) -> jax.Array:
+        return scale(logits, self.temperature)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(Strategy):
+    k: int
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_k("TopK", self.k)
+        _check_temperature("TopK", self.temperature)
+
+    def log_weights(self, logits: jax.Array) -> jax.Array:
+        return top_k_filter(scale(logits, self.temperature), self.k)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopP(Strategy):
+    p: float
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_p("TopP", self.p)
+        _check_temperature("TopP", self.temperature)
+
+    def log_weights(self, logits: jax.Array) -> jax.Array:
+        return top_p_filter(scale(logits, self.temperature), self.p)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKTopP(Strategy):
+    """Top-k, then top-p on what top-k kept."""
+
+    k: int
+    p: float
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_k("TopKTopP", self.k)
+        _check_p("TopKTopP", self.p)
+        _check_temperature("TopKTopP", self.temperature)
+
+    def log_weights(self, logits: jax.Array) -> jax.Array:
+        return top_p_filter(top_k_filter(scale(logits, self.temperature), self.k), self.p)
+
+
+def from_params(params: SamplingParams) -> Strategy:
+    """The strategy for ``SamplingParams`` (``top_k=0`` and ``top_p=1`` mean off)."""
+    if params.temperature == 0:
+        return Greedy()
+    t = float(params.temperature)
+    if params.top_k and params.top_p < 1:
+        return TopKTopP(params.top_k, float(params.top_p), t)
+    if params.top_k:
+        return TopK(params.top_k, t)
+    if params.top_p < 1:
+        return TopP(float(params.top_p), t)
+    return Temperature(t)

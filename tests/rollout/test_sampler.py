@@ -1,0 +1,369 @@
+"""The JAX sampler: parity with transformers' greedy generate, log-probs, sampling, stops, sharding.
+
+Two tiny models: a random Hugging Face checkpoint (vocabulary 512) for parity with
+``transformers``, and a random Qwen3 with the real vocabulary (151,936) so that the offline Qwen3
+tokenizer's bytes and special tokens drive the stop-string tests. Shapes are kept identical
+across tests so that each model compiles its prefill and decode only once per strategy.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expint_jax.models.config import tiny
+from expint_jax.models.hf import load_checkpoint
+from expint_jax.models.qwen3 import Qwen3
+from expint_jax.models.tokenizer import load_tokenizer
+from expint_jax.parallel.mesh import MeshConfig, make_mesh
+from expint_jax.records import SamplingParams
+from expint_jax.rollout.sampler import (
+    Greedy,
+    Temperature,
+    TokenBytes,
+    TopK,
+    TopKTopP,
+    TopP,
+    bucket,
+    cut_at_stop,
+    from_params,
+    generate,
+)
+from expint_jax.rollout.sampler.stops import MATCHED, StopTable
+from tests.models.hf_fixtures import make_checkpoint
+
+PROMPT_LENGTHS = (7, 2, 13, 4)
+NEW_TOKENS = 10
+SAMPLED = TopK(50, temperature=0.9)
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("checkpoint")
+    hf_model = make_checkpoint(directory)
+    graphdef, state = nnx.split(load_checkpoint(directory))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 512, n) for n in PROMPT_LENGTHS]
+    return dict(directory=directory, hf=hf_model, graphdef=graphdef, state=state, prompts=prompts)
+
+
+@pytest.fixture(scope="module")
+def greedy(parity):
+    return generate(parity["graphdef"], parity["state"], parity["prompts"], strategy=Greedy(), max_new_tokens=NEW_TOKENS)
+
+
+def _sampled(parity, **kwargs):
+    kwargs = dict(strategy=SAMPLED, max_new_tokens=NEW_TOKENS, seed=7) | kwargs
+    prompts = kwargs.pop("prompts", parity["prompts"])
+    return generate(parity["graphdef"], parity["state"], prompts, **kwargs)
+
+
+def test_greedy_left_padded_batch_equals_transformers_generate_per_prompt(parity, greedy):
+    for prompt, ours in zip(parity["prompts"], greedy):
+        with torch.no_grad():
+            reference = parity["hf"].generate(
+                torch.as_tensor(prompt[None]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                do_sample=False, eos_token_id=None, pad_token_id=0,
+            )
+        assert list(ours.token_ids) == reference[0, len(prompt):].tolist()
+        assert ours.finish_reason == "length" and ours.num_generated == NEW_TOKENS
+        assert ours.sampling_logprobs == (0.0,) * NEW_TOKENS  # greedy samples with certainty
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_logprobs_equal_a_teacher_forced_forward(parity):
+    model = nnx.merge(parity["graphdef"], parity["state"])
+    for prompt, out in zip(parity["prompts"], _sampled(parity)):
+        ids = np.concatenate([prompt, out.token_ids])
+        logits = np.asarray(model(jnp.asarray(ids[None]), jnp.arange(len(ids))[None]))[0]
+        steps = np.arange(len(prompt) - 1, len(ids) - 1)  # logits at t predict token t + 1
+        model_lp = _log_softmax(logits[steps])
+        np.testing.assert_allclose(out.logprobs, model_lp[np.arange(len(steps)), out.token_ids], atol=1e-5, rtol=0)
+        scaled = logits[steps] / SAMPLED.temperature
+        kth = np.sort(scaled, axis=-1)[:, -SAMPLED.k][:, None]
+        sampling_lp = _log_softmax(np.where(scaled >= kth, scaled, -np.inf))
+        np.testing.assert_allclose(out.sampling_logprobs, sampling_lp[np.arange(len(steps)), out.token_ids],
+                                   atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_output_and_rows_do_not_depend_on_their_batch(parity):
+    first, again, other = _sampled(parity), _sampled(parity), _sampled(parity, seed=8)
+    assert first == again
+    assert [o.token_ids for o in other] != [o.token_ids for o in first]
+    # Row 2 alone (the rest of the batch inactive), and the batch in reverse order.
+    alone = _sampled(parity, prompts=[parity["prompts"][2]], row_ids=[2], batch_size=len(PROMPT_LENGTHS))
+    assert alone[0].token_ids == first[2].token_ids
+    reverse = _sampled(parity, prompts=parity["prompts"][::-1], row_ids=[3, 2, 1, 0])
+    assert [o.token_ids for o in reverse[::-1]] == [o.token_ids for o in first]
+
+
+def test_rows_finish_independently_at_their_own_eos(parity, greedy):
+    eos = greedy[0].token_ids[3]
+    out = generate(parity["graphdef"], parity["state"], parity["prompts"], strategy=Greedy(),
+                   max_new_tokens=NEW_TOKENS, eos_ids=(eos, 10_000))
+    for free, stopped in zip(greedy, out):
+        hits = [i for i, t in enumerate(free.token_ids) if t == eos]
+        if hits:  # stops right at the eos, which is left out; everything before is unchanged
+            assert stopped.finish_reason == "eos" and stopped.num_generated == hits[0] + 1
+            assert stopped.token_ids == free.token_ids[: hits[0]]
+            assert stopped.logprobs == pytest.approx(free.logprobs[: hits[0]], abs=1e-6)
+        else:
+            assert stopped.finish_reason == "length" and stopped.token_ids == free.token_ids
+    assert len({o.num_generated for o in out}) > 1
+
+
+def test_per_row_token_limits(parity, greedy):
+    limits = [3, 10, 1, 6]
+    out = generate(parity["graphdef"], parity["state"], parity["prompts"], strategy=Greedy(), max_new_tokens=limits)
+    for free, limited, limit in zip(greedy, out, limits):
+        assert limited.finish_reason == "length" and limited.token_ids == free.token_ids[:limit]
+
+
+def test_sharded_generation_equals_single_device(parity):
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    graphdef, state = nnx.split(load_checkpoint(parity["directory"], mesh=mesh))
+    with jax.set_mesh(mesh):
+        sharded = generate(graphdef, state, parity["prompts"], strategy=SAMPLED, max_new_tokens=NEW_TOKENS, seed=7)
+    for single, multi in zip(_sampled(parity), sharded):
+        assert multi.token_ids == single.token_ids
+        np.testing.assert_allclose(multi.logprobs, single.logprobs, atol=1e-5, rtol=0)
+
+
+def test_generate_rejects_bad_input(parity):
+    run = dict(strategy=Greedy(), max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"prompt 1 holds token ids outside \[0, 512\)"):
+        generate(parity["graphdef"], parity["state"], [[1, 2], [3, 512]], **run)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        generate(parity["graphdef"], parity["state"], [[]], **run)
+    with pytest.raises(ValueError, match="stop strings need token_bytes"):
+        generate(parity["graphdef"], parity["state"], [[1]], stops=("x",), **run)
+
+
+# --- sampling strategies ---------------------------------------------------------------------
+
+LOGITS = np.array([2.0, 1.5, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0, 0.9, 0.0], np.float32)
+
+
+def _draws(strategy, draws=20_000):
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (draws, LOGITS.size))
+    keys = jax.random.split(jax.random.key(0), draws)
+    return np.asarray(jax.jit(strategy)(logits, keys))
+
+
+def _expected(allowed, temperature):
+    weights = np.where(allowed, np.exp(LOGITS / temperature), 0.0)
+    return weights / weights.sum()
+
+
+def _top_p_allowed(probs, p):
+    """The most likely tokens until their mass reaches p, plus any tied with the last one kept."""
+    descending = np.sort(probs)[::-1]
+    kept = descending[(np.cumsum(descending) - descending) < p]
+    return probs >= kept[-1]
+
+
+@pytest.mark.parametrize(
+    "strategy, allowed",
+    [
+        (TopK(3, temperature=0.8), np.isin(np.arange(10), [0, 1, 2])),
+        (TopK(2, temperature=1.0), np.isin(np.arange(10), [0, 1, 2])),  # the tie at rank 2 stays
+        (TopP(0.7, temperature=1.3), _top_p_allowed(_expected(np.ones(10, bool), 1.3), 0.7)),
+        (TopKTopP(4, 0.5, temperature=1.0), _top_p_allowed(_expected(np.isin(np.arange(10), [0, 1, 2, 3]), 1.0), 0.5)),
+        (Temperature(0.5), np.ones(10, bool)),
+    ],
+)
+def test_samples_stay_in_the_allowed_set_with_the_right_frequencies(strategy, allowed):
+    tokens = _draws(strategy)
+    assert allowed[tokens].all(), f"sampled outside the allowed set: {sorted(set(tokens[~allowed[tokens]]))}"
+    frequencies = np.bincount(tokens, minlength=LOGITS.size) / tokens.size
+    np.testing.assert_allclose(frequencies, _expected(allowed, strategy.temperature), atol=0.015)
+    assert 1 < allowed.sum() < LOGITS.size or isinstance(strategy, Temperature)
+
+
+def test_greedy_and_its_limits():
+    assert (_draws(Greedy(), 16) == 0).all()
+    assert from_params(SamplingParams(temperature=0.0, top_k=5, top_p=0.5)) == Greedy()
+    assert (_draws(TopK(1, temperature=2.0), 500) == 0).all()
+    assert (_draws(Temperature(1e-3), 500) == 0).all()
+
+
+def test_from_params_picks_and_validates_strategies():
+    assert from_params(SamplingParams(temperature=0.7)) == Temperature(0.7)
+    assert from_params(SamplingParams(temperature=0.7, top_k=20)) == TopK(20, 0.7)
+    assert from_params(SamplingParams(temperature=0.7, top_p=0.8)) == TopP(0.8, 0.7)
+    assert from_params(SamplingParams(temperature=0.7, top_k=20, top_p=0.8)) == TopKTopP(20, 0.8, 0.7)
+    with pytest.raises(ValueError, match="TopK: temperature must be > 0"):
+        TopK(5, temperature=0.0)
+    with pytest.raises(ValueError, match=r"TopP: p must be in \(0, 1\]"):
+        TopP(1.5)
+    with pytest.raises(ValueError, match="TopKTopP: k must be an int >= 1"):
+        TopKTopP(0, 0.5)
+
+
+def test_bucket_sizes():
+    assert [bucket(n) for n in (1, 16, 17, 24, 25, 33, 100, 1000)] == [16, 16, 24, 24, 32, 48, 128, 1024]
+    assert bucket(5, minimum=4) == 6
+
+
+# --- stop strings ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    tokenizer = load_tokenizer(None)
+    config = tiny(vocab_size=151936, tie_word_embeddings=False)
+    graphdef, state = nnx.split(Qwen3(config, rngs=nnx.Rngs(11)))
+    prompts = [tokenizer.encode(text) for text in ("Find the population of Lyon.", "hi")]
+    token_bytes = TokenBytes.from_tokenizer(tokenizer, config.vocab_size)
+    free = generate(graphdef, state, prompts, strategy=Greedy(), max_new_tokens=24, token_bytes=token_bytes)
+    return dict(tokenizer=tokenizer, graphdef=graphdef, state=state, prompts=prompts, token_bytes=token_bytes, free=free)
+
+
+def _stopped(qwen, stops, state=None):
+    return generate(qwen["graphdef"], state or qwen["state"], qwen["prompts"], strategy=Greedy(), max_new_tokens=24,
+                    stops=stops, token_bytes=qwen["token_bytes"])
+
+
+def _utf8(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _check_cut(qwen, row, stop, out):
+    """The text ends right before the first occurrence; the loop stopped at the completing token."""
+    ids = qwen["free"][row].token_ids
+    pieces = [qwen["token_bytes"].table[i] for i in ids]
+    data = b"".join(pieces)
+    at = data.find(stop.encode())
+    assert at >= 0
+    ends = np.cumsum([len(p) for p in pieces])
+    assert out.finish_reason == "stop" and out.stop_string == stop
+    assert out.text == data[:at].decode("utf-8", errors="replace")
+    assert out.num_generated == int(np.searchsorted(ends, at + len(stop.encode()))) + 1
+    whole = int(np.searchsorted(ends, at, side="right"))
+    assert out.token_ids == ids[:whole]
+    assert out.logprobs == pytest.approx(qwen["free"][row].logprobs[:whole], abs=1e-6)
+
+
+def _candidate_stops(qwen, row):
+    """(spanning two tokens, strictly inside one token) stop strings taken from row's free text."""
+    ids = qwen["free"][row].token_ids
+    table = qwen["token_bytes"].table
+    data = b"".join(table[i] for i in ids)
+    spanning = inside = None
+    offset = 0
+    for k in range(len(ids) - 1):
+        left, right = _utf8(table[ids[k]]), _utf8(table[ids[k + 1]])
+        if spanning is None and left and right and len(left) >= 2 and len(right) >= 2:
+            candidate = left[-2:] + right[:2]
+            if data.find(candidate.encode()) == offset + len(table[ids[k]]) - len(left[-2:].encode()):
+                spanning = candidate
+        if inside is None and left and len(left) >= 3:
+            candidate = left[1:-1]
+            if data.find(candidate.encode()) == offset + len(left[0].encode()):
+                inside = candidate
+        offset += len(table[ids[k]])
+    assert spanning and inside, f"row {row}: no suitable stop strings in {data!r}"
+    return spanning, inside
+
+
+def test_stop_string_spanning_two_tokens_is_cut_exactly(qwen):
+    for row in range(2):
+        spanning, _ = _candidate_stops(qwen, row)
+        _check_cut(qwen, row, spanning, _stopped(qwen, (spanning,))[row])
+
+
+def test_stop_string_starting_inside_a_token_is_cut_exactly(qwen):
+    for row in range(2):
+        _, inside = _candidate_stops(qwen, row)
+        out = _stopped(qwen, (inside,))[row]
+        _check_cut(qwen, row, inside, out)
+        # The token holding the stop string's start is dropped; its bytes before the stop stay in the text.
+        assert qwen["token_bytes"].text(out.token_ids) != out.text and out.text.startswith(qwen["token_bytes"].text(out.token_ids))
+
+
+def test_special_token_stop_is_exact(qwen):
+    """Makes the model emit <tool_response> (one token) mid-answer, then stops on it."""
+    tool_response = qwen["tokenizer"].convert_tokens_to_ids("<tool_response>")
+    target = qwen["free"][0].token_ids[5]
+    state = jax.tree.map(lambda x: x, qwen["state"])
+    head = state["lm_head"].get_value()
+    state["lm_head"].set_value(head.at[tool_response].set(1.5 * head[target]))
+    free = generate(qwen["graphdef"], state, qwen["prompts"], strategy=Greedy(), max_new_tokens=24,
+                    token_bytes=qwen["token_bytes"])
+    first = free[0].token_ids.index(tool_response)
+    assert first <= 5 and "<tool_response>" in free[0].text
+    out = _stopped(qwen, ("</tool_call>", "<tool_response>"), state=state)[0]
+    assert out.finish_reason == "stop" and out.stop_string == "<tool_response>"
+    assert out.num_generated == first + 1
+    assert out.token_ids == free[0].token_ids[:first]
+    assert out.text == qwen["token_bytes"].text(free[0].token_ids[:first]) == free[0].text.split("<tool_response>")[0]
+
+
+def test_no_stop_found_leaves_the_generation_alone(qwen):
+    out = _stopped(qwen, ("\x00never\x00",))
+    for free, kept in zip(qwen["free"], out):
+        assert kept.finish_reason == "length" and kept.stop_string is None
+        assert kept.token_ids == free.token_ids and kept.text == free.text
+
+
+def test_host_cut_on_hand_built_qwen_tokens(qwen):
+    tokenizer, token_bytes = qwen["tokenizer"], qwen["token_bytes"]
+    stops = ("</tool_call>", "<tool_response>")
+    ids = tokenizer.encode('x <tool_call>\n{"name": "search"}\n</tool_call> more <tool_response>')
+    cut = cut_at_stop(ids, token_bytes, stops)
+    assert cut.stop_string == "</tool_call>" and cut.text == 'x <tool_call>\n{"name": "search"}\n'
+    assert cut.num_tokens == ids.index(tokenizer.convert_tokens_to_ids("</tool_call>"))
+    spelled = tokenizer.encode("a </tool_c") + tokenizer.encode("all>b")  # the tag written as plain tokens
+    cut = cut_at_stop(spelled, token_bytes, stops)
+    assert cut.text == "a " and cut.stop_string == "</tool_call>"
+    assert token_bytes.text(ids) == tokenizer.decode(ids)
+
+
+def _first_match_on_device_table(table: StopTable, ids):
+    state = 0
+    for k, token in enumerate(ids):
+        state = table.transitions[state, token]
+        if state == MATCHED:
+            return k
+    return None
+
+
+def _first_match_by_search(token_bytes, stops, ids):
+    for k in range(len(ids)):
+        data = token_bytes.join(ids[: k + 1])
+        if any(s.encode() in data for s in stops):
+            return k
+    return None
+
+
+SMALL_VOCAB = TokenBytes([b"a", b"b", b"ab", b"ba", b"aab", b"", b"bab", b"<t>", b"b<", b"t>a", b"\xc3", b"\xa9"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stops=st.lists(st.sampled_from(["ab", "aa", "bab", "<t>", "b<t", "a\u00e9b", "baa", "abab"]), min_size=1, max_size=3),
+    ids=st.lists(st.integers(0, len(SMALL_VOCAB) - 1), max_size=12),
+)
+def test_stop_table_fires_at_the_first_token_completing_any_stop(stops, ids):
+    table = StopTable.build(stops, SMALL_VOCAB)
+    assert _first_match_on_device_table(table, ids) == _first_match_by_search(SMALL_VOCAB, stops, ids)
+
+
+def test_stop_table_validation():
+    with pytest.raises(ValueError, match=r"stop\[1\] = ''"):
+        StopTable.build(("a", ""), SMALL_VOCAB)
+    assert StopTable.build(("ab",), SMALL_VOCAB).transitions.shape == (32, len(SMALL_VOCAB))
+    assert dataclasses.is_dataclass(StopTable.never(5)) and not StopTable.never(5).transitions.any()
