@@ -6,12 +6,17 @@ import re
 
 import pytest
 
+from expint_jax.experience.inject import StepwiseInjection
+from expint_jax.experience.select import AllSelector
 from expint_jax.models.chat import parse_answer, parse_tool_call
-from expint_jax.records import Trajectory
+from expint_jax.records import Message, SamplingParams, Trajectory
+from expint_jax.rollout.agent import ReActAgent
 from expint_jax.rollout.envs.simweb import SimWebConfig, SimWebEnv
 from expint_jax.rollout.envs.simweb.reference_agent import (
     Mistakes,
     ReferenceAgent,
+    ReferenceAgentConfig,
+    ReferencePolicy,
     is_near_miss,
     read_facts,
     run_reference_agent,
@@ -117,3 +122,37 @@ def test_helpers_and_validation():
     assert not is_near_miss("Lox Sculpture Company", "Lox Sculpture Company")
     with pytest.raises(ValueError, match="wrong_link"):
         Mistakes(wrong_link=1.5)
+
+
+def test_policy_inside_the_react_agent_reproduces_the_reference_trajectories(env, perfect):
+    tasks, expected = env.tasks()[::6], perfect[::6]
+    got = ReActAgent(ReferencePolicy()).run_batch(tasks, env)
+    for mine, theirs in zip(expected, got, strict=True):
+        assert theirs.messages == mine.messages
+        assert (theirs.prediction, theirs.reward, theirs.num_tool_calls) == (mine.prediction, 1.0, mine.num_tool_calls)
+
+
+def test_policy_with_mistakes_gives_mixed_seeded_groups_and_ignores_injected_experience(env):
+    tasks = env.tasks()[::15]
+    config = ReferenceAgentConfig(mistakes=Mistakes(answer_early=0.15, wrong_link=0.3, skip_hop=0.3))
+    plain = ReActAgent(ReferencePolicy(config)).run_batch(tasks, env, n=4, seed=5)
+    assert [t.messages for t in plain] == [t.messages for t in ReActAgent(ReferencePolicy(config)).run_batch(
+        tasks, env, n=4, seed=5)]
+    means = [sum(t.reward for t in plain[i : i + 4]) / 4 for i in range(0, len(plain), 4)]
+    assert any(0 < m < 1 for m in means) and 0.2 < sum(means) / len(means) < 0.95
+    pool = {"G0": "When a search result is a directory page, visit it before answering."}
+    injected = ReActAgent(ReferencePolicy(config), injection=StepwiseInjection(pool, AllSelector())).run_batch(
+        tasks, env, n=4, seed=5)
+    assert [t.messages for t in injected] == [t.messages for t in plain]
+    assert all(block.endswith(pool["G0"]) for t in injected for block in t.step_injections)
+
+
+def test_policy_gives_up_on_conversations_it_did_not_write():
+    policy = ReferencePolicy()
+    question = "According to the X website (https://x.example.org/), in what year was Y founded?"
+    foreign = [Message("system", "s"), Message("user", question), Message("assistant", "I will guess."),
+               Message("user", "<tool_response>\nnothing\n</tool_response>")]
+    forced = [Message("system", "s"), Message("user", question), Message("assistant", "x"),
+              Message("user", "Give your final answer now.")]
+    replies = policy.chat([foreign, forced, [Message("system", "s")]], SamplingParams())
+    assert [c.text for c in replies] == ["<answer>unknown</answer>"] * 3

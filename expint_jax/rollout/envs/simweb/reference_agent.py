@@ -21,18 +21,23 @@ task can have 0 < mean reward < 1:
   * ``skip_hop``     -- in multi-source questions, answer after the first page (the intermediate
                         entity, or the first of two values).
 Every rollout's random stream is ``random.Random(f"{seed}:{task_id}:{member}")``.
+
+``ReferencePolicy`` is the same agent as a ``ChatBackend``: it lets the real ``ReActAgent`` (and
+everything built on it) run offline on SimWeb with a deterministic, partly successful "model".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 import re
+import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from expint_jax.models.chat import format_tool_call, format_tool_response
-from expint_jax.records import Message, Trajectory
+from expint_jax.records import Completion, Message, SamplingParams, Trajectory
 from expint_jax.rollout import prompts
 from expint_jax.rollout.agent import observe
 from expint_jax.rollout.envs.base import Environment, Task
@@ -101,12 +106,16 @@ class _AnswerNow(Exception):
 
 
 class _Episode:
-    """One rollout: the conversation so far and the agent's tool access."""
+    """One rollout: the conversation so far and how actions reach the tools.
 
-    def __init__(self, task: Task, tools: dict[str, Tool], config: ReferenceAgentConfig, rng: random.Random):
-        self.task, self.tools, self.config, self.rng = task, tools, config, rng
-        system = prompts.system_prompt([t.spec for t in tools.values()], config.instructions)
-        self.messages = [Message("system", system), Message("user", task.question)]
+    ``perform(reply) -> observation`` runs the tool call written in ``reply`` (the standalone agent
+    calls the tools; ``ReferencePolicy`` replays observations the ReAct agent already recorded).
+    """
+
+    def __init__(self, system: str, question: str, config: ReferenceAgentConfig, rng: random.Random,
+                 perform: Callable[[str], str]):
+        self.config, self.rng, self.perform = config, rng, perform
+        self.messages = [Message("system", system), Message("user", question)]
         self.tool_calls = 0
         self.mistakes: list[str] = []
         self.known_links: dict[str, str] = {}  # anchor -> url, from every page seen
@@ -119,7 +128,7 @@ class _Episode:
         if self.tool_calls >= self.config.max_tool_calls:
             raise _GiveUp(f"tool budget of {self.config.max_tool_calls} calls used up")
         reply = self._turn(thought, format_tool_call(name, arguments))
-        observation, _ = observe(reply, self.tools)
+        observation = self.perform(reply)
         self.tool_calls += 1
         self.messages += [Message("assistant", reply), Message("user", format_tool_response(observation))]
         return observation
@@ -153,17 +162,10 @@ class ReferenceAgent:
         for needed in ("search", "visit"):
             if needed not in tools:
                 raise ValueError(f"task {task.task_id!r}: the reference agent needs a {needed!r} tool")
-        episode = _Episode(task, tools, self.config, random.Random(f"{seed}:{task.task_id}:{member}"))
-        parsed = parse_question(task.question)
-        if parsed is None:
-            prediction = episode.answer("I cannot tell what this question asks for.", UNKNOWN)
-        else:
-            try:
-                prediction = self._solve(episode, parsed)
-            except _AnswerNow as early:
-                prediction = episode.answer(early.thought, early.answer)
-            except _GiveUp as reason:
-                prediction = episode.answer(f"I could not find the information ({reason}).", UNKNOWN)
+        system = prompts.system_prompt([t.spec for t in tools.values()], self.config.instructions)
+        episode = _Episode(system, task.question, self.config, random.Random(f"{seed}:{task.task_id}:{member}"),
+                           lambda reply: observe(reply, tools)[0])
+        prediction = _play(episode, task.question)
         return Trajectory(
             task_id=task.task_id,
             messages=tuple(episode.messages),
@@ -182,131 +184,249 @@ class ReferenceAgent:
             raise ValueError(f"run_batch: n must be >= 1, got {n}")
         return [self.run(task, seed, member) for task in tasks for member in range(n)]
 
-    # --- solving -----------------------------------------------------------------------------
 
-    def _solve(self, ep: _Episode, q: ParsedQuestion) -> str:
-        form = q.form
-        if form.style in ("lookup", "chain"):
-            return self._follow_path(ep, q, q.names[0])
-        label = form.path[-1]
-        values = []
-        for i, name in enumerate(q.names):
-            values.append(self._fact_of(ep, q, name, form.kind, label))
-            if i == 0 and ep.slip("skip_hop"):
-                guess = name if form.style == "compare" else values[0]
-                return ep.answer(f"{name} has {label}: {values[0]}. That should settle it; the answer is {guess}.",
-                                 guess)
-        return ep.answer(*self._combine(q, label, values))
+class _Emit(Exception):
+    """Policy mode: the episode reached the turn the ReAct agent asked for."""
 
-    def _follow_path(self, ep: _Episode, q: ParsedQuestion, name: str) -> str:
-        kind = q.form.kind
-        for step, label in enumerate(q.form.path):
-            value = self._fact_of(ep, q, name, kind, label)
-            if step == len(q.form.path) - 1:
-                return ep.answer(f"The page of {name} gives {label}: {value}. So the answer is {value}.", value)
-            if ep.slip("skip_hop"):
-                return ep.answer(f"The {_PHRASES[label]} of {name} is {value}. That answers the question.", value)
-            name, kind = value, RELATIONS[label]
-        raise AssertionError("unreachable: a question path is never empty")
+    def __init__(self, reply: str):
+        super().__init__(reply)
+        self.reply = reply
 
-    def _fact_of(self, ep: _Episode, q: ParsedQuestion, name: str, kind: str, label: str) -> str:
-        page = self._locate(ep, q, name, kind, label)
-        facts = read_facts(page.text)
-        if label not in facts:
-            raise _GiveUp(f"the page {page.url} does not list {label}")
-        return facts[label]
 
-    def _combine(self, q: ParsedQuestion, label: str, values: list[str]) -> tuple[str, str]:
-        a, b = q.names
-        x, y = (parse_number(v) for v in values)
-        if x is None or y is None:
-            raise _GiveUp(f"{label} values {values} are not numbers")
-        read = f"{a} has {label}: {values[0]}; {b} has {label}: {values[1]}."
-        combine = q.form.combine
-        if combine in ("earliest", "smallest", "largest"):
-            pick_a = (x < y) if combine != "largest" else (x > y)
-            winner = a if pick_a else b
-            return f"{read} So the answer is {winner}.", winner
-        result = {"sum": x + y, "difference": x - y, "gap": abs(x - y)}[combine]
-        text = _like(values[0], result, span=label in ("Founded", "Born", "Released"))
-        return f"{read} The {combine} is {text}.", text
+class _Diverged(Exception):
+    """Policy mode: the recorded conversation is not one this policy would have written."""
 
-    # --- navigation --------------------------------------------------------------------------
 
-    def _locate(self, ep: _Episode, q: ParsedQuestion, name: str, kind: str, label: str) -> VisitedPage:
-        """Opens the page of entity ``name``; see the module docstring for the strategy."""
-        wanted = f"the {_PHRASES[label]} of {name}"
-        near = [anchor for anchor in ep.known_links if is_near_miss(anchor, name)]
-        if name in ep.known_links or near:
-            url = self._choose(ep, name, ep.known_links.get(name), near, lambda a: ep.known_links[a])
-            if url is not None:
-                return self._open(ep, name, url, f"I need {wanted}. A page I saw links to it; I'll open it.")
-        hits = self._search(ep, name, label, wanted)
-        exact = next((h.url for h in hits if h.title == name), None)
-        near_hits = {h.title: h.url for h in hits if is_near_miss(h.title, name)}
-        url = self._choose(ep, name, exact, list(near_hits), near_hits.__getitem__)
+class _Replay:
+    """``perform`` for policy mode: recorded observations for recorded replies, then emit."""
+
+    def __init__(self, replies: list[str], observations: list[str]):
+        self.replies, self.observations, self.index = replies, observations, 0
+
+    def __call__(self, reply: str) -> str:
+        if self.index == len(self.replies):
+            raise _Emit(reply)
+        if reply != self.replies[self.index]:
+            raise _Diverged()
+        self.index += 1
+        return self.observations[self.index - 1]
+
+
+_TOOL_RESPONSE = re.compile(r"<tool_response>\n(.*)\n</tool_response>", re.S)
+_GIVE_UP_REPLY = "<answer>unknown</answer>"
+
+
+class ReferencePolicy:
+    """A ``ChatBackend`` that plays the reference agent inside ``ReActAgent`` on SimWeb.
+
+    An offline, deterministic stand-in for a model: the real agent loop (prompting, injection,
+    tool execution, limits) runs unchanged, and with ``Mistakes`` the rollouts of a group differ.
+    Each request is answered by replaying the episode from its start against the conversation:
+    the policy's earlier replies must equal the recorded assistant turns and the recorded tool
+    responses are fed back as observations; the next reply answers the request. Only the first
+    line of the question and the text inside ``<tool_response>`` are read, so injected experience
+    is ignored. A conversation it did not write, a nudge or a forced-answer request gets
+    ``<answer>unknown</answer>``. A rollout's random stream is seeded by its first request's
+    ``SamplingParams.seed`` (a call counter when that is None) and carried to its later requests,
+    keyed by the conversation so far.
+    """
+
+    def __init__(self, config: ReferenceAgentConfig = ReferenceAgentConfig()):
+        self.config = config
+        self._seeds: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        self._lock = threading.Lock()
+        self._counter = itertools.count()
+
+    def chat(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[Completion]:
+        return [Completion(text=self._reply(list(messages), params.seed)) for messages in conversations]
+
+    def _reply(self, messages: list[Message], seed: int | None) -> str:
+        users = [i for i, m in enumerate(messages) if m.role == "user"]
+        if not users:
+            return _GIVE_UP_REPLY
+        question = messages[users[0]].content.split("\n\n", 1)[0]
+        replies, observations = [], []
+        for message in messages[users[0] + 1:]:
+            if message.role == "assistant":
+                replies.append(message.content)
+                continue
+            response = _TOOL_RESPONSE.search(message.content)
+            if response is None:  # a nudge or a forced-answer request
+                return _GIVE_UP_REPLY
+            observations.append(response.group(1))
+        if len(observations) != len(replies):
+            return _GIVE_UP_REPLY
+        stream = self._stream(question, replies, seed)
+        replay = _Replay(replies, observations)
+        episode = _Episode("", question, self.config, random.Random(f"{stream}:{question}"), replay)
+        try:
+            _play(episode, question)
+        except _Emit as step:
+            with self._lock:
+                self._seeds.setdefault((question, (*replies, step.reply)), []).append(stream)
+            return step.reply
+        except _Diverged:
+            return _GIVE_UP_REPLY
+        return episode.messages[-1].content if replay.index == len(replies) else _GIVE_UP_REPLY
+
+    def _stream(self, question: str, replies: list[str], seed: int | None) -> int:
+        with self._lock:
+            if not replies:
+                return seed if seed is not None else next(self._counter)
+            waiting = self._seeds.get((question, tuple(replies)))
+            if not waiting:
+                return 0
+            stream = waiting.pop(0)
+            if not waiting:
+                del self._seeds[(question, tuple(replies))]
+            return stream
+
+
+def _play(ep: _Episode, question: str) -> str:
+    """Runs the whole episode; returns the prediction (the agent's last turn is its answer)."""
+    parsed = parse_question(question)
+    if parsed is None:
+        return ep.answer("I cannot tell what this question asks for.", UNKNOWN)
+    try:
+        return _solve(ep, parsed)
+    except _AnswerNow as early:
+        return ep.answer(early.thought, early.answer)
+    except _GiveUp as reason:
+        return ep.answer(f"I could not find the information ({reason}).", UNKNOWN)
+
+
+# --- solving: the agent's strategy, shared by ReferenceAgent and ReferencePolicy -------------
+
+
+def _solve(ep: _Episode, q: ParsedQuestion) -> str:
+    form = q.form
+    if form.style in ("lookup", "chain"):
+        return _follow_path(ep, q, q.names[0])
+    label = form.path[-1]
+    values = []
+    for i, name in enumerate(q.names):
+        values.append(_fact_of(ep, q, name, form.kind, label))
+        if i == 0 and ep.slip("skip_hop"):
+            guess = name if form.style == "compare" else values[0]
+            return ep.answer(f"{name} has {label}: {values[0]}. That should settle it; the answer is {guess}.",
+                             guess)
+    return ep.answer(*_combine(q, label, values))
+
+
+def _follow_path(ep: _Episode, q: ParsedQuestion, name: str) -> str:
+    kind = q.form.kind
+    for step, label in enumerate(q.form.path):
+        value = _fact_of(ep, q, name, kind, label)
+        if step == len(q.form.path) - 1:
+            return ep.answer(f"The page of {name} gives {label}: {value}. So the answer is {value}.", value)
+        if ep.slip("skip_hop"):
+            return ep.answer(f"The {_PHRASES[label]} of {name} is {value}. That answers the question.", value)
+        name, kind = value, RELATIONS[label]
+    raise AssertionError("unreachable: a question path is never empty")
+
+
+def _fact_of(ep: _Episode, q: ParsedQuestion, name: str, kind: str, label: str) -> str:
+    page = _locate(ep, q, name, kind, label)
+    facts = read_facts(page.text)
+    if label not in facts:
+        raise _GiveUp(f"the page {page.url} does not list {label}")
+    return facts[label]
+
+
+def _combine(q: ParsedQuestion, label: str, values: list[str]) -> tuple[str, str]:
+    a, b = q.names
+    x, y = (parse_number(v) for v in values)
+    if x is None or y is None:
+        raise _GiveUp(f"{label} values {values} are not numbers")
+    read = f"{a} has {label}: {values[0]}; {b} has {label}: {values[1]}."
+    combine = q.form.combine
+    if combine in ("earliest", "smallest", "largest"):
+        pick_a = (x < y) if combine != "largest" else (x > y)
+        winner = a if pick_a else b
+        return f"{read} So the answer is {winner}.", winner
+    result = {"sum": x + y, "difference": x - y, "gap": abs(x - y)}[combine]
+    text = _like(values[0], result, span=label in ("Founded", "Born", "Released"))
+    return f"{read} The {combine} is {text}.", text
+
+
+def _locate(ep: _Episode, q: ParsedQuestion, name: str, kind: str, label: str) -> VisitedPage:
+    """Opens the page of entity ``name``; see the module docstring for the strategy."""
+    wanted = f"the {_PHRASES[label]} of {name}"
+    near = [anchor for anchor in ep.known_links if is_near_miss(anchor, name)]
+    if name in ep.known_links or near:
+        url = _choose(ep, name, ep.known_links.get(name), near, lambda a: ep.known_links[a])
         if url is not None:
-            return self._open(ep, name, url, f'The result "{name}" is the page of {name} itself; I\'ll open it.')
-        directories = [h for h in hits if h.url.startswith(q.root_url) and h.url.endswith("/") and h.url != q.root_url]
-        frontier = deque((h.url, f'No result is the page of {name} itself, but "{h.title}" is a directory page '
-                                 f"on the site; I'll open it and look for a link to {name}.") for h in directories)
-        frontier.append((q.root_url, f"The search did not lead to a page about {name}. I'll start from the site's "
-                                     f"home page {q.root_url} and navigate to it."))
-        seen: set[str] = set()
-        while frontier:
-            url, thought = frontier.popleft()
-            if url in seen:
-                continue
-            seen.add(url)
-            page = ep.visit(thought, url)
-            if page is None:
-                continue
-            anchors = {link.title: link.url for link in page.links}
-            near = [a for a in anchors if is_near_miss(a, name)]
-            target = self._choose(ep, name, anchors.get(name), near, anchors.__getitem__)
-            if target is not None:
-                return self._open(ep, name, target, f"This page links to {name}; I'll open it.")
-            for next_url, next_thought in self._directory_links(page, q.root_url, name, kind):
-                frontier.appendleft((next_url, next_thought))
-        raise _GiveUp(f"no page about {name} was found on {q.root_url}")
-
-    def _search(self, ep: _Episode, name: str, label: str, wanted: str) -> list[SearchHit]:
-        query = f"{name} {_PHRASES[label]}"
-        hits = parse_search_results(ep.call(f"I need {wanted}. I'll search for it.", "search", {"query": query}))
-        first_search, ep.searched = not ep.searched, True
-        if first_search and ep.slip("answer_early"):
-            guess = _guess_from_snippets(hits, label)
-            raise _AnswerNow(guess, f"The search results already mention {name}; from the snippets the answer "
-                                    f"seems to be {guess}.")
-        return hits
-
-    def _choose(self, ep: _Episode, name: str, exact: str | None, near: list[str], url_of) -> str | None:
-        """The URL to open for ``name``: the exact match, or -- on a ``wrong_link`` slip -- a near miss."""
-        if near and ep.slip("wrong_link"):
-            return url_of(near[0])
-        return exact
-
-    def _open(self, ep: _Episode, name: str, url: str, thought: str) -> VisitedPage:
+            return _open(ep, name, url, f"I need {wanted}. A page I saw links to it; I'll open it.")
+    hits = _search(ep, name, label, wanted)
+    exact = next((h.url for h in hits if h.title == name), None)
+    near_hits = {h.title: h.url for h in hits if is_near_miss(h.title, name)}
+    url = _choose(ep, name, exact, list(near_hits), near_hits.__getitem__)
+    if url is not None:
+        return _open(ep, name, url, f'The result "{name}" is the page of {name} itself; I\'ll open it.')
+    directories = [h for h in hits if h.url.startswith(q.root_url) and h.url.endswith("/") and h.url != q.root_url]
+    frontier = deque((h.url, f'No result is the page of {name} itself, but "{h.title}" is a directory page '
+                             f"on the site; I'll open it and look for a link to {name}.") for h in directories)
+    frontier.append((q.root_url, f"The search did not lead to a page about {name}. I'll start from the site's "
+                                 f"home page {q.root_url} and navigate to it."))
+    seen: set[str] = set()
+    while frontier:
+        url, thought = frontier.popleft()
+        if url in seen:
+            continue
+        seen.add(url)
         page = ep.visit(thought, url)
         if page is None:
-            raise _GiveUp(f"the page of {name} at {url} could not be opened")
-        return page
+            continue
+        anchors = {link.title: link.url for link in page.links}
+        near = [a for a in anchors if is_near_miss(a, name)]
+        target = _choose(ep, name, anchors.get(name), near, anchors.__getitem__)
+        if target is not None:
+            return _open(ep, name, target, f"This page links to {name}; I'll open it.")
+        for next_url, next_thought in _directory_links(page, q.root_url, name, kind):
+            frontier.appendleft((next_url, next_thought))
+    raise _GiveUp(f"no page about {name} was found on {q.root_url}")
 
-    def _directory_links(self, page: VisitedPage, root_url: str, name: str, kind: str) -> list[tuple[str, str]]:
-        """Directory links worth following towards ``name``, best last (they are pushed on a stack)."""
-        section = SECTION_TITLES[kind]
-        found = []
-        for link in page.links:
-            if not (link.url.startswith(root_url) and link.url.endswith("/")) or link.url == root_url:
-                continue
-            letters = _RANGE.match(link.title)
-            if letters and letters.group("section") == section:
-                if letters.group("first") <= name[0].upper() <= (letters.group("last") or letters.group("first")):
-                    found.append((link.url, f'This directory splits entries alphabetically; {name} starts with '
-                                            f'"{name[0].upper()}", so I\'ll open "{link.title}".'))
-            elif link.title.startswith(f"{section} |"):
-                found.append((link.url, f'{name} should be listed under "{link.title}"; I\'ll open it.'))
-        return found
+
+def _search(ep: _Episode, name: str, label: str, wanted: str) -> list[SearchHit]:
+    query = f"{name} {_PHRASES[label]}"
+    hits = parse_search_results(ep.call(f"I need {wanted}. I'll search for it.", "search", {"query": query}))
+    first_search, ep.searched = not ep.searched, True
+    if first_search and ep.slip("answer_early"):
+        guess = _guess_from_snippets(hits, label)
+        raise _AnswerNow(guess, f"The search results already mention {name}; from the snippets the answer "
+                                f"seems to be {guess}.")
+    return hits
+
+
+def _choose(ep: _Episode, name: str, exact: str | None, near: list[str], url_of) -> str | None:
+    """The URL to open for ``name``: the exact match, or -- on a ``wrong_link`` slip -- a near miss."""
+    if near and ep.slip("wrong_link"):
+        return url_of(near[0])
+    return exact
+
+
+def _open(ep: _Episode, name: str, url: str, thought: str) -> VisitedPage:
+    page = ep.visit(thought, url)
+    if page is None:
+        raise _GiveUp(f"the page of {name} at {url} could not be opened")
+    return page
+
+
+def _directory_links(page: VisitedPage, root_url: str, name: str, kind: str) -> list[tuple[str, str]]:
+    """Directory links worth following towards ``name``, best last (they are pushed on a stack)."""
+    section = SECTION_TITLES[kind]
+    found = []
+    for link in page.links:
+        if not (link.url.startswith(root_url) and link.url.endswith("/")) or link.url == root_url:
+            continue
+        letters = _RANGE.match(link.title)
+        if letters and letters.group("section") == section:
+            if letters.group("first") <= name[0].upper() <= (letters.group("last") or letters.group("first")):
+                found.append((link.url, f'This directory splits entries alphabetically; {name} starts with '
+                                        f'"{name[0].upper()}", so I\'ll open "{link.title}".'))
+        elif link.title.startswith(f"{section} |"):
+            found.append((link.url, f'{name} should be listed under "{link.title}"; I\'ll open it.'))
+    return found
 
 
 def _guess_from_snippets(hits: list[SearchHit], label: str) -> str:
