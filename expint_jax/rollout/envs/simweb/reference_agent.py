@@ -46,7 +46,6 @@ from expint_jax.rollout.envs.simweb.tasks import ParsedQuestion, parse_question
 from expint_jax.rollout.envs.simweb.tools import VisitedPage, parse_page
 from expint_jax.rollout.envs.web import SearchHit, parse_search_results
 from expint_jax.rollout.judge import extract_numbers, parse_number
-from expint_jax.rollout.tools import Tool
 
 AGENT_NAME = "simweb-reference"
 UNKNOWN = "unknown"
@@ -352,15 +351,11 @@ def _combine(q: ParsedQuestion, label: str, values: list[str]) -> tuple[str, str
 def _locate(ep: _Episode, q: ParsedQuestion, name: str, kind: str, label: str) -> VisitedPage:
     """Opens the page of entity ``name``; see the module docstring for the strategy."""
     wanted = f"the {_PHRASES[label]} of {name}"
-    near = [anchor for anchor in ep.known_links if is_near_miss(anchor, name)]
-    if name in ep.known_links or near:
-        url = _choose(ep, name, ep.known_links.get(name), near, lambda a: ep.known_links[a])
-        if url is not None:
-            return _open(ep, name, url, f"I need {wanted}. A page I saw links to it; I'll open it.")
+    url = _choose(ep, name, ep.known_links)
+    if url is not None:
+        return _open(ep, name, url, f"I need {wanted}. A page I saw links to it; I'll open it.")
     hits = _search(ep, name, label, wanted)
-    exact = next((h.url for h in hits if h.title == name), None)
-    near_hits = {h.title: h.url for h in hits if is_near_miss(h.title, name)}
-    url = _choose(ep, name, exact, list(near_hits), near_hits.__getitem__)
+    url = _choose(ep, name, {h.title: h.url for h in hits})
     if url is not None:
         return _open(ep, name, url, f'The result "{name}" is the page of {name} itself; I\'ll open it.')
     directories = [h for h in hits if h.url.startswith(q.root_url) and h.url.endswith("/") and h.url != q.root_url]
@@ -377,9 +372,7 @@ def _locate(ep: _Episode, q: ParsedQuestion, name: str, kind: str, label: str) -
         page = ep.visit(thought, url)
         if page is None:
             continue
-        anchors = {link.title: link.url for link in page.links}
-        near = [a for a in anchors if is_near_miss(a, name)]
-        target = _choose(ep, name, anchors.get(name), near, anchors.__getitem__)
+        target = _choose(ep, name, {link.title: link.url for link in page.links})
         if target is not None:
             return _open(ep, name, target, f"This page links to {name}; I'll open it.")
         for next_url, next_thought in _directory_links(page, q.root_url, name, kind):
@@ -398,11 +391,13 @@ def _search(ep: _Episode, name: str, label: str, wanted: str) -> list[SearchHit]
     return hits
 
 
-def _choose(ep: _Episode, name: str, exact: str | None, near: list[str], url_of) -> str | None:
-    """The URL to open for ``name``: the exact match, or -- on a ``wrong_link`` slip -- a near miss."""
+def _choose(ep: _Episode, name: str, links: dict[str, str]) -> str | None:
+    """Among ``links`` (title -> URL), the one to open for ``name``: its exact title, or -- on a
+    ``wrong_link`` slip, when a near-miss title is on offer -- the first near miss."""
+    near = [title for title in links if is_near_miss(title, name)]
     if near and ep.slip("wrong_link"):
-        return url_of(near[0])
-    return exact
+        return links[near[0]]
+    return links.get(name)
 
 
 def _open(ep: _Episode, name: str, url: str, thought: str) -> VisitedPage:
