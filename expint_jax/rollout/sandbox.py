@@ -23,7 +23,9 @@ Every run gets a fresh process and a fresh scratch directory (its working direct
   permissions add nothing when that user is root: run the parent unprivileged where it matters.
 
 ``Sandbox.run(code) -> SandboxResult`` never raises for anything the code does; ``SandboxError``
-is for a sandbox that cannot start at all. ``killed_reason`` is one of ``KILLED_REASONS`` or None.
+is for a sandbox that cannot start at all. ``killed_reason`` says which limit stopped the code
+(one of ``KILLED_REASONS``: killed by the wall clock or ``RLIMIT_CPU``, a ``MemoryError``, a write
+refused by ``RLIMIT_FSIZE``, or another signal), or is None when the code ended on its own.
 Refusals by the audit hook are ``PermissionError``s raised inside the code: the traceback on
 stderr names them ("sandbox: network access is disabled").
 """
@@ -87,7 +89,7 @@ class SandboxResult:
     stderr: str
     exit_status: int | None  # None when the process was killed by a signal
     timed_out: bool  # the wall-clock limit fired
-    killed_reason: str | None  # one of KILLED_REASONS, or None
+    killed_reason: str | None  # the limit that stopped the code (KILLED_REASONS), or None
     pid: int  # also the process-group id of the run
 
     @property
@@ -324,11 +326,13 @@ def _guard(scratch):
             if writing and not inside(full):
                 raise PermissionError(f"sandbox: writing outside the scratch directory is not allowed ({path!r})")
             if full is not None and not inside(full) and os.path.isdir(full):
-                raise PermissionError(f"sandbox: opening directories outside the scratch directory is not allowed ({path!r})")
+                raise PermissionError(
+                    f"sandbox: opening directories outside the scratch directory is not allowed ({path!r})")
         elif event in path_events:
             for i in path_events[event]:
                 if not inside(resolve(args[i])):
-                    raise PermissionError(f"sandbox: changing files outside the scratch directory is not allowed ({event} {args[i]!r})")
+                    raise PermissionError(
+                        f"sandbox: changing files outside the scratch directory is not allowed ({event} {args[i]!r})")
         elif event.startswith("socket."):
             raise PermissionError("sandbox: network access is disabled")
         elif event in process_events:
@@ -403,7 +407,8 @@ def observation(result: SandboxResult, limits: SandboxLimits) -> str:
         "wall_time": f"Execution stopped: the code ran longer than the time limit of {limits.wall_time_s:g} s.",
         "cpu_time": f"Execution stopped: the code used more than {limits.cpu_time_s} s of CPU time.",
         "memory": f"Execution stopped: the code tried to use more than {limits.memory_bytes >> 20} MiB of memory.",
-        "file_size": f"Execution stopped: the code wrote more than {limits.max_file_bytes >> 20} MiB of output or files.",
+        "file_size": (f"Execution stopped: the code wrote more than {limits.max_file_bytes >> 20} MiB of output "
+                      "or files."),
         "signal": "Execution stopped: the process was killed by a signal.",
     }.get(result.killed_reason or "")
     if reason:

@@ -73,7 +73,8 @@ def test_exact_match_judge_verdicts():
     assert verdict.correct and verdict.method == "exact_match" and verdict.reward == 1.0
     assert judge.judge("q?", "Port Kessa", None).method == "no_prediction"
     assert judge.judge("q?", "Port Kessa", "   ").reward == 0.0
-    assert [v.correct for v in judge.judge_batch([JudgeInput("q", "1", "1"), JudgeInput("q", "1", "2")])] == [True, False]
+    verdicts = judge.judge_batch([JudgeInput("q", "1", "1"), JudgeInput("q", "1", "2")])
+    assert [v.correct for v in verdicts] == [True, False]
 
 
 @pytest.mark.parametrize("reply, verdict", [

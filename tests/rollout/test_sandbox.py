@@ -150,7 +150,8 @@ def test_writes_outside_the_scratch_directory_are_refused(sandbox, tmp_path):
 
 
 def test_scratch_directory_is_fresh_writable_and_removed(sandbox):
-    first = sandbox.run("import os\nopen('note.txt', 'w').write('hi')\nprint(os.getcwd())\nprint(open('note.txt').read())")
+    first = sandbox.run("import os\nopen('note.txt', 'w').write('hi')\nprint(os.getcwd())\n"
+                        "print(open('note.txt').read())")
     scratch, content = first.stdout.split()
     assert first.ok and content == "hi"
     assert not os.path.exists(scratch)

@@ -41,7 +41,7 @@ from expint_jax.records import Completion, Message, SamplingParams, Trajectory
 from expint_jax.rollout import prompts
 from expint_jax.rollout.agent import observe
 from expint_jax.rollout.envs.base import Environment, Task
-from expint_jax.rollout.envs.simweb.site import RELATIONS, SECTION_TITLES
+from expint_jax.rollout.envs.simweb.site import RELATIONS, SECTION_TITLES, format_number
 from expint_jax.rollout.envs.simweb.tasks import ParsedQuestion, parse_question
 from expint_jax.rollout.envs.simweb.tools import VisitedPage, parse_page
 from expint_jax.rollout.envs.web import SearchHit, parse_search_results
@@ -344,7 +344,7 @@ def _combine(q: ParsedQuestion, label: str, values: list[str]) -> tuple[str, str
         winner = a if pick_a else b
         return f"{read} So the answer is {winner}.", winner
     result = {"sum": x + y, "difference": x - y, "gap": abs(x - y)}[combine]
-    text = _like(values[0], result, span=label in ("Founded", "Born", "Released"))
+    text = format_number(label, result)
     return f"{read} The {combine} is {text}.", text
 
 
@@ -432,15 +432,6 @@ def _guess_from_snippets(hits: list[SearchHit], label: str) -> str:
             return UNKNOWN
         return str(int(numbers[0])) if numbers[0].is_integer() else str(numbers[0])
     return hits[0].title if hits else UNKNOWN
-
-
-def _like(example: str, value: float, span: bool) -> str:
-    """``value`` written like ``example`` ("$1,234.50" style money, "1,240" counts; years as spans)."""
-    if span:
-        return str(round(value))
-    if example.startswith("$"):
-        return f"${value:,.2f}" if "." in example else f"${round(value):,}"
-    return f"{round(value):,}"
 
 
 def run_reference_agent(

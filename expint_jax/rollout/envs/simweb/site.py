@@ -130,16 +130,20 @@ class Site:
 # ---------------------------------------------------------------------------------------------
 
 
-def _count(n: int) -> str:
-    return f"{n:,}"
+YEAR_LABELS = ("Founded", "Born", "Released")
 
 
-def _dollars(n: int) -> str:
-    return f"${n:,}"
-
-
-def _price(cents: int) -> str:
-    return f"${cents // 100:,}.{cents % 100:02d}"
+def format_number(label: str, number: float) -> str:
+    """A numeric value as pages show it: "$1,249.99" prices, "$4,200,000" budgets, "1,240" counts,
+    plain years (and spans of years)."""
+    if label == "Price":
+        cents = round(number * 100)
+        return f"${cents // 100:,}.{cents % 100:02d}"
+    if label == "Annual budget":
+        return f"${round(number):,}"
+    if label in YEAR_LABELS:
+        return str(round(number))
+    return f"{round(number):,}"
 
 
 def _date(day: datetime.date) -> str:
@@ -208,8 +212,8 @@ def _draft_entities(rng: random.Random, theme: Theme, cities: list[str], names: 
             "Founded": Fact("Founded", str(rng.randint(1890, 2015))),
             "Headquarters": Fact("Headquarters", rng.choice(cities)),
             "Director": Fact("Director", directors[org], ref=directors[org]),
-            "Staff": Fact("Staff", _count(rng.randint(8, 4800))),
-            "Annual budget": Fact("Annual budget", _dollars(1000 * rng.randint(40, 90000))),
+            "Staff": Fact("Staff", format_number("Staff", rng.randint(8, 4800))),
+            "Annual budget": Fact("Annual budget", format_number("Annual budget", 1000 * rng.randint(40, 90000))),
         }))
     led = {person: org for org, person in directors.items()}
     for person in people:
@@ -226,15 +230,15 @@ def _draft_entities(rng: random.Random, theme: Theme, cities: list[str], names: 
             "Date": Fact("Date", _date(_random_date(rng, 1988, 2023))),
             "Venue": Fact("Venue", rng.choice(cities)),
             "Organizer": Fact("Organizer", organizer, ref=organizer),
-            "Attendance": Fact("Attendance", _count(rng.randint(40, 60000))),
+            "Attendance": Fact("Attendance", format_number("Attendance", rng.randint(40, 60000))),
         }))
     for product in products:
         maker = rng.choice(orgs)
         drafts.append(_Draft("product", product, {
             "Released": Fact("Released", str(rng.randint(1985, 2023))),
             "Maker": Fact("Maker", maker, ref=maker),
-            "Price": Fact("Price", _price(100 * rng.randint(5, 2400) + rng.choice((0, 50, 95, 99)))),
-            "Units sold": Fact("Units sold", _count(rng.randint(120, 900000))),
+            "Price": Fact("Price", format_number("Price", rng.randint(5, 2400) + rng.choice((0, 50, 95, 99)) / 100)),
+            "Units sold": Fact("Units sold", format_number("Units sold", rng.randint(120, 900000))),
         }))
     return drafts
 
@@ -268,17 +272,18 @@ def _draft_twins(
 
 def _perturb(rng: random.Random, fact: Fact, cities: list[str], orgs: list[str], theme: Theme) -> Fact:
     label, value = fact.label, fact.value
-    if label in ("Founded", "Born", "Released"):
+    if label in YEAR_LABELS:
         return Fact(label, str(_near(rng, int(value), 1, 6)))
     if label in ("Headquarters", "Hometown", "Venue"):
         return Fact(label, rng.choice([c for c in cities if c != value]))
     if label in ("Staff", "Attendance", "Units sold"):
-        return Fact(label, _count(_near_count(rng, int(value.replace(",", "")))))
+        return Fact(label, format_number(label, _near_count(rng, int(value.replace(",", "")))))
     if label == "Annual budget":
-        return Fact(label, _dollars(1000 * _near_count(rng, int(value[1:].replace(",", "")) // 1000)))
+        thousands = _near_count(rng, int(value[1:].replace(",", "")) // 1000)
+        return Fact(label, format_number(label, 1000 * thousands))
     if label == "Price":
         cents = int(value[1:].replace(",", "").replace(".", ""))
-        return Fact(label, _price(max(100, cents + rng.choice((-1, 1)) * 100 * rng.randint(1, 40))))
+        return Fact(label, format_number(label, max(100, cents + rng.choice((-1, 1)) * 100 * rng.randint(1, 40)) / 100))
     if label == "Date":
         day = datetime.datetime.strptime(value, "%d %B %Y").date()
         return Fact(label, _date(day + datetime.timedelta(days=rng.choice((-1, 1)) * rng.randint(3, 400))))
@@ -354,7 +359,7 @@ def _build_pages(
         related += [Link(e.name, e.url) for e in entities
                     if any(f.ref == entity.name and f.label != "Director" for f in e.facts)]
         links = (root, parent) + tuple(dict.fromkeys(related))
-        pages.append(Page(entity.url, entity.name, _item_text(rng, entity, site_name, theme), links,
+        pages.append(Page(entity.url, entity.name, _item_text(rng, entity, site_name), links,
                           items_indexed, "item", parent.url))
     news = _news_pages(rng, site_name, root_url, entities, news_link)
     pages.append(Page(news_url, news_link.title,
@@ -391,7 +396,7 @@ _DESCRIPTIONS = {
 }
 
 
-def _item_text(rng: random.Random, entity: Entity, site_name: str, theme: Theme) -> str:
+def _item_text(rng: random.Random, entity: Entity, site_name: str) -> str:
     facts = "\n".join(f"- {f.label}: {f.value}" for f in entity.facts)
     return (f"{_DESCRIPTIONS[entity.kind].format(name=entity.name, site=site_name)}\n\n"
             f"Key facts:\n{facts}\n\n{_background(rng, entity)}")

@@ -29,7 +29,7 @@ from typing import Any
 
 from expint_jax.rollout.envs.base import Task
 from expint_jax.rollout.envs.simweb.names import NameRegistry
-from expint_jax.rollout.envs.simweb.site import LEVELS, RELATIONS, Entity, Site, generate_site
+from expint_jax.rollout.envs.simweb.site import LEVELS, RELATIONS, Entity, Site, format_number, generate_site
 from expint_jax.rollout.judge import parse_number
 
 STYLES = ("lookup", "chain", "compare", "arithmetic")
@@ -174,17 +174,6 @@ def _number(value: str) -> float:
     return number
 
 
-def _format_number(label: str, number: float) -> str:
-    if label == "Price":
-        cents = round(number * 100)
-        return f"${cents // 100:,}.{cents % 100:02d}"
-    if label == "Annual budget":
-        return f"${round(number):,}"
-    if label in ("Founded", "Born", "Released"):  # a span of years, not a year
-        return str(round(number))
-    return f"{round(number):,}"
-
-
 def _combine(form: QuestionForm, a: Entity, b: Entity) -> str | None:
     """The answer of a two-entity question, or None when the two values tie."""
     label = form.path[-1]
@@ -196,11 +185,11 @@ def _combine(form: QuestionForm, a: Entity, b: Entity) -> str | None:
     if form.combine == "largest":
         return a.name if x > y else b.name
     if form.combine == "sum":
-        return _format_number(label, x + y)
+        return format_number(label, x + y)
     if form.combine == "difference":  # the question says "more ... {a} than {b}": a is the larger
-        return _format_number(label, x - y) if x > y else None
+        return format_number(label, x - y) if x > y else None
     if form.combine == "gap":
-        return _format_number(label, abs(x - y))
+        return format_number(label, abs(x - y))
     raise ValueError(f"unknown combine {form.combine!r} in form {form.key!r}")
 
 
