@@ -1,0 +1,131 @@
+"""LocalEngine: chat completions from a local checkpoint with the offline Qwen3 tokenizer.
+
+The checkpoint is a tiny random Qwen3 with the real vocabulary, saved with the tokenizer files so
+that ``from_checkpoint`` loads both. Conversations are sized so that most calls share one padded
+shape (and one compilation).
+"""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from expint_jax.models.hf import load_checkpoint
+from expint_jax.models.tokenizer import load_tokenizer, save_tokenizer
+from expint_jax.parallel.mesh import MeshConfig, make_mesh
+from expint_jax.records import Message, SamplingParams
+from expint_jax.rollout.llm.base import BackendError, ChatBackend
+from expint_jax.rollout.llm.local import LocalEngine
+from expint_jax.rollout.sampler import Greedy, decode, generate
+from tests.models.hf_fixtures import make_checkpoint
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+SAMPLED = SamplingParams(temperature=0.9, top_k=40, max_tokens=8, seed=3)
+
+
+def _conversation(question: str) -> list[Message]:
+    return [Message("system", "You are a careful web agent."), Message("user", question)]
+
+
+CONVERSATIONS = [
+    _conversation("Which river flows through Lyon?"),
+    _conversation("Name the tallest mountain in Europe, please."),
+    _conversation("Who wrote Les Misérables?"),
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("qwen3")
+    make_checkpoint(directory, vocab_size=151936, max_position_embeddings=4096)
+    save_tokenizer(load_tokenizer(None), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return LocalEngine.from_checkpoint(checkpoint, max_batch_size=2)
+
+
+def test_chat_equals_direct_generation_on_the_encoded_prompts(engine):
+    assert isinstance(engine, ChatBackend)
+    completions = engine.chat(CONVERSATIONS, GREEDY)
+    chat_format = engine.chat_format
+    prompts = [chat_format.encode_prompt(c) for c in CONVERSATIONS]
+    direct = generate(*nnx.split(engine.model), prompts, strategy=Greedy(), max_new_tokens=8,
+                      eos_ids=chat_format.eos_ids)
+    for completion, expected in zip(completions, direct):
+        assert completion.token_ids == expected.token_ids
+        assert completion.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+        assert completion.text == chat_format.tokenizer.decode(list(expected.token_ids))
+        assert completion.finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+        assert completion.error is None
+
+
+def test_stop_strings_cut_chat_text(engine):
+    free = engine.chat(CONVERSATIONS[:1], GREEDY)[0].text
+    start = next(i for i in range(2, len(free) - 2) if "\ufffd" not in free[i:i + 2] and free.find(free[i:i + 2]) == i)
+    stop = free[start:start + 2]
+    completion = engine.chat(CONVERSATIONS[:1], SamplingParams(temperature=0.0, max_tokens=8, stop=("\x00", stop)))[0]
+    assert completion.finish_reason == "stop" and completion.stop_string == stop
+    assert completion.text == free[:start]
+
+
+def _engine_like(engine: LocalEngine, **kwargs) -> LocalEngine:
+    return LocalEngine(engine.model, engine.chat_format.tokenizer, **kwargs)
+
+
+def test_results_do_not_depend_on_micro_batching(engine):
+    one_batch = _engine_like(engine, max_batch_size=4).chat(CONVERSATIONS, SAMPLED)
+    micro_batched = engine.chat(CONVERSATIONS, SAMPLED)
+    assert [c.token_ids for c in micro_batched] == [c.token_ids for c in one_batch]
+    assert [c.text for c in micro_batched] == [c.text for c in one_batch]
+    again = engine.chat(CONVERSATIONS, SAMPLED)
+    assert again == micro_batched
+    other_seed = engine.chat(CONVERSATIONS, SamplingParams(temperature=0.9, top_k=40, max_tokens=8, seed=4))
+    assert [c.token_ids for c in other_seed] != [c.token_ids for c in micro_batched]
+
+
+def test_context_overflow_is_a_length_completion_not_a_crash(engine):
+    engine = _engine_like(engine, max_batch_size=2, max_context=30)
+    short = _conversation("Hi?")
+    long = _conversation("Tell me everything about " + "the history of Lyon and " * 10)
+    assert len(engine.chat_format.encode_prompt(short)) > 30 - 16
+    completions = engine.chat([short, long, [Message("user", "x"), {"role": "user"}]], SamplingParams(max_tokens=16))
+    room = 30 - len(engine.chat_format.encode_prompt(short))
+    assert len(completions[0].token_ids) <= room and completions[0].error is None
+    assert completions[1].finish_reason == "length" and completions[1].text == ""
+    assert "leaves no room in the context of 30 tokens" in completions[1].error
+    assert completions[2].finish_reason == "error" and "conversation 2" in completions[2].error
+
+
+def test_set_params_swaps_weights_without_recompiling(engine):
+    before = engine.chat(CONVERSATIONS[:2], GREEDY)
+    compiled = decode._cache_size()
+    original = engine.state
+    engine.set_params(jax.tree.map(lambda x: x * 1.5, original))
+    after = engine.chat(CONVERSATIONS[:2], GREEDY)
+    assert decode._cache_size() == compiled
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]
+    engine.set_params(original)
+    assert engine.chat(CONVERSATIONS[:2], GREEDY) == before
+    wrong = jax.tree.map(lambda x: x, original)
+    wrong["final_norm"].set_value(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match=r"final_norm.* is float32\[3\], expected float32\[64\]"):
+        engine.set_params(wrong)
+
+
+def test_sharded_engine_equals_single_device(checkpoint, engine):
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    sharded = LocalEngine(load_checkpoint(checkpoint, mesh=mesh), engine.chat_format.tokenizer, mesh=mesh,
+                          max_batch_size=4)
+    assert sharded._batch_size(3) == 4 and sharded._batch_size(1) == 4
+    completions = sharded.chat(CONVERSATIONS, SAMPLED)
+    assert [c.token_ids for c in completions] == [c.token_ids for c in engine.chat(CONVERSATIONS, SAMPLED)]
+
+
+def test_bad_configuration_is_a_backend_error(engine):
+    with pytest.raises(BackendError, match="max_batch_size must be >= 1"):
+        _engine_like(engine, max_batch_size=0)
+    with pytest.raises(BackendError, match="max_context must be >= 2"):
+        _engine_like(engine, max_context=1)
