@@ -1,0 +1,458 @@
+"""Token-level divergences between a frozen teacher and a trainable student, memory-bounded.
+
+Contract
+--------
+Context distillation compares a teacher (sees the experience text) with a student (does not)
+at the positions the agent wrote. The caller gathers the hidden states at those positions;
+this module projects them to the vocabulary chunk by chunk so that a ``[tokens, vocab]``
+logits tensor never exists, in the forward or the backward pass.
+
+* :class:`Divergence` names the loss (a hashable strategy object, usable as a jit static arg).
+* :func:`token_divergence` is the pure per-token math on one chunk of logits.
+* :func:`chunked_token_losses` projects hidden states to logits one chunk at a time (fp32 inside
+  the chunk only) under ``lax.scan`` and returns per-token losses. Its ``custom_vjp`` keeps only
+  the inputs, recomputes each chunk's logits in the backward pass and applies closed-form logit
+  gradients (faster and leaner than autodiff under ``jax.checkpoint``; first-order reverse mode
+  only). Only the student gets gradients; the teacher is under ``stop_gradient``.
+* :func:`reduce_losses` turns per-token losses into a scalar plus :class:`LossSums`, the
+  ``(total, count)`` pair that aggregates exactly across micro-batches and hosts.
+
+Conventions (p = teacher distribution, q = student distribution, y = the token written)
+---------------------------------------------------------------------------------------
+* ``forward_kl``: KL(p ‖ q) = Σ_v p_v (log p_v − log q_v)  (mode-covering; off-policy regime).
+* ``reverse_kl``: KL(q ‖ p) = Σ_v q_v (log q_v − log p_v)  (mode-seeking; on-policy regime).
+* ``jsd`` (generalized JSD, the convention of on-policy distillation / TRL's GKD): for
+  0 < beta < 1, with M = beta·p + (1 − beta)·q formed in log space,
+  loss = beta·KL(p ‖ M) + (1 − beta)·KL(q ‖ M). The endpoints are special-cased: beta == 0 is
+  exactly ``forward_kl`` and beta == 1 exactly ``reverse_kl`` (the mixture formula would
+  degenerate to 0 there).
+* ``sampled``: single-sample on-policy estimator at y. Value: log q(y) − log p(y). Gradient
+  w.r.t. the student: stop_grad(log q(y) − log p(y))·∇ log q(y), the score-function estimator
+  of ∇ KL(q ‖ p) when y ~ q.
+* ``topk``: take the teacher's top-k tokens; both sides get k + 1 buckets (those k tokens plus one
+  tail bucket holding the remaining mass); loss = KL(p ‖ q) over the buckets. The tail's log mass
+  is the log-sum-exp over the tokens outside the top k, which equals log(1 − Σ top-k) without
+  the cancellation, so it is finite and accurate even when the tail is ~0. Requires k < vocab.
+* ``nll``: −log q(y) (SFT); no teacher needed.
+* Temperature T divides both sides' logits. The KL-type losses (forward_kl, reverse_kl, jsd,
+  topk) are multiplied by T² (standard distillation scaling, keeps gradient magnitudes
+  comparable across T); ``sampled`` and ``nll`` use T for the logits but are not rescaled.
+* All math is fp32 whatever the input dtype; 0·log 0 = 0.
+* ``targets`` must be valid token ids at every position, padding included (pad with any real id
+  and give it weight 0): an out-of-range id yields NaN rather than a silently clamped loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DivergenceKind = Literal["forward_kl", "reverse_kl", "jsd", "sampled", "topk", "nll"]
+Reduction = Literal["token_mean", "sequence_sum"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Divergence:
+    """Which per-token loss to compute, with its hyper-parameters (see the module docstring)."""
+
+    kind: DivergenceKind
+    beta: float = 0.5
+    top_k: int = 64
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        kinds = get_args(DivergenceKind)
+        if self.kind not in kinds:
+            raise ValueError(f"Divergence.kind must be one of {kinds}, got {self.kind!r}")
+        if not 0.0 <= self.beta <= 1.0:  # also rejects NaN
+            raise ValueError(f"Divergence.beta must lie in [0, 1], got {self.beta!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"Divergence.top_k must be an integer >= 1, got {self.top_k!r}")
+        if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(f"Divergence.temperature must be finite and > 0, got {self.temperature!r}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kind != "nll"
+
+    @property
+    def resolved_kind(self) -> str:
+        """The kind actually computed: jsd's endpoints are exactly forward / reverse KL."""
+        if self.kind == "jsd" and self.beta in (0.0, 1.0):
+            return "forward_kl" if self.beta == 0.0 else "reverse_kl"
+        return self.kind
+
+
+def token_divergence(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array | None,
+    targets: jax.Array,
+    spec: Divergence,
+) -> jax.Array:
+    """Per-token loss ``[n]`` (fp32) from student/teacher logits ``[n, V]`` and targets ``[n]``.
+
+    ``teacher_logits`` may be None only for ``nll``. The teacher is frozen: no gradient reaches it.
+    """
+    _check_logits(student_logits, teacher_logits, targets, spec)
+    temperature = spec.temperature
+    student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    if spec.kind == "nll":
+        return -_at_targets(student_logp, targets)
+
+    teacher_logp = lax.stop_gradient(
+        jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    )
+    kind = spec.resolved_kind
+    if kind == "sampled":
+        return _sampled_estimator(student_logp, teacher_logp, targets)
+    if kind == "forward_kl":
+        loss = _kl(teacher_logp, student_logp)
+    elif kind == "reverse_kl":
+        loss = _kl(student_logp, teacher_logp)
+    elif kind == "jsd":
+        loss = _interior_jsd(student_logp, teacher_logp, spec.beta)
+    else:
+        loss = _top_k_bucket_kl(student_logp, teacher_logp, spec.top_k)
+    return loss * temperature**2
+
+
+def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """KL(p ‖ q) over the last axis; terms with p == 0 are exactly 0 (and so are their grads)."""
+    positive = jnp.exp(log_p) > 0.0
+    # Double `where`: a -inf log-probability must not leak NaN into the gradient of a masked term.
+    safe_log_p = jnp.where(positive, log_p, 0.0)
+    safe_log_q = jnp.where(positive, log_q, 0.0)
+    terms = jnp.where(positive, jnp.exp(safe_log_p) * (safe_log_p - safe_log_q), 0.0)
+    return jnp.sum(terms, axis=-1)
+
+
+def _interior_jsd(student_logp: jax.Array, teacher_logp: jax.Array, beta: float) -> jax.Array:
+    log_mixture = jnp.logaddexp(teacher_logp + math.log(beta), student_logp + math.log1p(-beta))
+    return beta * _kl(teacher_logp, log_mixture) + (1.0 - beta) * _kl(student_logp, log_mixture)
+
+
+def _sampled_estimator(student_logp: jax.Array, teacher_logp: jax.Array, targets: jax.Array) -> jax.Array:
+    student_at_y = _at_targets(student_logp, targets)
+    log_ratio = lax.stop_gradient(student_at_y - _at_targets(teacher_logp, targets))
+    # Forward value is log_ratio; backward sees only log_ratio · ∇ log q(y).
+    surrogate = log_ratio * student_at_y
+    return log_ratio + surrogate - lax.stop_gradient(surrogate)
+
+
+def _top_k_bucket_kl(student_logp: jax.Array, teacher_logp: jax.Array, top_k: int) -> jax.Array:
+    in_top, top_ids = _teacher_top_k(teacher_logp, top_k)
+
+    def buckets(log_probs: jax.Array) -> jax.Array:
+        top = jnp.take_along_axis(log_probs, top_ids, axis=-1)
+        return jnp.concatenate([top, _tail_log_mass(log_probs, in_top)[:, None]], axis=-1)
+
+    return _kl(buckets(teacher_logp), buckets(student_logp))
+
+
+def _teacher_top_k(teacher_logp: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """Mask ``[n, V]`` of the teacher's top-k tokens per row, and their ids ``[n, k]``."""
+    _, top_ids = lax.top_k(teacher_logp, top_k)
+    rows = jnp.arange(teacher_logp.shape[0])[:, None]
+    return jnp.zeros(teacher_logp.shape, bool).at[rows, top_ids].set(True), top_ids
+
+
+def _tail_log_mass(log_probs: jax.Array, in_top: jax.Array) -> jax.Array:
+    """log Σ_{v outside top-k} p_v = log(1 − Σ top-k), without the cancellation.
+
+    Shifted by the largest log-probability outside the top k, so the sum is >= 1 and its log is
+    finite however small the tail is.
+    """
+    outside = jnp.where(in_top, -jnp.inf, log_probs)
+    peak = lax.stop_gradient(jnp.max(outside, axis=-1, keepdims=True))
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    return peak[:, 0] + jnp.log(jnp.sum(jnp.exp(outside - peak), axis=-1))
+
+
+def _student_logit_grad(
+    student_logits: jax.Array, teacher_logits: jax.Array | None, targets: jax.Array, spec: Divergence
+) -> jax.Array:
+    """∂ token_divergence / ∂ student_logits ``[n, V]`` in closed form (each row its own token).
+
+    Closed forms keep the backward pass to one fused elementwise pass per chunk instead of the
+    several chunk-sized buffers that differentiating :func:`token_divergence` needs.
+    """
+    temperature = spec.temperature
+    student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    student_p = jnp.exp(student_logp)
+    if spec.kind == "nll":
+        return (student_p - _one_hot(targets, student_p.shape[-1])) / temperature
+
+    teacher_logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    kind = spec.resolved_kind
+    if kind == "sampled":
+        log_ratio = _at_targets(student_logp, targets) - _at_targets(teacher_logp, targets)
+        return log_ratio[:, None] * (_one_hot(targets, student_p.shape[-1]) - student_p) / temperature
+    if kind == "forward_kl":
+        return temperature * (student_p - jnp.exp(teacher_logp))
+    if kind == "reverse_kl":
+        return temperature * _centered_by_student(student_p, student_logp - teacher_logp)
+    if kind == "jsd":
+        # d/dq of beta·KL(p‖M) + (1-beta)·KL(q‖M) collapses to (1-beta)·(log q − log M).
+        log_mixture = jnp.logaddexp(teacher_logp + math.log(spec.beta), student_logp + math.log1p(-spec.beta))
+        return temperature * (1.0 - spec.beta) * _centered_by_student(student_p, student_logp - log_mixture)
+    # topk: a top-k token gets q − p; a tail token gets q·(1 − p_tail / q_tail).
+    in_top, _ = _teacher_top_k(teacher_logp, spec.top_k)
+    tail_ratio = jnp.exp(_tail_log_mass(teacher_logp, in_top) - _tail_log_mass(student_logp, in_top))
+    return temperature * jnp.where(
+        in_top, student_p - jnp.exp(teacher_logp), student_p * (1.0 - tail_ratio[:, None])
+    )
+
+
+def _centered_by_student(student_p: jax.Array, score: jax.Array) -> jax.Array:
+    """q ⊙ (score − E_q[score]), the softmax-Jacobian product; 0 where q == 0."""
+    positive = student_p > 0.0
+    safe_score = jnp.where(positive, score, 0.0)
+    expected = jnp.sum(student_p * safe_score, axis=-1, keepdims=True)
+    return jnp.where(positive, student_p * (safe_score - expected), 0.0)
+
+
+def _one_hot(targets: jax.Array, vocab: int) -> jax.Array:
+    return (jnp.arange(vocab)[None, :] == targets[:, None]).astype(jnp.float32)
+
+
+def _at_targets(log_probs: jax.Array, targets: jax.Array) -> jax.Array:
+    picked = jnp.take_along_axis(log_probs, targets[:, None], axis=-1, mode="fill", fill_value=jnp.nan)
+    return picked[:, 0]
+
+
+def _check_logits(student_logits, teacher_logits, targets, spec: Divergence) -> None:
+    if student_logits.ndim != 2:
+        raise ValueError(f"student_logits must be [tokens, vocab], got shape {student_logits.shape}")
+    if targets.shape != student_logits.shape[:1]:
+        raise ValueError(
+            f"targets must be [tokens] = {student_logits.shape[:1]} to match student_logits "
+            f"{student_logits.shape}, got shape {targets.shape}"
+        )
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    if not spec.needs_teacher:
+        return
+    if teacher_logits is None:
+        raise ValueError(f"Divergence kind {spec.kind!r} needs teacher_logits, got None")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits shape {teacher_logits.shape} != student_logits shape {student_logits.shape}"
+        )
+    _check_top_k(spec, student_logits.shape[-1])
+
+
+def _check_top_k(spec: Divergence, vocab: int) -> None:
+    if spec.kind == "topk" and spec.top_k >= vocab:
+        raise ValueError(
+            f"Divergence top_k={spec.top_k} must be < vocab size {vocab} (the tail bucket would be empty)"
+        )
+
+
+def chunked_token_losses(
+    student_hidden: jax.Array,
+    student_unembed: jax.Array,
+    teacher_hidden: jax.Array | None,
+    teacher_unembed: jax.Array | None,
+    targets: jax.Array,
+    spec: Divergence,
+    *,
+    chunk_size: int = 1024,
+) -> jax.Array:
+    """Per-token losses ``[N]`` (fp32) from hidden states at the loss positions.
+
+    ``student_hidden`` is ``[N, Ds]``, ``student_unembed`` ``[V, Ds]`` (vocab-major, like an HF
+    ``lm_head.weight``); likewise ``teacher_hidden`` ``[N, Dt]`` / ``teacher_unembed`` ``[V, Dt]``
+    (both None for ``nll``). Logits exist one ``[chunk_size, V]`` block at a time; the backward
+    pass recomputes each block. Gradients flow to the student arrays only.
+    """
+    _check_hidden(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec, chunk_size)
+    num_tokens = student_hidden.shape[0]
+    if num_tokens == 0:
+        return jnp.zeros((0,), jnp.float32)
+    if not spec.needs_teacher:
+        teacher_hidden = teacher_unembed = None
+
+    chunk = min(chunk_size, num_tokens)
+    num_chunks = -(-num_tokens // chunk)
+    padding = num_chunks * chunk - num_tokens
+
+    def to_chunks(x: jax.Array | None) -> jax.Array | None:
+        if x is None:
+            return None
+        # Zero hidden rows and token id 0 give finite (uniform-logit) losses that are sliced
+        # off below, and they get a zero cotangent, so padding changes no value or gradient.
+        x = jnp.pad(x, [(0, padding)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((num_chunks, chunk) + x.shape[1:])
+
+    losses = _chunked_losses(
+        spec,
+        to_chunks(student_hidden),
+        student_unembed,
+        to_chunks(teacher_hidden),
+        teacher_unembed,
+        to_chunks(targets),
+    )
+    return losses.reshape(-1)[:num_tokens]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_losses(spec, student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets):
+    """Losses ``[chunks, chunk]`` from hidden states split into chunks ``[chunks, chunk, D]``."""
+
+    def step(carry, chunk_inputs):
+        s_hidden, t_hidden, chunk_targets = chunk_inputs
+        s_logits, t_logits = _chunk_logits(s_hidden, student_unembed, t_hidden, teacher_unembed)
+        return carry, token_divergence(s_logits, t_logits, chunk_targets, spec)
+
+    _, losses = lax.scan(step, None, (student_hidden, teacher_hidden, targets))
+    return losses
+
+
+def _chunked_losses_fwd(spec, student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets):
+    losses = _chunked_losses(spec, student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets)
+    # Only the inputs are kept; the backward pass recomputes each chunk's logits.
+    return losses, (student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets)
+
+
+def _chunked_losses_bwd(spec, residuals, loss_cotangent):
+    student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets = residuals
+    # Logit gradients enter the matmuls in the student's own dtype (fp32 accumulation), as
+    # autodiff would; promoting to fp32 instead would copy the whole [V, D] unembedding per chunk.
+    compute_dtype = jnp.result_type(student_hidden.dtype, student_unembed.dtype)
+
+    def step(unembed_grad, chunk_inputs):
+        s_hidden, t_hidden, chunk_targets, chunk_cotangent = chunk_inputs
+        s_logits, t_logits = _chunk_logits(s_hidden, student_unembed, t_hidden, teacher_unembed)
+        logit_grad = _student_logit_grad(s_logits, t_logits, chunk_targets, spec)
+        logit_grad = (logit_grad * chunk_cotangent[:, None].astype(jnp.float32)).astype(compute_dtype)
+        hidden_grad = jnp.einsum("nv,vd->nd", logit_grad, student_unembed, preferred_element_type=jnp.float32)
+        unembed_grad = unembed_grad + jnp.einsum(
+            "nv,nd->vd", logit_grad, s_hidden, preferred_element_type=jnp.float32
+        )
+        return unembed_grad, hidden_grad.astype(student_hidden.dtype)
+
+    unembed_grad, hidden_grad = lax.scan(
+        step,
+        jnp.zeros(student_unembed.shape, jnp.float32),
+        (student_hidden, teacher_hidden, targets, loss_cotangent),
+    )
+    # The teacher is frozen and targets are integers: neither gets a cotangent.
+    return hidden_grad, unembed_grad.astype(student_unembed.dtype), None, None, None
+
+
+_chunked_losses.defvjp(_chunked_losses_fwd, _chunked_losses_bwd)
+
+
+def _chunk_logits(s_hidden, s_unembed, t_hidden, t_unembed) -> tuple[jax.Array, jax.Array | None]:
+    s_logits = _project(s_hidden, s_unembed)
+    t_logits = None if t_hidden is None else lax.stop_gradient(_project(t_hidden, t_unembed))
+    return s_logits, t_logits
+
+
+def _project(hidden: jax.Array, unembed: jax.Array) -> jax.Array:
+    return jnp.einsum("nd,vd->nv", hidden, unembed, preferred_element_type=jnp.float32)
+
+
+def _check_hidden(
+    student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec, chunk_size
+):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    _check_matrix_pair("student", student_hidden, student_unembed)
+    num_tokens, vocab = student_hidden.shape[0], student_unembed.shape[0]
+    if targets.shape != (num_tokens,):
+        raise ValueError(
+            f"targets must be [N] = ({num_tokens},) like student_hidden, got shape {targets.shape}"
+        )
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    _check_top_k(spec, vocab)
+    if not spec.needs_teacher:
+        return
+    if teacher_hidden is None or teacher_unembed is None:
+        raise ValueError(f"Divergence kind {spec.kind!r} needs teacher_hidden and teacher_unembed, got None")
+    _check_matrix_pair("teacher", teacher_hidden, teacher_unembed)
+    if teacher_hidden.shape[0] != num_tokens:
+        raise ValueError(
+            f"teacher_hidden has {teacher_hidden.shape[0]} tokens, student_hidden {num_tokens} "
+            f"(shapes {teacher_hidden.shape} vs {student_hidden.shape})"
+        )
+    if teacher_unembed.shape[0] != vocab:
+        raise ValueError(
+            f"teacher_unembed vocab {teacher_unembed.shape[0]} != student_unembed vocab {vocab} "
+            f"(shapes {teacher_unembed.shape} vs {student_unembed.shape})"
+        )
+
+
+def _check_matrix_pair(side: str, hidden, unembed) -> None:
+    if hidden.ndim != 2 or unembed.ndim != 2:
+        raise ValueError(
+            f"{side}_hidden must be [N, D] and {side}_unembed [V, D], "
+            f"got shapes {hidden.shape} and {unembed.shape}"
+        )
+    if hidden.shape[1] != unembed.shape[1]:
+        raise ValueError(
+            f"{side}_hidden width {hidden.shape[1]} != {side}_unembed width {unembed.shape[1]} "
+            f"(shapes {hidden.shape} and {unembed.shape})"
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LossSums:
+    """Additive loss statistics: the mean over any set of micro-batches is Σ total / Σ count."""
+
+    total: jax.Array
+    count: jax.Array
+
+    def __add__(self, other: LossSums) -> LossSums:
+        return LossSums(total=self.total + other.total, count=self.count + other.count)
+
+    def mean(self) -> jax.Array:
+        return self.total / jnp.maximum(self.count, 1.0)
+
+
+def reduce_losses(
+    per_token: jax.Array,
+    weights: jax.Array,
+    sequence_ids: jax.Array,
+    num_sequences: int,
+    reduction: Reduction,
+) -> tuple[jax.Array, LossSums]:
+    """Scalar loss and its :class:`LossSums` from per-token losses ``[N]``.
+
+    ``weights`` ``[N]`` is 0 at padding; ``sequence_ids`` ``[N]`` must lie in ``[0, num_sequences)``
+    (ids outside are dropped by the segment sum).
+
+    * ``token_mean``: Σ w·l / max(Σ w, 1); count = Σ w.
+    * ``sequence_sum``: each sequence's Σ w·l, averaged over the sequences with at least one
+      weighted token; count = the number of such sequences.
+    """
+    if per_token.ndim != 1 or weights.shape != per_token.shape or sequence_ids.shape != per_token.shape:
+        raise ValueError(
+            "per_token, weights and sequence_ids must all be [N]; got shapes "
+            f"{per_token.shape}, {weights.shape} and {sequence_ids.shape}"
+        )
+    if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
+        raise ValueError(f"num_sequences must be an integer >= 1, got {num_sequences!r}")
+    weights = weights.astype(jnp.float32)
+    weighted = per_token.astype(jnp.float32) * weights
+    if reduction == "token_mean":
+        sums = LossSums(total=jnp.sum(weighted), count=jnp.sum(weights))
+    elif reduction == "sequence_sum":
+        per_sequence = jax.ops.segment_sum(weighted, sequence_ids, num_segments=num_sequences)
+        weight_per_sequence = jax.ops.segment_sum(weights, sequence_ids, num_segments=num_sequences)
+        counted = weight_per_sequence > 0
+        sums = LossSums(
+            total=jnp.sum(jnp.where(counted, per_sequence, 0.0)),
+            count=jnp.sum(counted).astype(jnp.float32),
+        )
+    else:
+        raise ValueError(f"reduction must be one of {get_args(Reduction)}, got {reduction!r}")
+    return sums.mean(), sums
