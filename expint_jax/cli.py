@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-model": ("expint_jax.models.check", "load a Qwen3 checkpoint onto a mesh and check parity with transformers"),
+    "granularity": ("expint_jax.experience.granularity", "share of URLs, numbers, entities and strategy statements in a pool"),
 }
 
 

@@ -251,7 +251,10 @@ class Qwen3(nnx.Module):
 
     def _run(self, input_ids, positions, mask, cache: KVCache | None):
         compute = self.policy.compute
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(compute)
+        # FSDP gathers a weight before use; for the lookup table that also keeps the compiler from
+        # fighting over "fsdp", which shards both the table's embed dim and the batch of ids.
+        table = constrain(self.embed[...], ("vocab", None), self.rules)
+        x = jnp.take(table, input_ids, axis=0).astype(compute)
         x = constrain(x, ("batch", "seq", "act_embed"), self.rules)
         layer_params = {name: p[...] for name, p in self.layers.items()}
         block = functools.partial(decoder_layer, config=self.config, compute_dtype=compute, rules=self.rules)

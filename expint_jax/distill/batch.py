@@ -1,0 +1,110 @@
+"""Static-shape batches of aligned views: padding, shape buckets, the pytree the step consumes.
+
+Contract: ``collate(examples, shape)`` pads every field to ``shape`` (right padding; padded
+tokens are invalid and padded loss slots have weight 0 and target 0), so a jitted step compiles
+once per ``BatchShape``. ``bucket_shape`` rounds lengths up to multiples of a bucket size, which
+bounds the number of distinct shapes (and compilations) in a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from expint_jax.distill.views import DistillExample
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    rows: int
+    student_tokens: int
+    teacher_tokens: int
+    loss_tokens: int
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DistillBatch:
+    """Leading axis = rows. Works with numpy (host) or jax arrays (device)."""
+
+    student_ids: np.ndarray  # [B, Ls] int32
+    student_valid: np.ndarray  # [B, Ls] bool
+    teacher_ids: np.ndarray  # [B, Lt] int32
+    teacher_positions: np.ndarray  # [B, Lt] int32
+    teacher_branch: np.ndarray  # [B, Lt] int32
+    teacher_attach: np.ndarray  # [B, Lt] int32
+    teacher_valid: np.ndarray  # [B, Lt] bool
+    student_loss_index: np.ndarray  # [B, N] int32
+    teacher_loss_index: np.ndarray  # [B, N] int32
+    targets: np.ndarray  # [B, N] int32
+    weights: np.ndarray  # [B, N] float32
+
+    @property
+    def shape(self) -> BatchShape:
+        rows, student = self.student_ids.shape
+        return BatchShape(rows, student, self.teacher_ids.shape[1], self.targets.shape[1])
+
+
+def round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def bucket_shape(examples: Sequence[DistillExample], rows: int, bucket: int = 256, loss_bucket: int = 128) -> BatchShape:
+    """The smallest bucketed shape that holds every example."""
+    return BatchShape(
+        rows=rows,
+        student_tokens=round_up(max(len(e.student_ids) for e in examples), bucket),
+        teacher_tokens=round_up(max(len(e.teacher_ids) for e in examples), bucket),
+        loss_tokens=round_up(max(e.num_loss_tokens for e in examples), loss_bucket),
+    )
+
+
+def _pad(values: np.ndarray, length: int, what: str, task_id: str) -> np.ndarray:
+    if len(values) > length:
+        raise ValueError(f"example {task_id!r}: {what} has {len(values)} entries, more than the batch's {length}")
+    return np.pad(values, (0, length - len(values)))
+
+
+def collate(examples: Sequence[DistillExample], shape: BatchShape) -> DistillBatch:
+    """Pads ``examples`` (at most ``shape.rows``; missing rows are all padding) into one batch."""
+    if len(examples) > shape.rows:
+        raise ValueError(f"collate: {len(examples)} examples for a batch of {shape.rows} rows")
+    rows = {name: [] for name in (f.name for f in dataclasses.fields(DistillBatch))}
+    for e in examples:
+        ls, lt, n = shape.student_tokens, shape.teacher_tokens, shape.loss_tokens
+        rows["student_ids"].append(_pad(e.student_ids, ls, "student_ids", e.task_id))
+        rows["student_valid"].append(_pad(np.ones(len(e.student_ids), bool), ls, "student_ids", e.task_id))
+        rows["teacher_ids"].append(_pad(e.teacher_ids, lt, "teacher_ids", e.task_id))
+        rows["teacher_positions"].append(_pad(e.teacher_positions, lt, "teacher_ids", e.task_id))
+        rows["teacher_branch"].append(_pad(e.teacher_branch, lt, "teacher_ids", e.task_id))
+        # Padding tokens attach to themselves like trunk tokens; they are masked out anyway.
+        attach = np.arange(lt, dtype=np.int32)
+        attach[: len(e.teacher_attach)] = e.teacher_attach
+        rows["teacher_attach"].append(attach)
+        rows["teacher_valid"].append(_pad(np.ones(len(e.teacher_ids), bool), lt, "teacher_ids", e.task_id))
+        rows["student_loss_index"].append(_pad(e.student_loss_index, n, "targets", e.task_id))
+        rows["teacher_loss_index"].append(_pad(e.teacher_loss_index, n, "targets", e.task_id))
+        rows["targets"].append(_pad(e.targets, n, "targets", e.task_id))
+        rows["weights"].append(_pad(np.ones(e.num_loss_tokens, np.float32), n, "targets", e.task_id))
+    for _ in range(shape.rows - len(examples)):
+        empty = padding_row(shape)
+        for name in rows:
+            rows[name].append(empty[name])
+    dtypes = {"student_valid": bool, "teacher_valid": bool, "weights": np.float32}
+    return DistillBatch(**{name: np.stack(v).astype(dtypes.get(name, np.int32)) for name, v in rows.items()})
+
+
+def padding_row(shape: BatchShape) -> dict[str, np.ndarray]:
+    """One all-padding row (no valid token, no loss weight)."""
+    ls, lt, n = shape.student_tokens, shape.teacher_tokens, shape.loss_tokens
+    zeros = np.zeros
+    return {
+        "student_ids": zeros(ls, np.int32), "student_valid": zeros(ls, bool),
+        "teacher_ids": zeros(lt, np.int32), "teacher_positions": zeros(lt, np.int32),
+        "teacher_branch": zeros(lt, np.int32), "teacher_attach": np.arange(lt, dtype=np.int32),
+        "teacher_valid": zeros(lt, bool), "student_loss_index": zeros(n, np.int32),
+        "teacher_loss_index": zeros(n, np.int32), "targets": zeros(n, np.int32), "weights": zeros(n, np.float32),
+    }

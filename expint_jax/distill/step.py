@@ -1,0 +1,208 @@
+"""One jitted context-distillation step: teacher forward, student forward/backward, optimizer.
+
+``make_train_step`` returns ``step(state, teacher_params, batch) -> (state, metrics)``:
+  * the teacher (frozen parameters, its own tree-masked layout) runs inside the same jitted
+    function under ``stop_gradient``; the student runs on the plain layout;
+  * hidden states are gathered at the loss positions first, then ``chunked_token_losses``
+    projects them chunk by chunk (no ``[batch, seq, vocab]`` tensor);
+  * the batch is split into ``micro_batches`` scanned with gradient accumulation; the loss is
+    normalized once by the whole batch's count (tokens or sequences), so accumulation is exact;
+  * AdamW (``optim.make_optimizer``) applies the update; the state is donated.
+Metrics: ``loss``, ``kl`` (forward KL, tracked when the loss is not already it), ``tokens``,
+``sequences``, ``grad_norm`` (before clipping), ``learning_rate``, and ``loss_total`` /
+``loss_count`` for exact aggregation across steps and hosts. ``eval_step`` computes the metrics
+without updating.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from expint_jax.distill.batch import DistillBatch
+from expint_jax.distill.losses import Divergence, LossSums, Reduction, chunked_token_losses, reduce_losses
+from expint_jax.distill.views import tree_attention_mask
+from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec
+
+Metrics = dict[str, jax.Array]
+_ZERO_SUMS = LossSums(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    divergence: Divergence
+    reduction: Reduction = "token_mean"
+    chunk_size: int = 1024
+    micro_batches: int = 1
+    track_kl: bool = True  # also report forward KL when the loss is another divergence
+
+    def __post_init__(self) -> None:
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    @property
+    def kl_is_loss(self) -> bool:
+        d = self.divergence
+        return d.kind == "forward_kl" or (d.kind == "jsd" and d.beta == 0.0)
+
+    @property
+    def tracks_kl(self) -> bool:
+        return self.track_kl and not self.kl_is_loss and self.divergence.kind != "nll"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    params: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params = nnx.split(model, nnx.Param)
+    opt_state = jax.jit(optimizer.init)(params)
+    return graphdef, TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
+
+
+def _gather(hidden: jax.Array, index: jax.Array) -> jax.Array:
+    """hidden [B, T, D] at index [B, N] -> [B*N, D]."""
+    picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    return picked.reshape(-1, hidden.shape[-1])
+
+
+def _micro_losses(
+    params: nnx.State,
+    teacher_params: nnx.State | None,
+    batch: DistillBatch,
+    *,
+    graphdef: nnx.GraphDef,
+    teacher_graphdef: nnx.GraphDef,
+    config: StepConfig,
+) -> tuple[jax.Array, tuple[LossSums, LossSums]]:
+    """Sum-reduced loss of one micro-batch (for the gradient) and its (loss, kl) sums."""
+    student = nnx.merge(graphdef, params)
+    rows, steps = batch.student_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (rows, steps))
+    hidden = student.hidden_states(batch.student_ids, positions, segment_ids=batch.student_valid.astype(jnp.int32))
+    student_hidden = _gather(hidden, batch.student_loss_index)
+    student_unembed = student.unembedding()
+
+    teacher_hidden = teacher_unembed = None
+    spec = config.divergence
+    if spec.needs_teacher or config.tracks_kl:
+        teacher = nnx.merge(teacher_graphdef, teacher_params)
+        mask = tree_attention_mask(batch.teacher_branch, batch.teacher_attach, batch.teacher_valid)
+        t_hidden = teacher.hidden_states(batch.teacher_ids, batch.teacher_positions, attention_mask=mask)
+        teacher_hidden = jax.lax.stop_gradient(_gather(t_hidden, batch.teacher_loss_index))
+        teacher_unembed = jax.lax.stop_gradient(teacher.unembedding())
+
+    targets = batch.targets.reshape(-1)
+    weights = batch.weights.reshape(-1)
+    sequence_ids = jnp.broadcast_to(jnp.arange(rows)[:, None], batch.targets.shape).reshape(-1)
+    per_token = chunked_token_losses(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec,
+                                     chunk_size=config.chunk_size)
+    _, sums = reduce_losses(per_token, weights, sequence_ids, rows, config.reduction)
+    if config.tracks_kl:
+        kl_spec = Divergence("forward_kl", temperature=spec.temperature)
+        kl_tokens = chunked_token_losses(jax.lax.stop_gradient(student_hidden), jax.lax.stop_gradient(student_unembed),
+                                         teacher_hidden, teacher_unembed, targets, kl_spec, chunk_size=config.chunk_size)
+        _, kl_sums = reduce_losses(kl_tokens, weights, sequence_ids, rows, "token_mean")
+    elif config.kl_is_loss:  # the per-token loss is the KL; report it token-averaged
+        kl_sums = LossSums(total=jnp.sum(per_token * weights), count=jnp.sum(weights))
+    else:
+        kl_sums = _ZERO_SUMS
+    return sums.total, (sums, kl_sums)
+
+
+def _split_micro_batches(batch: DistillBatch, micro_batches: int) -> DistillBatch:
+    rows = batch.student_ids.shape[0]
+    if rows % micro_batches:
+        raise ValueError(f"a batch of {rows} rows does not split into {micro_batches} micro-batches")
+    return jax.tree.map(lambda x: x.reshape((micro_batches, rows // micro_batches) + x.shape[1:]), batch)
+
+
+def _accumulate(params, teacher_params, batch, *, graphdef, teacher_graphdef, config, with_grad: bool):
+    """Scans the micro-batches; returns (summed grads or None, loss sums, kl sums)."""
+    micro = _split_micro_batches(batch, config.micro_batches)
+    loss_fn = lambda p, mb: _micro_losses(p, teacher_params, mb, graphdef=graphdef,  # noqa: E731
+                                          teacher_graphdef=teacher_graphdef, config=config)
+    def body(carry, mb):
+        grads, loss_sums, kl_sums = carry
+        if with_grad:
+            (_, (sums, kl)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+            grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
+        else:
+            _, (sums, kl) = loss_fn(params, mb)
+        return (grads, loss_sums + sums, kl_sums + kl), None
+
+    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params) if with_grad else None
+    (grads, loss_sums, kl_sums), _ = jax.lax.scan(body, (zero_grads, _ZERO_SUMS, _ZERO_SUMS), micro)
+    return grads, loss_sums, kl_sums
+
+
+def _metrics(loss_sums: LossSums, kl_sums: LossSums, batch: DistillBatch, config: StepConfig) -> Metrics:
+    weights = batch.weights
+    metrics = {
+        "loss": loss_sums.mean(),
+        "loss_total": loss_sums.total,
+        "loss_count": loss_sums.count,
+        "tokens": jnp.sum(weights),
+        "sequences": jnp.sum(jnp.any(weights > 0, axis=1)).astype(jnp.float32),
+    }
+    if config.kl_is_loss or config.tracks_kl:
+        metrics["kl"] = kl_sums.mean()
+    return metrics
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: StepConfig,
+    *,
+    teacher_graphdef: nnx.GraphDef | None = None,
+) -> Callable[[TrainState, nnx.State, DistillBatch], tuple[TrainState, Metrics]]:
+    """The jitted training step (state donated). ``teacher_graphdef`` defaults to the student's."""
+    teacher_graphdef = teacher_graphdef or graphdef
+
+    def step(state: TrainState, teacher_params: nnx.State, batch: DistillBatch) -> tuple[TrainState, Metrics]:
+        grads, loss_sums, kl_sums = _accumulate(state.params, teacher_params, batch, graphdef=graphdef,
+                                                teacher_graphdef=teacher_graphdef, config=config, with_grad=True)
+        scale = 1.0 / jnp.maximum(loss_sums.count, 1.0)
+        grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = _metrics(loss_sums, kl_sums, batch, config)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, config: StepConfig, *, teacher_graphdef: nnx.GraphDef | None = None
+                   ) -> Callable[[nnx.State, nnx.State, DistillBatch], Metrics]:
+    """Loss and KL of ``params`` on a batch, no update (held-out evaluation)."""
+    teacher_graphdef = teacher_graphdef or graphdef
+
+    def evaluate(params: nnx.State, teacher_params: nnx.State, batch: DistillBatch) -> Metrics:
+        _, loss_sums, kl_sums = _accumulate(params, teacher_params, batch, graphdef=graphdef,
+                                            teacher_graphdef=teacher_graphdef, config=config, with_grad=False)
+        return _metrics(loss_sums, kl_sums, batch, config)
+
+    return jax.jit(evaluate)
+
+
+def shard_batch(batch: DistillBatch, mesh: jax.sharding.Mesh | None, rules: LogicalRules = DEFAULT_RULES) -> DistillBatch:
+    """Device-puts a host batch with rows on the ``batch`` logical axis (replicated without a mesh)."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, batch)
+    spec = logical_to_spec(("batch",), rules, dict(mesh.shape), (batch.student_ids.shape[0],))
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
