@@ -28,31 +28,36 @@ class BM25Index:
         if k1 < 0 or not 0 <= b <= 1:
             raise ValueError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}")
         self.k1, self.b = k1, b
-        self._term_counts = [Counter(tokenize(d)) for d in documents]
-        self._lengths = np.array([sum(c.values()) for c in self._term_counts], dtype=np.float64)
-        self._mean_length = float(self._lengths.mean()) if len(documents) else 0.0
-        document_frequency: Counter[str] = Counter()
-        for counts in self._term_counts:
-            document_frequency.update(counts.keys())
-        n = len(documents)
+        self._size = len(documents)
+        # Inverted index: term -> (document indices, term frequencies), so a query touches only
+        # the documents that contain its terms.
+        postings: dict[str, tuple[list[int], list[int]]] = {}
+        lengths = np.zeros(self._size, dtype=np.float64)
+        for i, document in enumerate(documents):
+            counts = Counter(tokenize(document))
+            lengths[i] = sum(counts.values())
+            for term, tf in counts.items():
+                docs, tfs = postings.setdefault(term, ([], []))
+                docs.append(i)
+                tfs.append(tf)
+        self._postings = {t: (np.array(d, np.int64), np.array(f, np.float64)) for t, (d, f) in postings.items()}
+        mean_length = float(lengths.mean()) if self._size else 0.0
+        self._norm = k1 * (1 - b + b * lengths / max(mean_length, 1e-9))
         # The "+1" variant keeps idf positive for terms present in most documents.
-        self._idf = {t: math.log(1 + (n - df + 0.5) / (df + 0.5)) for t, df in document_frequency.items()}
+        n = self._size
+        self._idf = {t: math.log(1 + (n - len(d) + 0.5) / (len(d) + 0.5)) for t, (d, _) in self._postings.items()}
 
     def __len__(self) -> int:
-        return len(self._term_counts)
+        return self._size
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every document for ``query``, shape [num_documents]."""
-        out = np.zeros(len(self), dtype=np.float64)
-        if not len(self):
-            return out
-        norm = self.k1 * (1 - self.b + self.b * self._lengths / max(self._mean_length, 1e-9))
+        out = np.zeros(self._size, dtype=np.float64)
         for term in set(tokenize(query)):
-            idf = self._idf.get(term)
-            if idf is None:
+            if term not in self._postings:
                 continue
-            tf = np.array([c.get(term, 0) for c in self._term_counts], dtype=np.float64)
-            out += idf * tf * (self.k1 + 1) / (tf + norm)
+            docs, tf = self._postings[term]
+            out[docs] += self._idf[term] * tf * (self.k1 + 1) / (tf + self._norm[docs])
         return out
 
     def top_k(self, query: str, k: int) -> list[tuple[int, float]]:
