@@ -1,0 +1,97 @@
+"""Side-by-side measurement: each side runs in its own subprocess, rounds interleave the sides.
+
+A benchmark script defines ``sides`` (name -> callable building a zero-argument ``run`` function
+and returning it) and calls ``main_side_by_side``. The parent re-invokes the script with
+``--worker SIDE`` once per round and side; a worker builds its inputs, runs once untimed (compile
+/ warm-up, reported separately), times ``--repeats`` calls and prints one JSON line with the
+times and the process's peak resident memory. Separate processes make peak memory per side
+honest and keep one framework's threads and caches out of the other's numbers; interleaving
+rounds spreads the drift of a shared machine over both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def time_calls(run: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    run()
+    warmup = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return warmup, times
+
+
+def machine_line() -> str:
+    load = os.getloadavg()[0]
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"python {platform.python_version()}, load average {load:.1f} at start")
+
+
+def main_side_by_side(
+    description: str,
+    sides: Mapping[str, Callable[[argparse.Namespace], Callable[[], object]]],
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    work_per_call: Callable[[argparse.Namespace], tuple[float, str]],
+    reference: str,
+) -> None:
+    """``work_per_call(args) -> (units, unit name)``, e.g. ``(2048, "tokens")``; ratios are vs ``reference``."""
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per worker")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all sides")
+    parser.add_argument("--sides", default=",".join(sides), help="comma-separated subset of " + ",".join(sides))
+    parser.add_argument("--worker", choices=list(sides), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        warmup, times = time_calls(sides[args.worker](args), args.repeats)
+        print(json.dumps({"warmup_s": warmup, "times": times, "peak_rss_mib": peak_rss_mib()}))
+        return
+
+    chosen = args.sides.split(",")
+    forwarded = [a for a in sys.argv[1:] if not a.startswith("--sides")]
+    results: dict[str, dict[str, list[float]]] = {s: {"times": [], "warmup_s": [], "peak_rss_mib": []} for s in chosen}
+    print(f"# {description}\n# machine: {machine_line()}")
+    for _ in range(args.rounds):
+        for side in chosen:
+            out = subprocess.run([sys.executable, sys.argv[0], *forwarded, "--worker", side], capture_output=True,
+                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            if out.returncode:
+                sys.exit(f"worker {side} failed:\n{out.stderr[-4000:]}")
+            record = json.loads(out.stdout.strip().splitlines()[-1])
+            results[side]["times"] += record["times"]
+            results[side]["warmup_s"].append(record["warmup_s"])
+            results[side]["peak_rss_mib"].append(record["peak_rss_mib"])
+    units, unit = work_per_call(args)
+    ref = statistics.median(results[reference]["times"]) if reference in results else None
+    ref_mem = max(results[reference]["peak_rss_mib"]) if reference in results else None
+    header = f"| side | median s/call | {unit}/s | speed vs {reference} | peak RSS MiB | memory vs {reference} | warm-up s |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for side in chosen:
+        median = statistics.median(results[side]["times"])
+        memory = max(results[side]["peak_rss_mib"])
+        speed = f"{ref / median:.2f}x" if ref else "-"
+        mem_ratio = f"{memory / ref_mem:.2f}x" if ref_mem else "-"
+        print(f"| {side} | {median:.4f} | {units / median:,.0f} | {speed} | {memory:,.0f} | {mem_ratio} | "
+              f"{statistics.median(results[side]['warmup_s']):.1f} |")
+    n = len(results[chosen[0]]["times"])
+    print(f"# {n} timed calls per side ({args.rounds} rounds x {args.repeats}); speed = reference time / side time")
