@@ -75,10 +75,10 @@ class Message:
             content = ""
         if not isinstance(content, str):
             raise _fail(where, "content", f"expected str, got {type(content).__name__}")
-        if role == "tool":  # OpenAI tool role: Qwen3's ReAct format sends it as a user turn
-            role, content = "user", f"<tool_response>\n{content}\n</tool_response>"
         if role not in ROLES:
-            raise _fail(where, "role", f"{role!r} is not one of {ROLES}")
+            hint = (" (OpenAI-style tool messages are converted by "
+                    "expint_jax.experience.release_format.messages_from_release)" if role == "tool" else "")
+            raise _fail(where, "role", f"{role!r} is not one of {ROLES}{hint}")
         return cls(role=role, content=content)
 
 

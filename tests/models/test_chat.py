@@ -308,9 +308,8 @@ def test_format_tool_call_rejects_bad_input():
         format_tool_call("search", ["q"])
 
 
-def test_format_tool_response_matches_the_records_tool_role():
+def test_format_tool_response_wraps_the_observation():
     assert format_tool_response("R") == TOOL_RESULT.replace("1. WebWalkerQA — a benchmark (2025)", "R")
-    assert Message.from_json({"role": "tool", "content": "R"}).content == format_tool_response("R")
 
 
 @pytest.mark.parametrize(
