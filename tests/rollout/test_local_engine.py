@@ -52,8 +52,12 @@ def test_chat_equals_direct_generation_on_the_encoded_prompts(engine):
     completions = engine.chat(CONVERSATIONS, GREEDY)
     chat_format = engine.chat_format
     prompts = [chat_format.encode_prompt(c) for c in CONVERSATIONS]
-    direct = generate(*nnx.split(engine.model), prompts, strategy=Greedy(), max_new_tokens=8,
-                      eos_ids=chat_format.eos_ids)
+    graphdef, state = nnx.split(engine.model)
+    direct = [  # one prompt at a time, in the engine's batch shape
+        generate(graphdef, state, [prompt], strategy=Greedy(), max_new_tokens=8, eos_ids=chat_format.eos_ids,
+                 batch_size=2, pad_id=chat_format.pad_id)[0]
+        for prompt in prompts
+    ]
     for completion, expected in zip(completions, direct):
         assert completion.token_ids == expected.token_ids
         assert completion.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
@@ -91,7 +95,7 @@ def test_context_overflow_is_a_length_completion_not_a_crash(engine):
     short = _conversation("Hi?")
     long = _conversation("Tell me everything about " + "the history of Lyon and " * 10)
     assert len(engine.chat_format.encode_prompt(short)) > 30 - 16
-    completions = engine.chat([short, long, [Message("user", "x"), {"role": "user"}]], SamplingParams(max_tokens=16))
+    completions = engine.chat([short, long, [Message("user", "x"), {"role": "user"}]], SamplingParams(temperature=0.0, max_tokens=16))
     room = 30 - len(engine.chat_format.encode_prompt(short))
     assert len(completions[0].token_ids) <= room and completions[0].error is None
     assert completions[1].finish_reason == "length" and completions[1].text == ""

@@ -25,6 +25,7 @@ from expint_jax.parallel.mesh import MeshConfig, make_mesh
 from expint_jax.records import SamplingParams
 from expint_jax.rollout.sampler import (
     Greedy,
+    Session,
     Temperature,
     TokenBytes,
     TopK,
@@ -83,10 +84,15 @@ def _log_softmax(x):
 
 def test_logprobs_equal_a_teacher_forced_forward(parity):
     model = nnx.merge(parity["graphdef"], parity["state"])
-    for prompt, out in zip(parity["prompts"], _sampled(parity)):
-        ids = np.concatenate([prompt, out.token_ids])
-        logits = np.asarray(model(jnp.asarray(ids[None]), jnp.arange(len(ids))[None]))[0]
-        steps = np.arange(len(prompt) - 1, len(ids) - 1)  # logits at t predict token t + 1
+    outputs = _sampled(parity)
+    full = [np.concatenate([p, o.token_ids]) for p, o in zip(parity["prompts"], outputs)]
+    width = max(len(f) for f in full)
+    ids = np.stack([np.pad(f, (0, width - len(f))) for f in full])  # right padding, masked out
+    segments = (np.arange(width)[None] < np.array([len(f) for f in full])[:, None]).astype(np.int32)
+    positions = np.broadcast_to(np.arange(width), ids.shape)
+    batch_logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(positions), segment_ids=jnp.asarray(segments)))
+    for prompt, out, logits in zip(parity["prompts"], outputs, batch_logits):
+        steps = np.arange(len(prompt) - 1, len(prompt) + len(out.token_ids) - 1)  # logits at t predict token t + 1
         model_lp = _log_softmax(logits[steps])
         np.testing.assert_allclose(out.logprobs, model_lp[np.arange(len(steps)), out.token_ids], atol=1e-5, rtol=0)
         scaled = logits[steps] / SAMPLED.temperature
@@ -149,6 +155,38 @@ def test_generate_rejects_bad_input(parity):
         generate(parity["graphdef"], parity["state"], [[1]], stops=("x",), **run)
 
 
+def test_session_reuses_the_cache_across_turns_and_equals_prefilling_from_scratch(parity):
+    graphdef, state, prompts = parity["graphdef"], parity["state"], parity["prompts"]
+    session = Session(graphdef, state, batch_size=len(prompts))
+    run = dict(strategy=SAMPLED, max_new_tokens=6, seed=5)
+    first = session.generate(prompts, **run)
+    fresh = generate(graphdef, state, prompts, **run)
+    assert [g.token_ids for g in first] == [g.token_ids for g in fresh]
+    assert session.num_slots == 32
+
+    rng = np.random.default_rng(1)
+    tool = [rng.integers(0, 512, n) for n in (3, 5, 1, 4)]
+    second_turn = [np.concatenate([p, g.token_ids, t]) for p, g, t in zip(prompts, first, tool)]
+    second_turn[1] = np.concatenate([prompts[1], first[1].token_ids[:-2], tool[1]])  # as after a stop-string cut
+    second_turn[3] = None  # row 3 sits this turn out
+    second = session.generate(second_turn, **(run | dict(seed=6)))
+    assert second[3] is None
+    for row in (0, 1, 2):
+        assert np.array_equal(session.cached_ids(row)[: len(second_turn[row])], second_turn[row])
+
+    # Row 3 comes back with a history that diverges early: its cache is reused up to the divergence.
+    third_turn = [None, None, None, np.concatenate([prompts[3][:2], tool[3]])]
+    third = session.generate(third_turn, **(run | dict(seed=6)))
+    reference = generate(graphdef, state, [s for s in second_turn if s is not None] + [third_turn[3]],
+                         **(run | dict(seed=6)), row_ids=[0, 1, 2, 3])
+    for got, want in zip([*second[:3], third[3]], reference):
+        assert got.token_ids == want.token_ids
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
+    assert session.num_slots == 96  # grown twice from 32: the cache keeps holes and old turns
+    with pytest.raises(ValueError, match="3 sequences for a batch of 4"):
+        session.generate(third_turn[:3], **run)
+
+
 # --- sampling strategies ---------------------------------------------------------------------
 
 LOGITS = np.array([2.0, 1.5, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0, 0.9, 0.0], np.float32)
@@ -157,7 +195,7 @@ LOGITS = np.array([2.0, 1.5, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0, 0.9, 0.0], np.floa
 def _draws(strategy, draws=20_000):
     logits = jnp.broadcast_to(jnp.asarray(LOGITS), (draws, LOGITS.size))
     keys = jax.random.split(jax.random.key(0), draws)
-    return np.asarray(jax.jit(strategy)(logits, keys))
+    return np.asarray(strategy(logits, keys))  # eager: primitives compile once for all strategies
 
 
 def _expected(allowed, temperature):

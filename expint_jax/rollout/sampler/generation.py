@@ -61,7 +61,11 @@ class PromptBatch:
     lengths: np.ndarray
 
     @classmethod
-    def left_pad(cls, prompts: Sequence[Sequence[int]], width: int, batch_size: int, pad_id: int = 0) -> PromptBatch:
+    def left_pad(
+        cls, prompts: Sequence[Sequence[int]], width: int, batch_size: int, pad_id: int = 0,
+        offsets: Sequence[int] | None = None,
+    ) -> PromptBatch:
+        """Row r holds ``prompts[r]`` at positions ``offsets[r]`` onwards (default 0)."""
         if len(prompts) > batch_size:
             raise ValueError(f"{len(prompts)} prompts do not fit a batch of {batch_size}")
         ids = np.full((batch_size, width), pad_id, np.int32)
@@ -74,7 +78,10 @@ class PromptBatch:
                 ids[row, width - prompt.size :] = prompt
             lengths[row] = prompt.size
         valid = np.arange(width)[None, :] >= (width - lengths)[:, None]
-        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+        if offsets is not None:
+            positions[: len(offsets)] += np.asarray(offsets, np.int64)[:, None]
+        positions = positions.astype(np.int32)
         return cls(ids=ids, valid=valid, positions=positions, lengths=lengths)
 
 
@@ -199,7 +206,7 @@ def decode(
             last_token=token,
             last_active=active,
             stop_state=jnp.maximum(next_state, 0),
-            done=finish != RUNNING,
+            done=loop.done | (finish != RUNNING),
             out=out,
         )
 
@@ -263,23 +270,53 @@ def row_keys(seed: int, row_ids: Sequence[int]) -> jax.Array:
 
 
 def padded_eos(eos_ids: Sequence[int]) -> np.ndarray:
-    """eos ids padded with -1 to a power-of-two length (>= 1) so eos sets share compiled code."""
+    """eos ids padded with -1 to a power-of-two length (>= 4) so eos sets share compiled code."""
     eos = [int(i) for i in eos_ids]
-    size = 1 << max(len(eos) - 1, 0).bit_length()
+    size = max(1 << max(len(eos) - 1, 0).bit_length(), 4)
     return np.asarray(eos + [-1] * (size - len(eos)), np.int32)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[np.ndarray]:
+    """The prompts as int arrays; empty ones and ids outside the vocabulary are errors naming the row."""
+    checked = []
+    for i, prompt in enumerate(prompts):
+        prompt = np.asarray(prompt, np.int64).reshape(-1)
+        if prompt.size == 0:
+            raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
+        if prompt.min() < 0 or prompt.max() >= vocab_size:
+            raise ValueError(f"prompt {i} holds token ids outside [0, {vocab_size}): min {prompt.min()}, max {prompt.max()}")
+        checked.append(prompt)
+    return checked
+
+
+def check_limits(max_new_tokens: int | Sequence[int], rows: int) -> np.ndarray:
+    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (rows,))
+    if rows and limits.min() < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {limits.min()}")
+    return limits
+
+
+def stop_table(stops: Sequence[str], token_bytes: TokenBytes | None, vocab_size: int) -> StopTable:
+    if token_bytes is None:
+        if stops:
+            raise ValueError("stop strings need token_bytes (the bytes of each token) to be matched")
+        return StopTable.never(vocab_size)
+    if len(token_bytes) != vocab_size:
+        raise ValueError(f"token_bytes covers {len(token_bytes)} ids but the model vocabulary is {vocab_size}")
+    return token_bytes.stop_table(stops)
 
 
 def finish_rows(
     out: DecodeOutput,
-    num_rows: int,
+    rows: Sequence[int],
     *,
     stops: Sequence[str] = (),
     token_bytes: TokenBytes | None = None,
 ) -> list[Generation]:
-    """Host side: drops eos, cuts text at stop strings, and packs each of the first ``num_rows``."""
+    """Host side: drops eos, cuts text at stop strings, and packs the given rows of ``out``."""
     host = jax.device_get(out)
     results = []
-    for row in range(num_rows):
+    for row in rows:
         n = int(host.lengths[row])
         finish = int(host.finish[row])
         kept = n - 1 if finish == EOS else n
@@ -325,22 +362,12 @@ def generate(
     row's random stream; ``batch_size`` pads the batch with inactive rows (for fixed shapes or a
     batch that the mesh divides).
     """
-    vocab_size = _vocab_size(state)
-    prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    vocab_size = vocab_size_of(state)
+    prompts = check_prompts(prompts, vocab_size)
     if not prompts:
         return []
-    for i, prompt in enumerate(prompts):
-        if prompt.size == 0:
-            raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
-        if prompt.min() < 0 or prompt.max() >= vocab_size:
-            raise ValueError(f"prompt {i} holds token ids outside [0, {vocab_size}): min {prompt.min()}, max {prompt.max()}")
-    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (len(prompts),))
-    if limits.min() < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {limits.min()}")
-    if stops and token_bytes is None:
-        raise ValueError("stop strings need token_bytes (the bytes of each token) to be matched")
-    if token_bytes is not None and len(token_bytes) != vocab_size:
-        raise ValueError(f"token_bytes covers {len(token_bytes)} ids but the model vocabulary is {vocab_size}")
+    limits = check_limits(max_new_tokens, len(prompts))
+    table = stop_table(stops, token_bytes, vocab_size)
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if len(row_ids) != len(prompts):
         raise ValueError(f"{len(row_ids)} row_ids for {len(prompts)} prompts")
@@ -352,15 +379,14 @@ def generate(
     all_limits = np.zeros(batch_size, np.int32)
     all_limits[: len(prompts)] = limits
     all_row_ids = row_ids + [0] * (batch_size - len(prompts))
-    table = token_bytes.stop_table(stops) if token_bytes is not None else StopTable.never(vocab_size)
 
     cache, logits = prefill(graphdef, state, batch.ids, batch.positions, batch.valid, num_slots=bucket(width + max_new))
     out, _ = decode(
         graphdef, state, cache, logits, batch.lengths, row_keys(seed, all_row_ids), all_limits,
         padded_eos(eos_ids), table.transitions, strategy=strategy, max_new=max_new,
     )
-    return finish_rows(out, len(prompts), stops=stops, token_bytes=token_bytes)
+    return finish_rows(out, range(len(prompts)), stops=stops, token_bytes=token_bytes)
 
 
-def _vocab_size(state: nnx.State) -> int:
+def vocab_size_of(state: nnx.State) -> int:
     return int(state["embed"].get_value().shape[0])
