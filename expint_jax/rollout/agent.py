@@ -29,10 +29,10 @@ Contract of one rollout:
     toward ``max_llm_calls``. A ``BackendError`` raised by the backend itself propagates.
 
 Batching: each step sends every pending request in one ``backend.chat`` call; tool calls of a
-step run concurrently in a thread pool, as does scoring. With ``seed`` set, rollout ``r`` of each
-task's group samples with a seed derived from ``(seed, r, step)``, so the members of a group
-differ and reruns repeat; the backend takes one ``SamplingParams`` per call, so a step then makes
-one call per group member that is still running.
+step run concurrently in a thread pool, as does scoring. With ``seed`` set, every request carries
+its own seed derived from ``(seed, task id, member r, step)`` (one ``SamplingParams`` per
+conversation in the same call), so the members of a group differ, no two rows share a random
+stream, and reruns repeat.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import dataclasses
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -212,10 +213,10 @@ def _with_forced_answer(messages: Sequence[Message]) -> list[Message]:
     return out
 
 
-def _call_seed(seed: int | None, member: int, step: int) -> int | None:
+def _call_seed(seed: int | None, task_id: str, member: int, step: int) -> int | None:
     if seed is None:
         return None
-    return int(np.random.SeedSequence([seed, member, step]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, zlib.crc32(task_id.encode()), member, step]).generate_state(1)[0])
 
 
 class ReActAgent:
@@ -292,17 +293,12 @@ class ReActAgent:
             r.request, r.context_tokens = request, tokens
 
     def _send(self, rollouts: Sequence[_Rollout], seed: int | None, step: int) -> list[tuple[_Rollout, Completion]]:
-        by_seed: dict[int | None, list[_Rollout]] = {}
-        for r in rollouts:
-            by_seed.setdefault(_call_seed(seed, r.member, step), []).append(r)
-        replies = []
-        for call_seed, group in by_seed.items():
-            params = dataclasses.replace(self._sampling, seed=call_seed)
-            completions = self.backend.chat([r.request.messages for r in group], params)  # type: ignore[union-attr]
-            if len(completions) != len(group):
-                raise RuntimeError(f"backend returned {len(completions)} completions for {len(group)} conversations")
-            replies.extend(zip(group, completions))
-        return replies
+        params = [dataclasses.replace(self._sampling, seed=_call_seed(seed, r.task.task_id, r.member, step))
+                  for r in rollouts]
+        completions = self.backend.chat([r.request.messages for r in rollouts], params)  # type: ignore[union-attr]
+        if len(completions) != len(rollouts):
+            raise RuntimeError(f"backend returned {len(completions)} completions for {len(rollouts)} conversations")
+        return list(zip(rollouts, completions))
 
     def _take_reply(self, r: _Rollout, completion: Completion, started: float) -> bool:
         """Records the reply; returns whether a tool call in it should run."""

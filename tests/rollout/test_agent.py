@@ -14,6 +14,7 @@ from expint_jax.experience.inject import (
 )
 from expint_jax.experience.select import BM25Selector, Selection
 from expint_jax.models.chat import format_tool_call, format_tool_response
+from expint_jax.rollout.llm.base import per_conversation
 from expint_jax.records import Completion, Message, SamplingParams, Trajectory
 from expint_jax.rollout import prompts
 from expint_jax.rollout.agent import AgentConfig, ReActAgent, assistant_text, estimate_tokens
@@ -88,10 +89,10 @@ class ScriptedBackend:
 
     def __init__(self, script):
         self.script = script
-        self.calls = []  # (conversations, params) per backend.chat call
+        self.calls = []  # (conversations, one SamplingParams per conversation) per backend.chat call
 
     def chat(self, conversations, params):
-        self.calls.append((list(conversations), params))
+        self.calls.append((list(conversations), per_conversation(params, len(conversations))))
         out = []
         for conversation in conversations:
             reply = self.script(question_of(conversation), turn_of(conversation), conversation)
@@ -127,7 +128,7 @@ def test_tool_call_then_answer():
     assert traj.num_tool_calls == 1 and traj.injection == "none" and traj.step_injections == ()
     assert traj.metadata["llm_calls"] == 2 and traj.metadata["tool_errors"] == 0
     assert Trajectory.from_json(json.loads(json.dumps(traj.to_json()))) == traj
-    params = backend.calls[0][1]
+    params = backend.calls[0][1][0]
     assert "<tool_response>" in params.stop and "</tool_call>" in params.stop and params.temperature == 0.7
 
 
@@ -370,13 +371,13 @@ def test_groups_get_distinct_reproducible_seeds():
         assert [(t.task_id, t.metadata["rollout_index"]) for t in trajectories] == [
             ("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)
         ]
-        return [(len(conversations), params.seed) for conversations, params in backend.calls]
+        return [[p.seed for p in params] for _, params in backend.calls]
 
     seeded = seeds(7)
-    assert len(seeded) == 6 and all(size == 2 for size, _ in seeded)  # 2 steps x 3 members, tasks batched
-    assert len({s for _, s in seeded}) == 6
+    assert [len(step) for step in seeded] == [6, 6]  # one batched call per step, 2 tasks x 3 members
+    assert len({s for step in seeded for s in step}) == 12  # no two requests share a seed
     assert seeds(7) == seeded and seeds(8) != seeded
-    assert seeds(None) == [(6, None), (6, None)]
+    assert seeds(None) == [[None] * 6, [None] * 6]
 
 
 def test_tool_calls_of_a_step_run_concurrently():
@@ -420,5 +421,5 @@ def test_sampling_keeps_user_stop_strings():
     config = AgentConfig(sampling=SamplingParams(temperature=0.0, stop=("Observation:",)))
     backend = replies("<answer>x</answer>")
     run(backend, config=config)
-    params = backend.calls[0][1]
+    params = backend.calls[0][1][0]
     assert params.stop == ("Observation:", "<tool_response>", "</tool_call>") and params.temperature == 0.0

@@ -194,3 +194,14 @@ def test_empty_batch_makes_no_request():
     with ScriptedServer(sequence([])) as server:
         assert backend(server).chat([], GREEDY) == []
         assert server.requests == []
+
+
+def test_each_conversation_can_carry_its_own_sampling_params():
+    with ScriptedServer(lambda request: Reply(json_body=completion_body("ok"))) as server:
+        backend = OpenAICompatible(server.url, "m")
+        params = [SamplingParams(seed=s, temperature=t) for s, t in ((1, 0.5), (2, 0.0))]
+        backend.chat([[Message("user", "a")], [Message("user", "b")]], params)
+        sent = {r.json["messages"][0]["content"]: (r.json["seed"], r.json["temperature"]) for r in server.requests}
+        assert sent == {"a": (1, 0.5), "b": (2, 0.0)}
+        with pytest.raises(ValueError, match="1 SamplingParams for 2 conversations"):
+            backend.chat([[Message("user", "a")], [Message("user", "b")]], params[:1])

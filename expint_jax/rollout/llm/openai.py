@@ -30,7 +30,7 @@ from typing import Any
 
 from expint_jax.records import Completion, Message, SamplingParams
 from expint_jax.rollout.http import HttpError, RetryPolicy, post_json, redact
-from expint_jax.rollout.llm.base import BackendError
+from expint_jax.rollout.llm.base import BackendError, SamplingSpec, per_conversation
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,14 @@ class OpenAICompatible:
         return (f"OpenAICompatible(base_url={self.base_url!r}, model={self.model!r}, "
                 f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency})")
 
-    def chat(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[Completion]:
+    def chat(self, conversations: Sequence[Sequence[Message]], params: SamplingSpec) -> list[Completion]:
         if not conversations:
             return []
-        payloads = [self._payload(messages, params) for messages in conversations]
+        each = per_conversation(params, len(conversations))
+        payloads = [self._payload(messages, p) for messages, p in zip(conversations, each)]
         workers = min(self.max_concurrency, len(payloads))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-chat") as pool:
-            return list(pool.map(self._complete, payloads, [params] * len(payloads)))
+            return list(pool.map(self._complete, payloads, each))
 
     def _payload(self, messages: Sequence[Message], params: SamplingParams) -> dict[str, Any]:
         payload: dict[str, Any] = {

@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from expint_jax.models.chat import format_tool_call, format_tool_response
-from expint_jax.records import Completion, Message, SamplingParams, Trajectory
+from expint_jax.records import Completion, Message, Trajectory
 from expint_jax.rollout import prompts
 from expint_jax.rollout.agent import observe
 from expint_jax.rollout.envs.base import Environment, Task
@@ -45,6 +45,7 @@ from expint_jax.rollout.envs.simweb.site import RELATIONS, SECTION_TITLES, forma
 from expint_jax.rollout.envs.simweb.tasks import ParsedQuestion, parse_question
 from expint_jax.rollout.envs.simweb.tools import VisitedPage, parse_page
 from expint_jax.rollout.envs.web import SearchHit, parse_search_results
+from expint_jax.rollout.llm.base import SamplingSpec, per_conversation
 from expint_jax.rollout.judge import extract_numbers, parse_number
 
 AGENT_NAME = "simweb-reference"
@@ -236,8 +237,9 @@ class ReferencePolicy:
         self._lock = threading.Lock()
         self._counter = itertools.count()
 
-    def chat(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[Completion]:
-        return [Completion(text=self._reply(list(messages), params.seed)) for messages in conversations]
+    def chat(self, conversations: Sequence[Sequence[Message]], params: SamplingSpec) -> list[Completion]:
+        each = per_conversation(params, len(conversations))
+        return [Completion(text=self._reply(list(messages), p.seed)) for messages, p in zip(conversations, each)]
 
     def _reply(self, messages: list[Message], seed: int | None) -> str:
         users = [i for i, m in enumerate(messages) if m.role == "user"]
