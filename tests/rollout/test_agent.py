@@ -137,7 +137,7 @@ def test_tool_call_then_answer():
     [
         ('<tool_call>\n{"name": "echo", "arguments": {"text": "hi"}\n</tool_call>', "could not be parsed (the tool call is not valid JSON"),
         ('<tool_call>\n{"arguments": {"text": "hi"}}\n</tool_call>', 'needs a non-empty string "name"'),
-        ('<tool_call>\n{"name": "echo", "arguments": ["hi"]}\n</tool_call>', "must be a JSON object, got a array"),
+        ('<tool_call>\n{"name": "echo", "arguments": ["hi"]}\n</tool_call>', "must be a JSON object, got an array"),
         ("<tool_call>\n" + '{"name": "search", "arguments": {}}' + "\n</tool_call>", "there is no tool named 'search'. Available tools: big, buggy, echo, visit."),
         (call("visit", text="x"), "Error: page https://x.example/ does not exist"),
         (call("buggy", text="x"), "Error: tool 'buggy' failed internally (KeyError: 'internal')"),
