@@ -99,6 +99,8 @@ def build_examples(records: Iterable[tuple[str, Trajectory]], chat: ChatFormat,
             log.warning("%s: skipping task %r, its views cannot be aligned: %s", where, trajectory.task_id, e)
             counts["skipped_unaligned"] += 1
             continue
+        except ValueError as e:  # e.g. a step-wise trajectory with no user message to inject into
+            raise ValueError(f"{where}: trajectory {trajectory.task_id!r}: {e}") from e
         if example is None:
             counts["dropped_too_long"] += 1
         elif example.num_loss_tokens == 0:
@@ -131,8 +133,8 @@ class BatchingConfig:
         for name in ("rows", "sort_window", "min_bucket"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BatchingConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2**31:
-            raise ValueError(f"BatchingConfig.seed must lie in [0, 2**31), got {self.seed}")
+        if self.seed < 0:
+            raise ValueError(f"BatchingConfig.seed must be >= 0, got {self.seed}")
 
 
 def bucket_length(length: int, min_bucket: int) -> int:

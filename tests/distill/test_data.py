@@ -94,6 +94,11 @@ def test_load_examples_reads_files_in_order_and_names_a_bad_line(chat, tmp_path)
     broken.write_text(json.dumps(make_trajectory(1).to_json()) + "\n\n" + '{"task_id": "x", "messages": 3}\n')
     with pytest.raises(RecordError, match=r"broken\.jsonl:3.*messages"):
         load_examples([broken], chat)
+    no_user = Trajectory(task_id="nouser", messages=(Message("system", SYSTEM), Message("assistant", "Hi.")),
+                         injection="stepwise", step_injections=("\n\n**Relevant experiences:**\n[G0]. x",))
+    storage.write_jsonl(broken, [make_trajectory(1).to_json(), no_user.to_json()])
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: trajectory 'nouser': step-wise injection needs a user"):
+        load_examples([broken], chat)
     with pytest.raises(TypeError, match="sequence of paths"):
         load_examples(first, chat)
 
