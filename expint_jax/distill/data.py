@@ -30,7 +30,8 @@ Batching policy (few distinct shapes, little padding, no data dropped unless ask
      4, 6, ...}`` (rounding wastes at most a third): two values per octave and dimension, so the
      number of compiled programs is bounded by the rung combinations the data reaches, not by
      its number of distinct lengths. ``sort_window`` trades padding for shapes: 1 keeps the
-     shuffled order (fewest shapes, every batch padded to its longest member).
+     shuffled order (fewest shapes, most padding); a long window sorts more (less padding, more
+     shapes: on lengths spread over six octaves, 21 shapes and 19% teacher padding vs 13 and 49%).
 """
 
 from __future__ import annotations

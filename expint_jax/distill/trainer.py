@@ -52,7 +52,8 @@ from expint_jax.distill.batch import DistillBatch
 from expint_jax.distill.data import BatchingConfig, BatchIterator, ExampleCounts, ExampleSet, HostBatch
 from expint_jax.distill.metrics_log import MetricsLog
 from expint_jax.distill.optim import OptimizerConfig, make_optimizer
-from expint_jax.distill.step import StepConfig, TrainState, init_train_state, make_eval_step, make_train_step, shard_batch
+from expint_jax.distill.step import (StepConfig, TrainState, init_train_state, make_eval_step, make_train_step,
+                                     shard_batch)
 from expint_jax.parallel.placement import shard_model
 from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec
 
@@ -257,7 +258,8 @@ def _device_batch(batch: DistillBatch, mesh: jax.sharding.Mesh | None, rules: Lo
                         batch)
 
 
-def _restore_latest(manager: ocp.CheckpointManager, state: TrainState, batches: BatchIterator) -> tuple[TrainState, int]:
+def _restore_latest(manager: ocp.CheckpointManager, state: TrainState,
+                    batches: BatchIterator) -> tuple[TrainState, int]:
     """The latest checkpoint restored into ``state``'s shapes and shardings (and ``batches`` advanced), if any."""
     latest = manager.latest_step()
     if latest is None:
