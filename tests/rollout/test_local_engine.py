@@ -5,6 +5,8 @@ that ``from_checkpoint`` loads both. Conversations are sized so that most calls 
 shape (and one compilation).
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -90,12 +92,25 @@ def test_results_do_not_depend_on_micro_batching(engine):
     assert [c.token_ids for c in other_seed] != [c.token_ids for c in micro_batched]
 
 
+def test_per_conversation_params_own_seeds_decide_wherever_the_conversation_sits(engine):
+    each = [dataclasses.replace(SAMPLED, seed=s) for s in (11, 12, 13)]
+    each[1] = dataclasses.replace(GREEDY, seed=12)  # a different strategy in the same call
+    completions = engine.chat(CONVERSATIONS, each)
+    order = [2, 0, 1]
+    shuffled = engine.chat([CONVERSATIONS[i] for i in order], [each[i] for i in order])
+    assert [shuffled[order.index(i)] for i in range(3)] == completions
+    assert completions[1] == engine.chat(CONVERSATIONS[1:2], GREEDY)[0]
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 conversations"):
+        engine.chat(CONVERSATIONS, each[:2])
+
+
 def test_context_overflow_is_a_length_completion_not_a_crash(engine):
     engine = _engine_like(engine, max_batch_size=2, max_context=30)
     short = _conversation("Hi?")
     long = _conversation("Tell me everything about " + "the history of Lyon and " * 10)
     assert len(engine.chat_format.encode_prompt(short)) > 30 - 16
-    completions = engine.chat([short, long, [Message("user", "x"), {"role": "user"}]], SamplingParams(temperature=0.0, max_tokens=16))
+    broken = [Message("user", "x"), {"role": "user"}]
+    completions = engine.chat([short, long, broken], SamplingParams(temperature=0.0, max_tokens=16))
     room = 30 - len(engine.chat_format.encode_prompt(short))
     assert len(completions[0].token_ids) <= room and completions[0].error is None
     assert completions[1].finish_reason == "length" and completions[1].text == ""

@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 import torch
+import transformers
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,7 +58,8 @@ def parity(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def greedy(parity):
-    return generate(parity["graphdef"], parity["state"], parity["prompts"], strategy=Greedy(), max_new_tokens=NEW_TOKENS)
+    return generate(parity["graphdef"], parity["state"], parity["prompts"], strategy=Greedy(),
+                    max_new_tokens=NEW_TOKENS)
 
 
 def _sampled(parity, **kwargs):
@@ -153,6 +156,8 @@ def test_generate_rejects_bad_input(parity):
         generate(parity["graphdef"], parity["state"], [[]], **run)
     with pytest.raises(ValueError, match="stop strings need token_bytes"):
         generate(parity["graphdef"], parity["state"], [[1]], stops=("x",), **run)
+    with pytest.raises(ValueError, match="seed: 2 values for 1 rows"):
+        generate(parity["graphdef"], parity["state"], [[1]], seed=[1, 2], **run)
 
 
 def test_session_reuses_the_cache_across_turns_and_equals_prefilling_from_scratch(parity):
@@ -264,7 +269,8 @@ def qwen():
     prompts = [tokenizer.encode(text) for text in ("Find the population of Lyon.", "hi")]
     token_bytes = TokenBytes.from_tokenizer(tokenizer, config.vocab_size)
     free = generate(graphdef, state, prompts, strategy=Greedy(), max_new_tokens=24, token_bytes=token_bytes)
-    return dict(tokenizer=tokenizer, graphdef=graphdef, state=state, prompts=prompts, token_bytes=token_bytes, free=free)
+    return dict(tokenizer=tokenizer, graphdef=graphdef, state=state, prompts=prompts, token_bytes=token_bytes,
+                free=free)
 
 
 def _stopped(qwen, stops, state=None):
@@ -329,7 +335,8 @@ def test_stop_string_starting_inside_a_token_is_cut_exactly(qwen):
         out = _stopped(qwen, (inside,))[row]
         _check_cut(qwen, row, inside, out)
         # The token holding the stop string's start is dropped; its bytes before the stop stay in the text.
-        assert qwen["token_bytes"].text(out.token_ids) != out.text and out.text.startswith(qwen["token_bytes"].text(out.token_ids))
+        whole_tokens_text = qwen["token_bytes"].text(out.token_ids)
+        assert whole_tokens_text != out.text and out.text.startswith(whole_tokens_text)
 
 
 def test_special_token_stop_is_exact(qwen):
@@ -355,6 +362,19 @@ def test_no_stop_found_leaves_the_generation_alone(qwen):
     for free, kept in zip(qwen["free"], out):
         assert kept.finish_reason == "length" and kept.stop_string is None
         assert kept.token_ids == free.token_ids and kept.text == free.text
+
+
+def test_token_bytes_of_the_qwen_vocabulary_and_of_other_tokenizers(qwen):
+    table = qwen["token_bytes"].table
+    assert table[qwen["tokenizer"].convert_tokens_to_ids("<tool_response>")] == b"<tool_response>"
+    assert table[151700] == b""  # the model's padding ids past the tokenizer
+    assert qwen["token_bytes"].join(qwen["tokenizer"].encode("caf\u00e9 \u5b66")) == "caf\u00e9 \u5b66".encode()
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    word_level.decoder = tokenizers.decoders.WordPiece()
+    with pytest.raises(ValueError, match="needs a byte-level BPE tokenizer"):
+        TokenBytes.from_tokenizer(transformers.PreTrainedTokenizerFast(tokenizer_object=word_level), 2)
+    with pytest.raises(ValueError, match="tokenizer has 151669 tokens but the model vocabulary is only 512"):
+        TokenBytes.from_tokenizer(qwen["tokenizer"], 512)
 
 
 def test_host_cut_on_hand_built_qwen_tokens(qwen):
@@ -392,7 +412,8 @@ SMALL_VOCAB = TokenBytes([b"a", b"b", b"ab", b"ba", b"aab", b"", b"bab", b"<t>",
 
 @settings(max_examples=300, deadline=None)
 @given(
-    stops=st.lists(st.sampled_from(["ab", "aa", "bab", "<t>", "b<t", "a\u00e9b", "baa", "abab"]), min_size=1, max_size=3),
+    stops=st.lists(st.sampled_from(["ab", "aa", "bab", "<t>", "b<t", "a\u00e9b", "baa", "abab"]), min_size=1,
+                   max_size=3),
     ids=st.lists(st.integers(0, len(SMALL_VOCAB) - 1), max_size=12),
 )
 def test_stop_table_fires_at_the_first_token_completing_any_stop(stops, ids):

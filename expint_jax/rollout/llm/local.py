@@ -2,8 +2,9 @@
 
 Contract:
   * ``chat(conversations, params)`` encodes each conversation with ``ChatFormat.encode_prompt``
-    (the generation prompt appended), sorts them by prompt length, cuts them into micro-batches
-    of at most ``max_batch_size``, and returns one ``Completion`` per conversation in input order.
+    (the generation prompt appended), groups them by sampling strategy and stop strings, sorts
+    each group by prompt length, cuts it into micro-batches of at most ``max_batch_size``, and
+    returns one ``Completion`` per conversation in input order.
     Each micro-batch is left-padded to bucketed widths and to a batch size that the mesh's batch
     axes divide, so a handful of shapes serve every call.
   * ``Completion``: ``text`` without the eos token or stop string; ``finish_reason`` "stop" (eos
@@ -12,9 +13,12 @@ Contract:
   * A conversation that leaves no room in ``max_context`` gets ``finish_reason="length"`` and an
     ``error``; one that cannot be encoded gets ``finish_reason="error"``. The rest of the batch
     is unaffected. ``max_tokens`` is clipped to the room left in the context.
-  * Seeds: with ``params.seed`` set, conversation i of a call samples from stream i of that seed,
-    so results do not depend on micro-batching or on the other conversations; with no seed,
-    every call draws a fresh one.
+  * ``params`` is one ``SamplingParams`` or one per conversation (seeds and ``max_tokens`` may
+    differ within a batch).
+  * Seeds: with one ``SamplingParams`` and a seed, conversation i of a call samples from stream i
+    of that seed; with one ``SamplingParams`` per conversation, its seed alone picks its stream,
+    wherever it sits in the call. Either way results do not depend on micro-batching or on the
+    other conversations. A missing seed is drawn fresh for every call.
   * Weights: ``set_params`` swaps parameter values of the same shapes and dtypes (placed on the
     current shardings), so the next call reuses the compiled prefill and decode.
 """
@@ -22,6 +26,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -40,7 +45,7 @@ from expint_jax.models.tokenizer import load_tokenizer
 from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec
 from expint_jax.records import Completion, Message, SamplingParams
 from expint_jax.rollout.llm.base import BackendError
-from expint_jax.rollout.sampler.generate import Generation, generate
+from expint_jax.rollout.sampler.generation import Generation, generate
 from expint_jax.rollout.sampler.sampling import from_params
 from expint_jax.rollout.sampler.stops import TokenBytes
 
@@ -122,47 +127,73 @@ class LocalEngine:
         shardings = jax.tree.map(lambda x: x.sharding, self._state)
         self._state = jax.device_put(state, shardings)
 
-    def chat(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[Completion]:
+    def chat(
+        self, conversations: Sequence[Sequence[Message]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
+        """``params``: one ``SamplingParams`` for all conversations, or one per conversation."""
+        shared = isinstance(params, SamplingParams)
+        each = [params] * len(conversations) if shared else list(params)
+        if len(each) != len(conversations):
+            raise ValueError(f"LocalEngine.chat: {len(each)} SamplingParams for {len(conversations)} conversations")
+        call_seed = int(self._seeds.integers(2**31))
         results: list[Completion | None] = [None] * len(conversations)
-        prompts: dict[int, np.ndarray] = {}
-        budgets: dict[int, int] = {}
-        for i, messages in enumerate(conversations):
-            try:
-                prompt = self.chat_format.encode_prompt(messages)
-            except (TypeError, ValueError) as e:
-                results[i] = Completion(text="", finish_reason="error", error=f"conversation {i}: {e}")
+        groups: dict[tuple[Any, tuple[str, ...]], list[_Request]] = {}
+        for i, (messages, p) in enumerate(zip(conversations, each)):
+            prompt = self._prompt(i, messages)
+            if isinstance(prompt, Completion):
+                results[i] = prompt
                 continue
-            room = self.max_context - len(prompt)
-            if room < 1:
-                results[i] = Completion(
-                    text="", finish_reason="length",
-                    error=f"conversation {i}: the prompt is {len(prompt)} tokens, which leaves no room in the "
-                          f"context of {self.max_context} tokens",
-                )
-                continue
-            prompts[i] = prompt
-            budgets[i] = min(params.max_tokens, room)
+            if shared:  # conversation i is stream i of the call's seed
+                seed, stream = (call_seed if p.seed is None else p.seed), i
+            else:  # its own seed alone decides
+                seed, stream = (int(self._seeds.integers(2**31)) if p.seed is None else p.seed), 0
+            budget = min(p.max_tokens, self.max_context - len(prompt))
+            request = _Request(index=i, prompt=prompt, budget=budget, seed=seed, stream=stream)
+            groups.setdefault((from_params(p), tuple(p.stop)), []).append(request)
 
-        strategy = from_params(params)
-        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
-        order = sorted(prompts, key=lambda i: len(prompts[i]))
-        for start in range(0, len(order), self.max_batch_size):
-            rows = order[start : start + self.max_batch_size]
-            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-                generations = generate(
-                    self._graphdef, self._state, [prompts[i] for i in rows],
-                    strategy=strategy, max_new_tokens=[budgets[i] for i in rows],
-                    eos_ids=self.chat_format.eos_ids, stops=params.stop, token_bytes=self.token_bytes,
-                    seed=seed, row_ids=rows, batch_size=self._batch_size(len(rows)), pad_id=self.chat_format.pad_id,
-                )
-            for i, generation in zip(rows, generations):
-                results[i] = _completion(generation)
+        for (strategy, stops), requests in groups.items():
+            requests.sort(key=lambda r: len(r.prompt))
+            for start in range(0, len(requests), self.max_batch_size):
+                batch = requests[start : start + self.max_batch_size]
+                with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                    generations = generate(
+                        self._graphdef, self._state, [r.prompt for r in batch],
+                        strategy=strategy, max_new_tokens=[r.budget for r in batch],
+                        eos_ids=self.chat_format.eos_ids, stops=stops, token_bytes=self.token_bytes,
+                        seed=[r.seed for r in batch], row_ids=[r.stream for r in batch],
+                        batch_size=self._batch_size(len(batch)), pad_id=self.chat_format.pad_id,
+                    )
+                for request, generation in zip(batch, generations):
+                    results[request.index] = _completion(generation)
         return results  # type: ignore[return-value]
+
+    def _prompt(self, index: int, messages: Sequence[Message]) -> np.ndarray | Completion:
+        """The prompt's token ids, or the completion that says why it cannot be generated from."""
+        try:
+            prompt = self.chat_format.encode_prompt(messages)
+        except (TypeError, ValueError) as e:
+            return Completion(text="", finish_reason="error", error=f"conversation {index}: {e}")
+        if len(prompt) >= self.max_context:
+            return Completion(
+                text="", finish_reason="length",
+                error=f"conversation {index}: the prompt is {len(prompt)} tokens, which leaves no room in the "
+                      f"context of {self.max_context} tokens",
+            )
+        return prompt
 
     def _batch_size(self, rows: int) -> int:
         """Rows rounded up to a power of two, then to a multiple of the mesh's batch shards."""
         size = 1 << max(rows - 1, 0).bit_length()
         return math.ceil(size / self._batch_divisor) * self._batch_divisor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    index: int  # position in the chat call
+    prompt: np.ndarray
+    budget: int  # max new tokens: max_tokens clipped to the room left in the context
+    seed: int
+    stream: int
 
 
 def _completion(generation: Generation) -> Completion:

@@ -6,6 +6,6 @@ from expint_jax.rollout.sampler.sampling import Greedy, Strategy, Temperature, T
 from expint_jax.rollout.sampler.stops import StopTable, TokenBytes, cut_at_stop
 
 __all__ = [
-    "Generation", "Greedy", "PromptBatch", "Session", "StopTable", "Strategy", "Temperature", "TokenBytes", "TopK", "TopKTopP",
-    "TopP", "bucket", "cut_at_stop", "decode", "from_params", "generate", "prefill",
+    "Generation", "Greedy", "PromptBatch", "Session", "StopTable", "Strategy", "Temperature", "TokenBytes", "TopK",
+    "TopKTopP", "TopP", "bucket", "cut_at_stop", "decode", "from_params", "generate", "prefill",
 ]

@@ -15,8 +15,9 @@ Contract:
     unmodified distribution (softmax of the fp32 logits, no temperature or filtering), the one a
     teacher-forced forward gives; ``sampling_logprobs`` is under the distribution actually
     sampled (temperature, top-k, top-p applied; 0 for greedy).
-  * Randomness: row r draws with ``fold_in(fold_in(key(seed), row_ids[r]), step)``, so a row's
-    output does not depend on which rows share its batch (up to floating-point reassociation).
+  * Randomness: row r draws with ``fold_in(fold_in(key(seeds[r]), row_ids[r]), step)``, so a
+    row's output does not depend on which rows share its batch (up to floating-point
+    reassociation).
   * Sharding: under ``jax.set_mesh``, the batch follows the ``batch`` logical axis and the cache
     ``CACHE_AXES``; parameters keep the placement they were given (``parallel.shard_model``).
 """
@@ -183,13 +184,15 @@ def decode(
         out = loop.out
 
         def put(buffer, values):
-            return constrain(buffer.at[:, loop.step].set(jnp.where(active, values, 0).astype(buffer.dtype)), row_axes, rules)
+            column = jnp.where(active, values, 0).astype(buffer.dtype)
+            return constrain(buffer.at[:, loop.step].set(column), row_axes, rules)
 
         next_state = stop_transitions[loop.stop_state, token]
         length = out.lengths + active
-        finish = jnp.select(
-            [~active, jnp.any(token[:, None] == eos_ids[None, :], axis=-1), next_state == MATCHED, length >= limits],
-            [out.finish, jnp.full_like(out.finish, EOS), jnp.full_like(out.finish, STOP), jnp.full_like(out.finish, LENGTH)],
+        hit_eos = jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
+        finish = jnp.select(  # the first true condition wins: eos, then a stop string, then the limit
+            [~active, hit_eos, next_state == MATCHED, length >= limits],
+            [out.finish, *(jnp.full_like(out.finish, reason) for reason in (EOS, STOP, LENGTH))],
             out.finish,
         )
         out = DecodeOutput(
@@ -264,9 +267,16 @@ class Generation:
     num_generated: int = 0
 
 
-def row_keys(seed: int, row_ids: Sequence[int]) -> jax.Array:
-    base = jax.random.key(seed)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(row_ids, jnp.uint32))
+def row_keys(seeds: int | Sequence[int], row_ids: Sequence[int]) -> jax.Array:
+    """Row r's key ``fold_in(key(seeds[r]), row_ids[r])``; one seed may serve every row."""
+    seeds = per_row(seeds, len(row_ids), "seeds")
+    if seeds.size and (seeds.min() < 0 or seeds.max() >= 2**32):
+        raise ValueError(f"seeds must be in [0, 2**32), got min {seeds.min()}, max {seeds.max()}")
+
+    def key(seed, row):
+        return jax.random.fold_in(jax.random.key(seed), row)
+
+    return jax.vmap(key)(jnp.asarray(seeds, jnp.uint32), jnp.asarray(row_ids, jnp.uint32))
 
 
 def padded_eos(eos_ids: Sequence[int]) -> np.ndarray:
@@ -284,13 +294,25 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[np.
         if prompt.size == 0:
             raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
         if prompt.min() < 0 or prompt.max() >= vocab_size:
-            raise ValueError(f"prompt {i} holds token ids outside [0, {vocab_size}): min {prompt.min()}, max {prompt.max()}")
+            raise ValueError(
+                f"prompt {i} holds token ids outside [0, {vocab_size}): min {prompt.min()}, max {prompt.max()}"
+            )
         checked.append(prompt)
     return checked
 
 
+def per_row(value: int | Sequence[int], rows: int, name: str) -> np.ndarray:
+    """``value`` (one integer for every row, or one per row) as an int64 array of ``rows`` entries."""
+    array = np.asarray(value, np.int64)
+    if array.ndim == 0:
+        return np.full(rows, array)
+    if array.shape != (rows,):
+        raise ValueError(f"{name}: {array.size} values for {rows} rows")
+    return array
+
+
 def check_limits(max_new_tokens: int | Sequence[int], rows: int) -> np.ndarray:
-    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (rows,))
+    limits = per_row(max_new_tokens, rows, "max_new_tokens").astype(np.int32)
     if rows and limits.min() < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {limits.min()}")
     return limits
@@ -351,16 +373,16 @@ def generate(
     eos_ids: Sequence[int] = (),
     stops: Sequence[str] = (),
     token_bytes: TokenBytes | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     row_ids: Sequence[int] | None = None,
     batch_size: int | None = None,
     pad_id: int = 0,
 ) -> list[Generation]:
     """Generates for every prompt (token id sequences) in one batch; see the module docstring.
 
-    ``max_new_tokens`` is one limit or one per prompt; ``row_ids`` (default 0..n-1) select each
-    row's random stream; ``batch_size`` pads the batch with inactive rows (for fixed shapes or a
-    batch that the mesh divides).
+    ``max_new_tokens`` is one limit or one per prompt; ``seed`` (one or one per prompt) and
+    ``row_ids`` (default 0..n-1) select each row's random stream; ``batch_size`` pads the batch
+    with inactive rows (for fixed shapes or a batch that the mesh divides).
     """
     vocab_size = vocab_size_of(state)
     prompts = check_prompts(prompts, vocab_size)
@@ -378,11 +400,13 @@ def generate(
     batch = PromptBatch.left_pad(prompts, width, batch_size, pad_id)
     all_limits = np.zeros(batch_size, np.int32)
     all_limits[: len(prompts)] = limits
-    all_row_ids = row_ids + [0] * (batch_size - len(prompts))
+    padding = batch_size - len(prompts)
+    all_row_ids = row_ids + [0] * padding
+    all_seeds = [*per_row(seed, len(prompts), "seed"), *[0] * padding]
 
     cache, logits = prefill(graphdef, state, batch.ids, batch.positions, batch.valid, num_slots=bucket(width + max_new))
     out, _ = decode(
-        graphdef, state, cache, logits, batch.lengths, row_keys(seed, all_row_ids), all_limits,
+        graphdef, state, cache, logits, batch.lengths, row_keys(all_seeds, all_row_ids), all_limits,
         padded_eos(eos_ids), table.transitions, strategy=strategy, max_new=max_new,
     )
     return finish_rows(out, range(len(prompts)), stops=stops, token_bytes=token_bytes)

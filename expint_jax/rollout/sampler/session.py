@@ -89,10 +89,14 @@ class Session:
         max_new_tokens: int | Sequence[int],
         eos_ids: Sequence[int] = (),
         stops: Sequence[str] = (),
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         row_ids: Sequence[int] | None = None,
     ) -> list[gen.Generation | None]:
-        """Continues every given row; returns a ``Generation`` per row (None for rows left out)."""
+        """Continues every given row; returns a ``Generation`` per row (None for rows left out).
+
+        ``seed`` (one, or one per row of the batch) and ``row_ids`` (default 0..batch_size-1) select
+        each row's random stream, as in ``generation.generate``.
+        """
         if len(sequences) != self.batch_size:
             raise ValueError(f"Session.generate: {len(sequences)} sequences for a batch of {self.batch_size}")
         vocab_size = gen.vocab_size_of(self.state)
