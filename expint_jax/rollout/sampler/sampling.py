@@ -57,6 +57,16 @@ def token_log_probs(log_weights: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 class Strategy(abc.ABC):
+    def __post_init__(self) -> None:
+        """Validates whichever of ``temperature``, ``k`` and ``p`` the strategy has."""
+        name, fields = type(self).__name__, vars(self)
+        if "temperature" in fields and not self.temperature > 0:
+            raise ValueError(f"{name}: temperature must be > 0 (use Greedy for temperature 0), got {self.temperature}")
+        if "k" in fields and not (isinstance(self.k, int) and self.k >= 1):
+            raise ValueError(f"{name}: k must be an int >= 1, got {self.k!r}")
+        if "p" in fields and not 0 < self.p <= 1:
+            raise ValueError(f"{name}: p must be in (0, 1], got {self.p}")
+
     @abc.abstractmethod
     def log_weights(self, logits: jax.Array) -> jax.Array: ...
 
@@ -66,21 +76,6 @@ class Strategy(abc.ABC):
 
     def __call__(self, logits: jax.Array, keys: jax.Array) -> jax.Array:
         return self.draw(self.log_weights(logits), keys)
-
-
-def _check_temperature(name: str, temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"{name}: temperature must be > 0 (use Greedy for temperature 0), got {temperature}")
-
-
-def _check_k(name: str, k: int) -> None:
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"{name}: k must be an int >= 1, got {k!r}")
-
-
-def _check_p(name: str, p: float) -> None:
-    if not 0 < p <= 1:
-        raise ValueError(f"{name}: p must be in (0, 1], got {p}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +94,6 @@ class Greedy(Strategy):
 class Temperature(Strategy):
     temperature: float = 1.0
 
-    def __post_init__(self) -> None:
-        _check_temperature("Temperature", self.temperature)
-
     def log_weights(self, logits: jax.Array) -> jax.Array:
         return scale(logits, self.temperature)
 
@@ -111,10 +103,6 @@ class TopK(Strategy):
     k: int
     temperature: float = 1.0
 
-    def __post_init__(self) -> None:
-        _check_k("TopK", self.k)
-        _check_temperature("TopK", self.temperature)
-
     def log_weights(self, logits: jax.Array) -> jax.Array:
         return top_k_filter(scale(logits, self.temperature), self.k)
 
@@ -123,10 +111,6 @@ class TopK(Strategy):
 class TopP(Strategy):
     p: float
     temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_p("TopP", self.p)
-        _check_temperature("TopP", self.temperature)
 
     def log_weights(self, logits: jax.Array) -> jax.Array:
         return top_p_filter(scale(logits, self.temperature), self.p)
@@ -139,11 +123,6 @@ class TopKTopP(Strategy):
     k: int
     p: float
     temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_k("TopKTopP", self.k)
-        _check_p("TopKTopP", self.p)
-        _check_temperature("TopKTopP", self.temperature)
 
     def log_weights(self, logits: jax.Array) -> jax.Array:
         return top_p_filter(top_k_filter(scale(logits, self.temperature), self.k), self.p)
