@@ -1,8 +1,8 @@
 """Side-by-side speed and memory of the chunked divergence losses' backward pass.
 
 Compares, on the same inputs in one process:
-  * ``custom_vjp``: :func:`expint_jax.distill.losses.chunked_token_losses` (closed-form logit
-    gradients, logits recomputed per chunk in the backward pass);
+  * ``custom_vjp``: :func:`expint_jax.distill.losses.chunked_token_losses` (keeps only its inputs;
+    the backward pass recomputes each chunk's logits and differentiates that chunk alone);
   * ``checkpoint``: the straightforward alternative, autodiff of ``token_divergence`` under
     ``jax.checkpoint`` inside ``lax.scan`` (defined here as the baseline).
 Prints one table: median seconds per ``value_and_grad`` call, compiled peak temp memory, and the
