@@ -118,14 +118,19 @@ def decoder_layer(
     x: jax.Array,
     positions: jax.Array,
     mask: jax.Array,
-    kv: tuple[jax.Array, jax.Array] | None,
-    write_at: jax.Array | None,
+    cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
     *,
     config: Qwen3Config,
     compute_dtype: Any,
     rules: LogicalRules,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """One pre-norm decoder layer. ``kv`` is this layer's cache (written at ``write_at``) or None."""
+    """One pre-norm decoder layer.
+
+    ``cache`` is ``(k_all, v_all, layer, write_at)``: every layer's keys/values [L, B, S, K, D]; the
+    new tokens' keys/values are written in place at ``(layer, :, write_at)`` and attention reads
+    this layer's slots. Writing only the new tokens (instead of re-emitting the layer's whole cache
+    as a scan output) keeps a decode step's memory traffic at one read of the cache.
+    """
     c = config
     p = {name: w.astype(compute_dtype) for name, w in params.items()}
 
@@ -140,11 +145,16 @@ def decoder_layer(
     q = ops.apply_rope(ops.rms_norm(q, p["q_norm"], c.rms_norm_eps), positions, c.rope_theta)
     k = ops.apply_rope(ops.rms_norm(k, p["k_norm"], c.rms_norm_eps), positions, c.rope_theta)
 
-    if kv is not None:
-        k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_at, axis=1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_at, axis=1)
-        kv = (k_cache, v_cache)
-        k, v = k_cache.astype(compute_dtype), v_cache.astype(compute_dtype)
+    new_cache = None
+    if cache is not None:
+        k_all, v_all, layer, write_at = cache
+        zero = jnp.zeros((), jnp.int32)
+        start = (layer, zero, write_at, zero, zero)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+        new_cache = (k_all, v_all)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False).astype(compute_dtype)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False).astype(compute_dtype)
 
     attn = ops.attention(q, k, v, mask)
     out = jnp.einsum("bthd,hde->bte", attn, p["o_proj"])
@@ -156,7 +166,7 @@ def decoder_layer(
     gate = constrain(h @ p["gate_proj"], ("batch", "seq", "act_mlp"), rules)
     up = constrain(h @ p["up_proj"], ("batch", "seq", "act_mlp"), rules)
     x = x + (jax.nn.silu(gate) * up) @ p["down_proj"]
-    return constrain(x, ("batch", "seq", "act_embed"), rules), kv
+    return constrain(x, ("batch", "seq", "act_embed"), rules), new_cache
 
 
 class Qwen3(nnx.Module):
@@ -258,16 +268,27 @@ class Qwen3(nnx.Module):
         x = constrain(x, ("batch", "seq", "act_embed"), self.rules)
         layer_params = {name: p[...] for name, p in self.layers.items()}
         block = functools.partial(decoder_layer, config=self.config, compute_dtype=compute, rules=self.rules)
-
-        def body(carry, layer):
-            params, kv = layer
-            out, kv = block(params, carry, positions, mask, kv, None if cache is None else cache.end)
-            return out, kv
-
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = jax.lax.scan(body, x, (layer_params, kv_in))
+            block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+
+        if cache is None:
+            def body(carry, params):
+                out, _ = block(params, carry, positions, mask, None)
+                return out, None
+
+            x, _ = jax.lax.scan(body, x, layer_params)
+            kv_out = None
+        else:
+            # The caches ride in the carry so each layer updates them in place.
+            def body(carry, layer_inputs):
+                x, k_all, v_all = carry
+                params, layer = layer_inputs
+                out, (k_all, v_all) = block(params, x, positions, mask, (k_all, v_all, layer, cache.end))
+                return (out, k_all, v_all), None
+
+            layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+            (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (layer_params, layers))
+            kv_out = (k_all, v_all)
         hidden = ops.rms_norm(x, self.final_norm[...].astype(compute), self.config.rms_norm_eps)
         return hidden, kv_out
