@@ -44,7 +44,7 @@ from expint_jax.models.qwen3 import Qwen3
 from expint_jax.models.tokenizer import load_tokenizer
 from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec
 from expint_jax.records import Completion, Message, SamplingParams
-from expint_jax.rollout.llm.base import BackendError
+from expint_jax.rollout.llm.base import BackendError, SamplingSpec, per_conversation
 from expint_jax.rollout.sampler.generation import Generation, generate
 from expint_jax.rollout.sampler.sampling import from_params
 from expint_jax.rollout.sampler.stops import TokenBytes
@@ -127,14 +127,10 @@ class LocalEngine:
         shardings = jax.tree.map(lambda x: x.sharding, self._state)
         self._state = jax.device_put(state, shardings)
 
-    def chat(
-        self, conversations: Sequence[Sequence[Message]], params: SamplingParams | Sequence[SamplingParams]
-    ) -> list[Completion]:
+    def chat(self, conversations: Sequence[Sequence[Message]], params: SamplingSpec) -> list[Completion]:
         """``params``: one ``SamplingParams`` for all conversations, or one per conversation."""
         shared = isinstance(params, SamplingParams)
-        each = [params] * len(conversations) if shared else list(params)
-        if len(each) != len(conversations):
-            raise ValueError(f"LocalEngine.chat: {len(each)} SamplingParams for {len(conversations)} conversations")
+        each = per_conversation(params, len(conversations))
         call_seed = int(self._seeds.integers(2**31))
         results: list[Completion | None] = [None] * len(conversations)
         groups: dict[tuple[Any, tuple[str, ...]], list[_Request]] = {}
