@@ -51,8 +51,12 @@ def main_side_by_side(
     add_arguments: Callable[[argparse.ArgumentParser], None],
     work_per_call: Callable[[argparse.Namespace], tuple[float, str]],
     reference: str,
+    interpreters: Mapping[str, str] | None = None,
 ) -> None:
-    """``work_per_call(args) -> (units, unit name)``, e.g. ``(2048, "tokens")``; ratios are vs ``reference``."""
+    """``work_per_call(args) -> (units, unit name)``, e.g. ``(2048, "tokens")``; ratios are vs ``reference``.
+
+    ``interpreters`` maps a side to the Python that runs its worker (default: this one), for a
+    library that must live in its own virtualenv."""
     parser = argparse.ArgumentParser(description=description)
     add_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per worker")
@@ -72,7 +76,8 @@ def main_side_by_side(
     print(f"# {description}\n# machine: {machine_line()}")
     for _ in range(args.rounds):
         for side in chosen:
-            out = subprocess.run([sys.executable, sys.argv[0], *forwarded, "--worker", side], capture_output=True,
+            python = (interpreters or {}).get(side, sys.executable)
+            out = subprocess.run([python, sys.argv[0], *forwarded, "--worker", side], capture_output=True,
                                  text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             if out.returncode:
                 sys.exit(f"worker {side} failed:\n{out.stderr[-4000:]}")
