@@ -21,7 +21,7 @@ import types
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from expint_jax.experience.select import Selector
+from expint_jax.experience.select import Selection, Selector
 from expint_jax.records import Message, Trajectory
 
 EXPERIENCE_HEADER = "**Relevant experiences:**"
@@ -147,3 +147,40 @@ def context_before_turn(trajectory: Trajectory, k: int) -> tuple[Message, ...]:
         )
     step_block = trajectory.step_injections[k] if trajectory.step_injections else ""
     return inject(trajectory.messages[: positions[k]], trajectory.global_injection, step_block)
+
+
+def annotate_injections(trajectories: Sequence[Trajectory], spec: InjectionSpec) -> list[Trajectory]:
+    """The trajectories with the experience a teacher under ``spec`` would have seen.
+
+    Messages are left as they are; only ``injection``, ``global_injection``, ``step_injections``
+    and ``step_experience_ids`` change. This gives a teacher context to trajectories written
+    without experience (the student's own rollouts in on-policy distillation, or any recorded
+    rollouts). Step-wise selection sees exactly what the agent's selector would have seen (the
+    stored history before each turn) and runs as one ``select_batch`` over all turns.
+    """
+    if isinstance(spec, NoInjection):
+        return [dataclasses.replace(t, injection="none", global_injection="", step_injections=(),
+                                    step_experience_ids=()) for t in trajectories]
+    if isinstance(spec, GlobalInjection):
+        return [dataclasses.replace(t, injection="global", global_injection=spec.block, step_injections=(),
+                                    step_experience_ids=()) for t in trajectories]
+    histories, owners = [], []
+    for index, trajectory in enumerate(trajectories):
+        for position, message in enumerate(trajectory.messages):
+            if message.role == "assistant":
+                histories.append(trajectory.messages[:position])
+                owners.append(index)
+    selections = spec.selector.select_batch(histories, spec.pool) if histories else []
+    per_trajectory: list[list[Selection]] = [[] for _ in trajectories]
+    for owner, selection in zip(owners, selections, strict=True):
+        per_trajectory[owner].append(selection)
+    return [
+        dataclasses.replace(
+            trajectory,
+            injection="stepwise",
+            global_injection="",
+            step_injections=tuple(spec.block_for(s.ids) for s in chosen),
+            step_experience_ids=tuple(tuple(s.ids) for s in chosen),
+        )
+        for trajectory, chosen in zip(trajectories, per_trajectory, strict=True)
+    ]

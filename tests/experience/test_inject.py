@@ -7,6 +7,7 @@ from expint_jax.experience.inject import (
     GlobalInjection,
     NoInjection,
     StepwiseInjection,
+    annotate_injections,
     apply_global,
     apply_stepwise,
     context_before_turn,
@@ -14,7 +15,7 @@ from expint_jax.experience.inject import (
     inject,
     make_injection,
 )
-from expint_jax.experience.select import AllSelector
+from expint_jax.experience.select import AllSelector, BM25Selector
 from expint_jax.records import Message, Trajectory
 
 POOL = {"G0": "When a search fails, rephrase it.", "G3": "When numbers matter, compute them."}
@@ -121,3 +122,26 @@ def test_context_before_turn_global_and_none():
 def test_context_before_turn_out_of_range():
     with pytest.raises(IndexError, match="2 assistant turns; turn 2"):
         context_before_turn(_two_turn_trajectory(), 2)
+
+
+def test_annotate_injections_matches_what_the_agent_would_select():
+    pool = {"G0": "When a page lists films, open the film page.", "G1": "If a search fails, search the site name.",
+            "G2": "When asked for a year, quote the page's year.", "G3": "Prefer the official site."}
+    messages = (Message("system", "sys"), Message("user", "Which year was the film festival founded?"),
+                Message("assistant", "<tool_call>\n{\"name\": \"search\", \"arguments\": {\"query\": \"festival\"}}\n</tool_call>"),
+                Message("user", "<tool_response>\nfilm page lists films\n</tool_response>"),
+                Message("assistant", "<answer>1950</answer>"))
+    plain = Trajectory(task_id="t", messages=messages)
+    selector = BM25Selector(k=2, k_min=1)
+    spec = StepwiseInjection(pool, selector)
+    [annotated] = annotate_injections([plain], spec)
+    assert annotated.messages == plain.messages and annotated.injection == "stepwise"
+    for k, position in enumerate([2, 4]):
+        expected = selector.select(messages[:position], pool)
+        assert annotated.step_experience_ids[k] == expected.ids
+        assert annotated.step_injections[k] == spec.block_for(expected.ids)
+        assert context_before_turn(annotated, k)[-1].content.endswith(spec.block_for(expected.ids))
+    [global_view] = annotate_injections([annotated], GlobalInjection(pool))
+    assert global_view.global_injection == format_experience_block(pool) and global_view.step_injections == ()
+    [none] = annotate_injections([annotated], NoInjection())
+    assert none.injection == "none" and context_before_turn(none, 1) == messages[:4]
