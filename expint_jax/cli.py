@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-model": ("expint_jax.models.check", "load a Qwen3 checkpoint onto a mesh and check parity with transformers"),
+    "distill": ("expint_jax.distill.run", "context-distill a Qwen3 toward its experience-conditioned self (CPU demo by default)"),
     "granularity": ("expint_jax.experience.granularity", "share of URLs, numbers, entities and strategy statements in a pool"),
 }
 

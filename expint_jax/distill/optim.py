@@ -34,6 +34,10 @@ class OptimizerConfig:
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
+    """Linear warm-up to ``learning_rate``, then cosine decay to ``learning_rate * end_lr_ratio`` at
+    ``total_steps``. A run no longer than its warm-up (a short run) only warms up."""
+    if config.warmup_steps >= config.total_steps:
+        return optax.linear_schedule(0.0, config.learning_rate, config.total_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if config.warmup_steps else config.learning_rate,
         peak_value=config.learning_rate,

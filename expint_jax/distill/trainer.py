@@ -75,6 +75,7 @@ class TrainerConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: evaluate only at the end
+    eval_at_start: bool = False  # also evaluate the untrained student (logged as step 0) on a fresh run
     log_every: int = 1
     progress_bar: bool = True
 
@@ -102,6 +103,7 @@ class TrainResult:
     train_metrics: Mapping[str, float]  # the last logged step's (empty if this call ran no step)
     eval_metrics: Mapping[str, float]  # the last evaluation's (empty without eval data)
     data_counts: ExampleCounts
+    initial_eval_metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)  # eval_at_start's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +194,11 @@ def train(
                                             unit="step", disable=not (config.progress_bar and is_logger)))
         train_metrics: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
+        initial_eval_metrics: dict[str, float] = {}
+        if eval_data is not None and config.eval_at_start and resumed_from == 0:
+            initial_eval_metrics = _evaluate(eval_step, state.params, teacher_params, eval_data, config.batching,
+                                             to_device)
+            metrics_log.write("eval", 0, initial_eval_metrics)
         dispatched: list[_Dispatched] = []
         throughput = _Throughput()
         step = resumed_from
@@ -227,7 +234,8 @@ def train(
     nnx.update(student, state.params)
     return TrainResult(state=state, steps=step, resumed_from=resumed_from,
                        stop_reason="completed" if total == len(batches) else "max_steps",
-                       train_metrics=train_metrics, eval_metrics=eval_metrics, data_counts=train_data.counts)
+                       train_metrics=train_metrics, eval_metrics=eval_metrics, data_counts=train_data.counts,
+                       initial_eval_metrics=initial_eval_metrics)
 
 
 def _optimizer_for_run(optimizer: OptimizerConfig, steps: int) -> OptimizerConfig:

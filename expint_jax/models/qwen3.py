@@ -177,6 +177,7 @@ class Qwen3(nnx.Module):
         policy: DTypePolicy = DTypePolicy(),
         rules: LogicalRules = DEFAULT_RULES,
         remat: str = "none",
+        init_std: float = 0.02,
         rngs: nnx.Rngs,
     ):
         if remat not in REMAT_POLICIES:
@@ -186,23 +187,23 @@ class Qwen3(nnx.Module):
         self.rules = rules
         self.remat = remat
         dtype = policy.param
-        normal = jax.nn.initializers.normal(0.02)
+        normal = jax.nn.initializers.normal(init_std)
 
-        def param(name: str, shape: tuple[int, ...], axes: tuple[str | None, ...], init: Any) -> nnx.Param:
+        def param(shape: tuple[int, ...], axes: tuple[str | None, ...], init: Any) -> nnx.Param:
             return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
 
         ones = jax.nn.initializers.ones
         zeros = jax.nn.initializers.zeros
-        self.embed = param("embed", (config.vocab_size, config.hidden_size), ("vocab", "embed"), normal)
+        self.embed = param((config.vocab_size, config.hidden_size), ("vocab", "embed"), normal)
         self.layers = nnx.Dict({
-            name: param(name, shape, LAYER_AXES[name], ones if "norm" in name else zeros if "bias" in name else normal)
+            name: param(shape, LAYER_AXES[name], ones if "norm" in name else zeros if "bias" in name else normal)
             for name, shape in layer_shapes(config).items()
         })
-        self.final_norm = param("final_norm", (config.hidden_size,), ("norm",), ones)
+        self.final_norm = param((config.hidden_size,), ("norm",), ones)
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else param("lm_head", (config.vocab_size, config.hidden_size), ("vocab", "embed"), normal)
+            else param((config.vocab_size, config.hidden_size), ("vocab", "embed"), normal)
         )
 
     # -- projections ------------------------------------------------------------------------

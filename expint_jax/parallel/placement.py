@@ -25,12 +25,13 @@ def init_model(
     rules: LogicalRules = DEFAULT_RULES,
     policy: DTypePolicy = DTypePolicy(),
     remat: str = "none",
+    init_std: float = 0.02,
     seed: int = 0,
 ) -> Qwen3:
     """A randomly initialized Qwen3 whose parameters are created already sharded (never whole on one device)."""
 
     def create() -> Qwen3:
-        return Qwen3(config, policy=policy, rules=rules, remat=remat, rngs=nnx.Rngs(seed))
+        return Qwen3(config, policy=policy, rules=rules, remat=remat, init_std=init_std, rngs=nnx.Rngs(seed))
 
     if mesh is None:
         return create()

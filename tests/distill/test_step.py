@@ -130,3 +130,15 @@ def test_every_divergence_runs_and_reports_finite_metrics(batch, divergence):
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert ("kl" in metrics) == (divergence != "nll")
     assert int(state.step) == 1 and float(metrics["learning_rate"]) == 0.0  # first warm-up step
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    from expint_jax.distill.optim import learning_rate_schedule
+
+    schedule = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, total_steps=10, warmup_steps=2, end_lr_ratio=0.1))
+    assert [float(schedule(s)) for s in (0, 1, 2)] == pytest.approx([0.0, 0.5, 1.0])
+    assert float(schedule(10)) == pytest.approx(0.1) and float(schedule(6)) < 1.0
+    short = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, total_steps=2, warmup_steps=2))
+    assert [float(short(s)) for s in (0, 1, 2)] == pytest.approx([0.0, 0.5, 1.0])
+    with pytest.raises(ValueError, match="warmup_steps=5 must lie in"):
+        OptimizerConfig(total_steps=3, warmup_steps=5)

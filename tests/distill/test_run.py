@@ -1,0 +1,54 @@
+"""``expint distill`` end to end on the offline demo data: outputs, export, resume, config errors."""
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from expint_jax.distill import run as distill_run
+from expint_jax.models.hf import load_checkpoint
+
+
+def _args(tmp_path, *extra):
+    return [f"--config.output_dir={tmp_path}", "--config.data.demo.train_tasks_per_level=2",
+            "--config.data.demo.eval_tasks_per_level=1", "--config.data.demo.levels=('easy',)",
+            "--config.data.demo.rollouts_per_task=2", "--config.trainer.epochs=1", "--config.trainer.batching.rows=2",
+            "--config.trainer.progress_bar=False", "--config.trainer.checkpoint_every=2", *extra]
+
+
+def test_demo_run_trains_exports_and_resumes(tmp_path, capsys):
+    assert distill_run.main(_args(tmp_path, "--config.trainer.max_steps=2")) == 0
+    out = capsys.readouterr().out
+    assert "distilled 2 steps" in out and "held-out KL(teacher || student) per token:" in out
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["trainer"]["max_steps"] == 2 and config["data"]["demo"]["levels"] == ["easy"]
+    train = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 2 * 2 and all(t["injection"] == "stepwise" for t in train)
+    assert any(block for t in train for block in t["step_injections"])
+    assert (tmp_path / "data" / "pool.jsonl").exists()
+    rows = [json.loads(line) for line in (tmp_path / "train" / "metrics" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    evals = [json.loads(line) for line in (tmp_path / "train" / "metrics" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals] == [0, 2]  # eval_at_start, then the end
+
+    student = load_checkpoint(tmp_path / "student")
+    assert (tmp_path / "student" / "tokenizer.json").exists()
+    first = np.asarray(student.embed[...])
+
+    # A second call finds the finished run and the demo data on disk and trains no further.
+    assert distill_run.main(_args(tmp_path, "--config.trainer.max_steps=2")) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.asarray(load_checkpoint(tmp_path / "student").embed[...]), first)
+    assert nnx.state(student)  # the export is a complete model
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.trainer.epoch=3", "epoch"),
+    ("--config.trainer.step.divergence.kind=klx", "config.trainer.step.divergence.kind: 'klx' is not one of"),
+    ("--config.model.remat=sometimes", "config.model.remat: 'sometimes' is not one of"),
+])
+def test_configuration_mistakes_are_refused_before_any_work(tmp_path, capsys, flag, message):
+    assert distill_run.main(_args(tmp_path, flag)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
