@@ -196,6 +196,18 @@ def run(config: DistillRunConfig):
     return result
 
 
+def _enable_compilation_cache() -> None:
+    """Persistent XLA cache (``$JAX_COMPILATION_CACHE_DIR`` or ``~/.cache/expint_jax/xla``): a rerun
+    or a resumed run skips recompiling the step."""
+    import os
+
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        root = os.environ.get("EXPINT_CACHE_DIR") or str(Path.home() / ".cache" / "expint_jax")
+        jax.config.update("jax_compilation_cache_dir", str(Path(root) / "xla"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from absl import flags
     from ml_collections import config_flags
@@ -222,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"expint distill: bad configuration override: {str(detail).replace(chr(10), ' ')}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _enable_compilation_cache()
     result = run(config)
     before, after = result.initial_eval_metrics, result.eval_metrics
     print(f"\ndistilled {result.steps} steps ({result.stop_reason}; resumed from step {result.resumed_from})")
