@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from expint_jax.experience.extract.operations import Operation
 from expint_jax.experience.extract.parsers import (
+    MAX_INT_DIGITS,
     ParseError,
     clean_text,
     loads_lenient,
@@ -119,14 +120,94 @@ texts = st.text(max_size=300) | st.builds(
 ) | st.builds(lambda a, b: f"{a}<Experiences>{b}</Experiences>", st.text(max_size=30), st.text(max_size=100))
 
 
-@settings(max_examples=300, deadline=None)
-@given(texts)
-def test_parsers_never_raise_anything_but_parse_error(text):
+# Runaway generations: long digit runs (Python refuses int() past 4300 digits), huge integer
+# literals (hex is exempt from that limit but not printable in decimal), and deep nesting, set in
+# the places the parsers look (a bare value, a list element, an id, an operation kind, a key).
+digit_runs = st.builds(lambda n, digit: digit * n, st.integers(1, 12_000), st.sampled_from("0123456789"))
+huge_ints = st.builds(lambda bits, sign: sign + hex((1 << bits) - 1), st.integers(200, 40_000), st.sampled_from(["", "-"]))
+numbers = digit_runs | huge_ints | st.builds("{}.{}e{}".format, digit_runs, digit_runs, st.integers(-999, 999))
+nested = st.builds(lambda depth, open_, close, leaf: open_ * depth + leaf + close * depth, st.integers(1, 3_000),
+                   st.sampled_from(["[", '{"a": ', "[{'id': "]), st.sampled_from(["]", "}", "}]"]),
+                   st.sampled_from(["1", '"x"', "null", "0x" + "f" * 2000]))
+runaway = numbers.flatmap(lambda n: st.sampled_from([
+    n, f"[{n}]", f'{{"G0": {n}}}', f'{{"G{n}": "lesson"}}', f'[{{"operation": "UPDATE", "id": {n}, "content": "c"}}]',
+    f'[{{"operation": {n}, "id": "G1"}}]', f'{{"pool": [{{"id": {n}, "text": {n}}}]}}', f"```json\n[{n}]\n```",
+    f'[{{"operation": "DELETE", "id": "G{n}"}}]', f"<Experiences>[{n}]</Experiences>",
+])) | nested
+
+
+def assert_parse_error_at_most(text):
     for parse in (loads_lenient, parse_operations, parse_pool_rewrite, lambda t: parse_experiences(t, 3)):
         try:
             parse(text)
         except ParseError:
             pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts)
+def test_parsers_never_raise_anything_but_parse_error(text):
+    assert_parse_error_at_most(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(runaway)
+def test_runaway_numbers_and_nesting_raise_parse_error_at_most(text):
+    assert_parse_error_at_most(text)
+
+
+@pytest.mark.parametrize("answer", [
+    "1" * 5000,  # json.loads raises a plain ValueError past 4300 digits
+    "[" + "9" * (MAX_INT_DIGITS + 1) + "]",
+    "0x" + "f" * 5000,  # a literal the ast path accepts, too long to print
+    '[{"operation": "UPDATE", "id": 0x' + "f" * 5000 + ', "content": "c"}]',
+])
+def test_over_long_integers_invalidate_their_candidate(answer):
+    with pytest.raises(ParseError):
+        loads_lenient(answer)
+    # The prose around them does not stop a valid answer being found.
+    assert loads_lenient(answer + ' and then ["ok"]') == ["ok"]
+    assert loads_lenient(f"[{10**MAX_INT_DIGITS - 1}]") == [10**MAX_INT_DIGITS - 1]
+
+
+def test_over_long_ids_are_not_display_ids():
+    assert normalize_id(10**MAX_INT_DIGITS) is None and normalize_id(10**MAX_INT_DIGITS - 1) is not None
+    assert normalize_id(1 << 40_000) is None
+    long_digits = "G" + "1" * 5000
+    assert normalize_id(long_digits) == long_digits  # an unknown id, as written
+
+
+id_values = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+             | st.integers(1, 40_000).map(lambda bits: (1 << bits) - 1)
+             | digit_runs | digit_runs.map("g[{}]".format) | st.lists(st.integers(), max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(id_values)
+def test_normalize_id_fuzz(value):
+    result = normalize_id(value)
+    assert result is None or (isinstance(result, str) and result)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**MAX_INT_DIGITS:
+        assert result == f"G{value}"
+
+
+operation_fields = st.dictionaries(
+    st.sampled_from(["operation", "id", "content", "source_task_ids", "extra"]),
+    id_values | st.sampled_from(["ADD", "UPDATE", "DELETE", "NONE", "G1", "Name: lesson."]) | json_values
+    | st.lists(st.text(max_size=5) | st.integers(), max_size=3),
+    max_size=5,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(operation_fields | json_values)
+def test_operation_from_json_raises_value_error_naming_where_or_round_trips(obj):
+    try:
+        op = Operation.from_json(obj, "cache.json: operation 3")
+    except ValueError as e:
+        assert str(e).startswith("cache.json: operation 3: ")
+    else:
+        assert Operation.from_json(op.to_json(), "again") == op
 
 
 @settings(max_examples=200, deadline=None)

@@ -9,6 +9,10 @@ mid-stage loses at most the batch in flight. A failed answer is asked again, up 
   * backend error or empty answer -> the same conversation is sent again;
   * unparseable answer -> the conversation plus the bad answer and a note saying what was wrong.
 
+"Unparseable" is any exception the parser raises, not only ``ParseError``: a parser bug on some
+odd answer must cost that request a retry (and its stage's fallback), never the whole run. Such
+an exception is logged as a warning with its traceback, since it means a parser broke its contract.
+
 Reasoning (``<think>`` blocks) is removed before parsing.
 
 Requests that never produce a usable answer are returned with the last reason, for the caller's
@@ -79,6 +83,12 @@ def ask_all(
                     except ParseError as e:
                         reason = f"unparseable answer ({e})"
                         follow_up = (*ask.messages, Message("assistant", completion.text), retry_instruction(str(e)))
+                    except Exception as e:  # noqa: BLE001 -- a parser bug; see the module docstring
+                        log.warning("extraction %s: the parser raised %s on the answer for %s", stage,
+                                    type(e).__name__, ask.key, exc_info=True)
+                        reason = f"unparseable answer ({type(e).__name__} in the parser)"
+                        follow_up = (*ask.messages, Message("assistant", completion.text),
+                                     retry_instruction("it could not be parsed"))
                     else:
                         on_answer(ask.key, value)
                         continue

@@ -32,6 +32,21 @@ from expint_jax.experience.bank import ExperiencePool, text_key
 OPERATION_KINDS: tuple[str, ...] = ("ADD", "UPDATE", "DELETE", "NONE")
 
 
+def describe(value: Any, limit: int = 60) -> str:
+    """A short description of a value from model output, for error messages; never raises.
+
+    A raw ``repr`` is not safe there: it may be huge, nest past the recursion limit, or refuse
+    (Python will not print an integer of more than 4300 digits).
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if isinstance(value, (int, float, bool, type(None))):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Operation:
     kind: str
@@ -40,8 +55,14 @@ class Operation:
     source_task_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in OPERATION_KINDS:
-            raise ValueError(f"operation kind {self.kind!r} is not one of {OPERATION_KINDS}")
+        # Operations are built from model output and cached files: check types, not just values.
+        if not isinstance(self.kind, str) or self.kind not in OPERATION_KINDS:
+            raise ValueError(f"operation kind {describe(self.kind)} is not one of {OPERATION_KINDS}")
+        for name in ("target_id", "content"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise ValueError(f"operation {name} must be a string or null, got {describe(getattr(self, name))}")
+        if not isinstance(self.source_task_ids, tuple) or not all(isinstance(s, str) for s in self.source_task_ids):
+            raise ValueError("operation source_task_ids must be a tuple of strings")
         if self.kind in ("ADD", "UPDATE") and not (self.content or "").strip():
             raise ValueError(f"{self.kind} operation needs non-empty content")
         if self.kind in ("UPDATE", "DELETE") and not self.target_id:
@@ -55,11 +76,17 @@ class Operation:
                 "source_task_ids": list(self.source_task_ids)}
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any], where: str) -> Operation:
+    def from_json(cls, obj: Any, where: str) -> Operation:
+        """The inverse of ``to_json``; anything malformed is a ``ValueError`` naming ``where``."""
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{where}: an operation must be an object, got {describe(obj)}")
+        sources = obj.get("source_task_ids", [])
+        if not isinstance(sources, list):
+            raise ValueError(f"{where}: 'source_task_ids' must be a list of strings, got {describe(sources)}")
         try:
-            return cls(obj["operation"], obj.get("id"), obj.get("content"), tuple(obj.get("source_task_ids", ())))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{where}: malformed operation {dict(obj)!r}: {e}") from None
+            return cls(obj.get("operation"), obj.get("id"), obj.get("content"), tuple(sources))
+        except ValueError as e:
+            raise ValueError(f"{where}: malformed operation: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,11 @@ Contract: every public parser either returns a well-typed value or raises ``Pars
 short reason (the reason is fed back to the model on a retry). No other exception escapes, for
 any input string; the property tests check this on arbitrary text.
 
+Bounds: an answer is cut at ``MAX_ANSWER_CHARS``, and an integer of more than ``MAX_INT_DIGITS``
+digits makes its candidate invalid (no id, count or year is that long; it is a runaway
+generation, and Python refuses to print integers past 4300 digits, so it would otherwise fail
+far from here). Error messages describe values with ``operations.describe``, never a raw repr.
+
 Leniency, in the order tried: the contents of each Markdown code fence, the whole answer, then
 each balanced ``[...]`` / ``{...}`` span in the text (prose around the JSON is ignored). Each
 candidate is decoded as strict JSON first, then as a Python-style literal, which accepts single
@@ -20,11 +25,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from expint_jax.experience.extract.operations import OPERATION_KINDS, Operation
+from expint_jax.experience.extract.operations import OPERATION_KINDS, Operation, describe
 
 T = TypeVar("T")
 
 MAX_ANSWER_CHARS = 200_000  # longer answers are cut: a runaway generation, not a pool
+MAX_INT_DIGITS = 64  # longer integers invalidate their candidate (see the module docstring)
+_INT_LIMIT = 10**MAX_INT_DIGITS
 _MAX_SPANS = 16  # bracketed spans tried per answer
 _FENCE = re.compile(r"```[ \t]*[A-Za-z0-9_+-]*[ \t]*\n?(.*?)```", re.DOTALL)
 _EXPERIENCES = re.compile(r"<experiences?>(.*?)(?:</experiences?>|\Z)", re.DOTALL | re.IGNORECASE)
@@ -113,8 +120,8 @@ def _decode(candidate: str) -> Any:
     if not candidate:
         raise ParseError("empty")
     try:
-        return json.loads(candidate)
-    except (json.JSONDecodeError, RecursionError):
+        return json.loads(candidate, parse_int=_bounded_int)
+    except (ValueError, RecursionError):  # ValueError covers JSONDecodeError and over-long integers
         pass
     try:
         with warnings.catch_warnings():
@@ -125,9 +132,17 @@ def _decode(candidate: str) -> Any:
         raise ParseError(f"not a literal: {type(e).__name__}") from None
 
 
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ParseError(f"an integer of {len(digits)} digits")
+    return int(digits)
+
+
 def _literal(node: ast.AST) -> Any:
     """Like ``ast.literal_eval`` for containers and constants, plus JSON's true/false/null."""
     if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool, type(None))):
+        if isinstance(node.value, int) and abs(node.value) >= _INT_LIMIT:  # e.g. a long hex literal
+            raise ValueError("integer too long")
         return node.value
     if isinstance(node, ast.Name) and node.id in _LITERAL_NAMES:
         return _LITERAL_NAMES[node.id]
@@ -208,7 +223,7 @@ def _operation(element: Any) -> Operation:
         raise ParseError(f"expected an object, got {type(element).__name__}")
     kind = element.get("operation", element.get("op"))
     if not isinstance(kind, str) or kind.strip().upper() not in OPERATION_KINDS:
-        raise ParseError(f"'operation' must be one of {OPERATION_KINDS}, got {kind!r}")
+        raise ParseError(f"'operation' must be one of {OPERATION_KINDS}, got {describe(kind)}")
     kind = kind.strip().upper()
     target = normalize_id(element.get("id"))
     content = element.get("content")
@@ -221,17 +236,22 @@ def _operation(element: Any) -> Operation:
 
 
 def normalize_id(value: Any) -> str | None:
-    """``"G3"``, ``"[G3]"``, ``"g3"`` and ``3`` all name ``G3``; anything else stays as written."""
+    """``"G3"``, ``"[G3]"``, ``"g3"`` and ``3`` all name ``G3``; other text stays as written.
+
+    Not an id (``None``): null, booleans, negative numbers, integers of more than
+    ``MAX_INT_DIGITS`` digits, and anything that is neither text nor an integer. Over-long digit
+    runs in text stay as written too: an unknown id, which reconciliation handles.
+    """
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int):
-        return f"G{value}" if value >= 0 else None
+        return f"G{value}" if 0 <= value < _INT_LIMIT else None
     if not isinstance(value, str):
         return None
     text = value.strip().strip("[]().").strip()
     if not text or text.lower() in ("null", "none"):
         return None
-    match = re.fullmatch(r"[Gg]?(\d+)", text)
+    match = re.fullmatch(rf"[Gg]?(\d{{1,{MAX_INT_DIGITS}}})", text)
     return f"G{int(match.group(1))}" if match else text
 
 
@@ -247,7 +267,7 @@ def _pool_pairs(value: Any) -> list[tuple[str | None, str]]:
     pairs: list[tuple[str | None, str]] = []
     for source, text in _pool_entries(value):
         if not isinstance(text, str) or not clean_text(text):
-            raise ParseError(f"every lesson must be a non-empty string, got {text!r}"[:200])
+            raise ParseError(f"every lesson must be a non-empty string, got {describe(text)}")
         pairs.append((source, clean_text(text)))
     if not pairs:
         raise ParseError("the rewritten pool is empty")
