@@ -13,10 +13,14 @@ Contract:
     Pools imported from the release's flat format have no uids; theirs are derived from the text,
     so between two flat pools an edited item shows up as one deletion plus one addition.
   * Provenance: ``iteration`` is the iteration whose extraction wrote the item's current text
-    (``None`` when unknown), ``source_task_ids`` the training tasks whose rollouts led to it.
+    (``None`` when unknown), ``writer`` what wrote it (``stages.WRITER`` for the LLM pipeline,
+    ``offline_writer.WRITER`` for SimWeb's deterministic writer, ``None`` when unknown, e.g. an
+    imported pool), ``source_task_ids`` the training tasks whose rollouts led to it.
   * Files: our JSONL (one item object per line, ``*.jsonl``) keeps everything; the release's flat
     ``{"G0": "text", ...}`` JSON (``*.json``, see ``release_format``) keeps ids and texts only.
     Both are written atomically; reading either validates it and names the file, line and key.
+  * ``PoolStore`` keeps one pool per iteration with its granularity report; a save killed midway
+    leaves that iteration incomplete, never a mix of old and new files (see ``PoolStore.save``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from expint_jax import storage
-from expint_jax.experience import release_format
+from expint_jax.experience import granularity, release_format
 
 Granularity = Literal["principle", "instance"]
 GRANULARITIES: tuple[str, ...] = ("principle", "instance")
@@ -61,6 +65,7 @@ class ExperienceItem:
     uid: str
     iteration: int | None = None
     source_task_ids: tuple[str, ...] = ()
+    writer: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id.strip():
@@ -79,6 +84,7 @@ class ExperienceItem:
             "uid": self.uid,
             "iteration": self.iteration,
             "source_task_ids": list(self.source_task_ids),
+            "writer": self.writer,
         }
 
     @classmethod
@@ -94,8 +100,11 @@ class ExperienceItem:
         sources = obj.get("source_task_ids", [])
         if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
             raise PoolError(f"{where}: key 'source_task_ids' must be a list of strings")
+        writer = obj.get("writer")  # absent in files written before it existed
+        if writer is not None and not isinstance(writer, str):
+            raise PoolError(f"{where}: key 'writer' must be a string or null, got {writer!r}")
         try:
-            return cls(obj["id"], obj["text"], obj["granularity"], obj["uid"], iteration, tuple(sources))
+            return cls(obj["id"], obj["text"], obj["granularity"], obj["uid"], iteration, tuple(sources), writer)
         except PoolError as e:
             raise PoolError(f"{where}: {e}") from None
 
@@ -155,7 +164,7 @@ class ExperiencePool:
         raise KeyError(f"no experience item with id {item_id!r} (pool ids: {', '.join(self.ids) or 'none'})")
 
     def add(self, text: str, *, granularity: str, iteration: int | None = None,
-            source_task_ids: Iterable[str] = ()) -> ExperiencePool:
+            source_task_ids: Iterable[str] = (), writer: str | None = None) -> ExperiencePool:
         """Appends an item under the next free ``G<n>`` id."""
         used = [int(m.group(1)) for m in (_DISPLAY_ID.fullmatch(i) for i in self.ids) if m]
         item = ExperienceItem(
@@ -165,15 +174,16 @@ class ExperiencePool:
             uid=new_uid(text, iteration, (i.uid for i in self.items)),
             iteration=iteration,
             source_task_ids=tuple(dict.fromkeys(source_task_ids)),
+            writer=writer,
         )
         return ExperiencePool(self.items + (item,))
 
     def update(self, item_id: str, text: str, *, iteration: int | None = None,
-               source_task_ids: Iterable[str] = ()) -> ExperiencePool:
-        """Rewrites one item's text; uid kept, sources merged, ``iteration`` set to the writer's."""
+               source_task_ids: Iterable[str] = (), writer: str | None = None) -> ExperiencePool:
+        """Rewrites one item's text; uid kept, sources merged, ``iteration`` and ``writer`` the new text's."""
         old = self.get(item_id)
         sources = tuple(dict.fromkeys((*old.source_task_ids, *source_task_ids)))
-        new = dataclasses.replace(old, text=text, iteration=iteration, source_task_ids=sources)
+        new = dataclasses.replace(old, text=text, iteration=iteration, source_task_ids=sources, writer=writer)
         return ExperiencePool(tuple(new if i.id == item_id else i for i in self.items))
 
     def delete(self, item_id: str) -> ExperiencePool:
@@ -184,18 +194,31 @@ class ExperiencePool:
         """Display ids ``G0..G{n-1}`` in pool order; uids unchanged."""
         return ExperiencePool(tuple(dataclasses.replace(item, id=display_id(k)) for k, item in enumerate(self.items)))
 
-    def truncated(self, max_size: int) -> ExperiencePool:
-        """The first ``max_size`` items in pool order (the oldest surviving lessons come first)."""
+    def truncated(self, max_size: int, *, previous: ExperiencePool | None = None) -> ExperiencePool:
+        """At most ``max_size`` items, kept in pool order: the cap without an LLM to merge lessons.
+
+        Without ``previous``: the first ``max_size`` items. With ``previous`` (the pool this one
+        was edited from): the items the edit added or rewrote (``diff_pools(previous, self)``)
+        are kept first, in pool order, then the unchanged ones. The unchanged lessons were in
+        ``previous``, which the loop has already internalized into the weights; keeping them first
+        would freeze a full pool and discard every new lesson the current policy still lacks.
+        """
         if max_size < 0:
             raise PoolError(f"max_size must be >= 0, got {max_size}")
-        return ExperiencePool(self.items[:max_size])
+        if previous is None:
+            return ExperiencePool(self.items[:max_size])
+        diff = diff_pools(previous, self)
+        fresh = {item.uid for item in diff.added} | {after.uid for _, after in diff.updated}
+        ranked = sorted(range(len(self.items)), key=lambda k: (self.items[k].uid not in fresh, k))
+        kept = sorted(ranked[:max_size])
+        return ExperiencePool(tuple(self.items[k] for k in kept))
 
     def rewritten(self, entries: Iterable[tuple[str | None, str]], *, granularity: str,
-                  iteration: int | None = None) -> ExperiencePool:
+                  iteration: int | None = None, writer: str | None = None) -> ExperiencePool:
         """A new pool from ``(continued id or None, text)`` pairs, numbered ``G0..`` in that order.
 
         The first entry naming an id of this pool continues that item (uid and sources kept;
-        ``iteration`` updated if the text changed). Every other entry is a new item.
+        ``iteration`` and ``writer`` updated if the text changed). Every other entry is a new item.
         """
         remaining = {item.id: item for item in self.items}
         taken = [item.uid for item in self.items]
@@ -205,9 +228,9 @@ class ExperiencePool:
             if old is None:
                 uid = new_uid(text, iteration, taken)
                 taken.append(uid)
-                items.append(ExperienceItem(display_id(len(items)), text, granularity, uid, iteration))
+                items.append(ExperienceItem(display_id(len(items)), text, granularity, uid, iteration, writer=writer))
             else:
-                changed = {"text": text, "iteration": iteration} if old.text != text else {}
+                changed = {"text": text, "iteration": iteration, "writer": writer} if old.text != text else {}
                 items.append(dataclasses.replace(old, id=display_id(len(items)), **changed))
         return ExperiencePool(tuple(items))
 
@@ -305,7 +328,8 @@ def _read_text(path: Path) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class PoolStore:
-    """One pool per iteration under ``root``: ``iter_<k>/pool.jsonl`` plus the flat ``pool.json``."""
+    """One pool per iteration under ``root``: ``iter_<k>/pool.jsonl``, the flat ``pool.json`` and the
+    pool's granularity report ``granularity.json`` (``granularity.analyze_pool``)."""
 
     root: Path
 
@@ -315,13 +339,30 @@ class PoolStore:
         return Path(self.root) / f"iter_{iteration:03d}"
 
     def save(self, iteration: int, pool: ExperiencePool) -> Path:
+        """Writes (or replaces) the iteration's files, each atomically; returns the ``pool.jsonl`` path.
+
+        ``pool.jsonl`` marks a complete save: it is removed first and written last, so a save that
+        dies midway leaves the iteration incomplete (not listed, not loadable) instead of a new
+        ``pool.json`` or report beside the old pool. The directory is not swapped for a staged
+        copy because it also holds the iteration's other artefacts (rollouts, checkpoints).
+        """
         directory = self.directory(iteration)
+        marker = directory / "pool.jsonl"
+        # The removal is made durable by the directory fsync that ends the next atomic write.
+        marker.unlink(missing_ok=True)
         write_pool(directory / "pool.json", pool)
-        write_pool(directory / "pool.jsonl", pool)  # written last: its presence marks a complete save
-        return directory / "pool.jsonl"
+        granularity.write_report(directory / "granularity.json", granularity.analyze_pool(pool))
+        write_pool(marker, pool)
+        return marker
 
     def load(self, iteration: int) -> ExperiencePool:
         return read_pool(self.directory(iteration) / "pool.jsonl")
+
+    def granularity_report(self, iteration: int) -> granularity.GranularityReport:
+        path = self.directory(iteration) / "granularity.json"
+        if not (self.directory(iteration) / "pool.jsonl").exists():
+            raise PoolError(f"{path}: iteration {iteration} has no complete save")
+        return granularity.read_report(path)
 
     def iterations(self) -> list[int]:
         root = Path(self.root)

@@ -5,8 +5,15 @@ reports 74.4 % URLs/domains, 57.3 % numbers, 93.9 % entities and 3.7 % strategy 
 instance-level pools, and 84.0 % strategy statements for principle-level pools.
 
 Heuristics (an item may have several features):
-  * url: ``http(s)://...``, ``www.``, or a bare domain ending in a common TLD
-    (``jetcraft.com``, ``en.wikipedia.org``).
+  * url: ``http(s)://...``, ``www.``, or a bare domain: dot-separated labels ending in a
+    lower-case top-level label of 2 to 24 letters (``jetcraft.com``, ``en.wikipedia.org``,
+    ``ciga.me``, ``sandbox.game``, ``www2.scut.edu.cn/cs``). Any such label counts, since new
+    TLDs keep appearing; what looks like a domain but is not is excluded: a last label that is a
+    common file extension (``page.html``, ``notes.md``, ``Node.js``), one followed by a call's
+    parenthesis (``os.path.join(...)``), or capitalized (a missing space: ``found.The``);
+    abbreviations (``e.g.``, ``i.e.``, ``U.S.``) and version numbers (``v1.2.3``) never match,
+    having one-letter or numeric labels. A dotted code name without parentheses (``np.array``)
+    still counts as a domain.
   * number: a digit anywhere outside URLs (years, counts, prices, ordinals like ``11th``).
     Number words ("two sources") are generic and do not count.
   * entity: outside URLs, any of
@@ -20,6 +27,10 @@ Heuristics (an item may have several features):
   * strategy: some sentence (label removed) opens with a conditional clause -- When, Whenever,
     If, Once, Before, After, While, Unless, Upon, In case, As soon as -- followed later by a
     comma: the "When [condition], [strategy]" shape.
+
+Where reports go: ``expint granularity POOL...`` prints them; ``bank.PoolStore.save`` stores each
+iteration's as ``iter_<k>/granularity.json``; the extraction pipeline adds the final pool's to
+its ``stats.json``.
 """
 
 from __future__ import annotations
@@ -30,15 +41,20 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from expint_jax import storage
-from expint_jax.experience.bank import ExperiencePool, PoolError, read_pool
 
-_TLDS = "com|org|net|edu|gov|io|ai|co|uk|de|fr|cn|jp|ru|info|int|mil|us|ca|au|in|wiki|dev|app"
-_URL = re.compile(
-    rf"https?://\S+|\bwww\.\S+|\b(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+(?:{_TLDS})\b(?:/\S*)?", re.IGNORECASE
-)
+if TYPE_CHECKING:  # the bank stores a report per iteration, so it imports this module, not the reverse
+    from expint_jax.experience.bank import ExperiencePool
+
+_FILE_EXTENSIONS = ("html?|xhtml|php|aspx?|jsp|cgi|pdf|txt|csv|tsv|jsonl?|xml|ya?ml|toml|ini|cfg|md|rst|tex|py|ipynb|"
+                    "js|ts|css|sh|rb|rs|go|java|cpp|docx?|xlsx?|pptx?|odt|png|jpe?g|gif|svg|webp|bmp|mp[34]|wav|"
+                    "zip|gz|tgz|tar|rar|exe|dmg|bin|log|bak|tmp|db|sqlite")
+# ASCII-only neighbours: in Chinese prose a domain is often written with no space around it.
+_DOMAIN = (r"(?<![A-Za-z0-9_.-])(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+"
+           rf"(?!(?:{_FILE_EXTENSIONS})(?![a-z]))[a-z]{{2,24}}(?![A-Za-z0-9_-]|\.?[A-Za-z0-9_.-]*\()(?:/\S*)?")
+_URL = re.compile(rf"(?i:https?://\S+|\bwww\.\S+)|{_DOMAIN}")
 _DIGIT = re.compile(r"\d")
 _LABEL = re.compile(r"^\s*[^\s:.!?][^:.!?\n]{0,60}?:\s+")
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?:;])\s+|\n+")
@@ -102,8 +118,16 @@ class GranularityReport:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> GranularityReport:
-        return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls)})
+    def from_json(cls, obj: Any, where: str = "granularity report") -> GranularityReport:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+        values = {}
+        for field in dataclasses.fields(cls):
+            value = obj.get(field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}: key {field.name!r} must be a number, got {value!r}")
+            values[field.name] = value
+        return cls(**values)
 
 
 def analyze(texts: Iterable[str]) -> GranularityReport:
@@ -125,6 +149,11 @@ def write_report(path: str | Path, report: GranularityReport) -> None:
     storage.write_json(path, report.to_json())
 
 
+def read_report(path: str | Path) -> GranularityReport:
+    """Reads a stored report; bad content is a ``ValueError`` naming the file and key."""
+    return GranularityReport.from_json(storage.read_json(path), where=str(path))
+
+
 def format_table(rows: Sequence[tuple[str, GranularityReport]]) -> str:
     header = ("pool", "items", "URL/domain", "numbers", "entities", "strategy")
     lines = [[name, str(r.items), *(f"{100 * v:.1f}%" for v in
@@ -143,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out and len(args.pools) != 1:
         parser.error("--out needs exactly one pool")
+    from expint_jax.experience.bank import PoolError, read_pool  # the bank imports this module
+
     try:
         rows = [(str(path), analyze_pool(read_pool(path))) for path in args.pools]
     except (PoolError, ValueError) as e:

@@ -20,9 +20,11 @@ links followed). Within each informative group (0 < mean reward < 1 when judged)
     the URL of the page stating it; the query whose results listed that page, or the page linking
     to it; and a wrong answer a failure gave, if any.
 
-New lessons are appended to the pool unless their wording is already there; when the pool is
-over ``max_pool_size`` it keeps its first items in pool order (older lessons first), like the
-LLM pipeline's truncation fallback. The result is renumbered ``G0..``.
+New lessons are appended to the pool unless their wording is already there, with
+``writer=WRITER`` so that a pool says which lessons this testbed writer produced. When the pool is
+over ``max_pool_size`` it is cut like the LLM pipeline's truncation fallback
+(``ExperiencePool.truncated`` with ``previous``): this batch's lessons first, in the order above
+(most supported principles first), then the earlier pool's. The result is renumbered ``G0..``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from expint_jax.rollout.envs.web import SEPARATOR, SearchHit, parse_search_resul
 _TOOL_RESPONSE = re.compile(re.escape(TOOL_RESPONSE_START) + r"\n?(.*?)\n?" + re.escape(TOOL_RESPONSE_END), re.S)
 _NO_ANSWER = frozenset({"", "unknown", "none", "n/a", "not found", "i don't know"})
 SUCCESS_REWARD = 0.5
+WRITER = "simweb_offline_writer"  # ``ExperienceItem.writer`` of the lessons written here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,9 +240,11 @@ def write_offline(groups: Iterable[RolloutGroup], pool: ExperiencePool, config: 
     else:
         lessons = [(text, (g.task_id,)) for g in groups for text in instance_lessons(g)]
     known = {text_key(item.text) for item in pool}
+    updated = pool
     for text, sources in lessons:
         if text_key(text) in known:
             continue
         known.add(text_key(text))
-        pool = pool.add(text, granularity=config.granularity, iteration=iteration, source_task_ids=sources)
-    return pool.truncated(config.max_pool_size).renumbered()
+        updated = updated.add(text, granularity=config.granularity, iteration=iteration, source_task_ids=sources,
+                              writer=WRITER)
+    return updated.truncated(config.max_pool_size, previous=pool).renumbered()

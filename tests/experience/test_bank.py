@@ -2,10 +2,13 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
+from expint_jax import storage
 from expint_jax.experience.bank import (
+    DEFAULT_MAX_POOL_SIZE,
     ExperienceItem,
     ExperiencePool,
     PoolError,
@@ -14,6 +17,9 @@ from expint_jax.experience.bank import (
     read_pool,
     write_pool,
 )
+from expint_jax.experience.extract import ExtractionConfig
+from expint_jax.experience.granularity import analyze_pool
+from expint_jax.experience.offline_writer import OfflineWriterConfig
 
 
 def pool_of(*texts, iteration=1):
@@ -77,6 +83,24 @@ def test_truncated_keeps_pool_order():
     assert pool_of("a", "b", "c").truncated(2).as_mapping() == {"G0": "a", "G1": "b"}
 
 
+def test_truncated_after_an_edit_keeps_new_and_rewritten_lessons_first():
+    before = pool_of("a", "b", "c", iteration=0)
+    after = before.update("G1", "b2", iteration=1).add("d", granularity="principle", iteration=1)
+    after = after.add("e", granularity="principle", iteration=1)
+    # Rewritten b2 and additions d, e win over the unchanged a and c; pool order is kept.
+    assert list(after.truncated(3, previous=before).as_mapping().values()) == ["b2", "d", "e"]
+    assert list(after.truncated(4, previous=before).as_mapping().values()) == ["a", "b2", "d", "e"]
+    # More new lessons than room: the first of them in pool order.
+    assert list(after.truncated(2, previous=before).as_mapping().values()) == ["b2", "d"]
+    # Nothing new: the first items, as without ``previous``.
+    assert before.truncated(2, previous=before) == before.truncated(2)
+
+
+def test_default_cap_is_the_papers_fifty():
+    assert DEFAULT_MAX_POOL_SIZE == 50
+    assert ExtractionConfig().max_pool_size == OfflineWriterConfig().max_pool_size == 50
+
+
 def test_release_pool_round_trips_byte_for_byte(tmp_path, release_file):
     release_pool = release_file("official_experiences_example.json")
     pool = read_pool(release_pool)
@@ -88,9 +112,13 @@ def test_release_pool_round_trips_byte_for_byte(tmp_path, release_file):
 
 
 def test_our_jsonl_round_trips_everything(tmp_path):
-    pool = pool_of("a", "ünïcödé — lesson").update("G0", "a2", iteration=3, source_task_ids=["x"])
+    pool = pool_of("a", "ünïcödé — lesson").update("G0", "a2", iteration=3, source_task_ids=["x"], writer="w")
+    assert pool.items[0].writer == "w" and pool.items[1].writer is None
     write_pool(tmp_path / "p.jsonl", pool)
     assert read_pool(tmp_path / "p.jsonl") == pool
+    # Files written before items had a writer still read (writer unknown).
+    (tmp_path / "old.jsonl").write_text('{"id": "G0", "text": "t", "granularity": "principle", "uid": "u"}\n')
+    assert read_pool(tmp_path / "old.jsonl").items[0].writer is None
     write_pool(tmp_path / "empty.jsonl", ExperiencePool())
     assert read_pool(tmp_path / "empty.jsonl") == ExperiencePool()
 
@@ -123,6 +151,7 @@ def test_bad_flat_pools_name_file_and_key(tmp_path, content, match):
     ('{"id": "G1", "text": "t", "granularity": "coarse", "uid": "u2"}', r"bad.jsonl:2: .*'coarse'"),
     ('{"id": "G1", "text": "t", "granularity": "principle"}', r"bad.jsonl:2: key 'uid'"),
     ('{"id": "G1", "text": "t", "granularity": "principle", "uid": "u2", "iteration": "1"}', "'iteration'"),
+    ('{"id": "G1", "text": "t", "granularity": "principle", "uid": "u2", "writer": 7}', "'writer'"),
     ('{"id": "G0", "text": "t", "granularity": "principle", "uid": "u2"}', "two items with id 'G0'"),
     ('{"id": "G1", "text": "t", "granularity": "principle", "uid": "u1"}', "two items with uid 'u1'"),
 ])
@@ -163,3 +192,48 @@ def test_store_keeps_one_pool_per_iteration(tmp_path):
     shutil.rmtree(store.directory(0))
     with pytest.raises(PoolError, match="does not exist"):
         store.load(0)
+
+
+def test_store_keeps_each_iterations_granularity_report(tmp_path):
+    store = PoolStore(tmp_path)
+    pool = ExperiencePool.from_mapping({"G0": "When a page fails, go back.", "G1": "The answer is on ciga.me."},
+                                       granularity="instance", iteration=1)
+    store.save(1, pool)
+    assert store.granularity_report(1) == analyze_pool(pool)
+    assert json.loads((store.directory(1) / "granularity.json").read_text())["url_share"] == 0.5
+    store.save(1, pool.delete("G1"))  # a new save of the iteration replaces the report too
+    assert store.granularity_report(1).url_share == 0.0
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("dies_writing", ["pool.json", "granularity.json", "pool.jsonl"])
+def test_a_save_killed_midway_never_mixes_old_and_new_files(tmp_path, monkeypatch, dies_writing):
+    store = PoolStore(tmp_path)
+    old, new = pool_of("old lesson"), pool_of("new lesson", "another")
+    store.save(0, old)
+
+    def dying(real):
+        def write(path, *args, **kwargs):
+            if Path(path).name == dies_writing:
+                raise Killed(path)
+            return real(path, *args, **kwargs)
+        return write
+
+    # Every file of a save goes through one of these (write_json through write_text).
+    for name in ("write_text", "write_jsonl"):
+        monkeypatch.setattr(storage, name, dying(getattr(storage, name)))
+    with pytest.raises(Killed):
+        store.save(0, new)
+    # The old pool is gone with its marker: the iteration is incomplete, not old-and-new.
+    assert store.iterations() == []
+    with pytest.raises(PoolError, match="does not exist"):
+        store.load(0)
+    with pytest.raises(PoolError, match="no complete save"):
+        store.granularity_report(0)
+    monkeypatch.undo()
+    store.save(0, new)  # saving again completes it
+    assert store.load(0) == new and read_pool(store.directory(0) / "pool.json").as_mapping() == new.as_mapping()
+    assert store.granularity_report(0) == analyze_pool(new)

@@ -124,7 +124,8 @@ texts = st.text(max_size=300) | st.builds(
 # literals (hex is exempt from that limit but not printable in decimal), and deep nesting, set in
 # the places the parsers look (a bare value, a list element, an id, an operation kind, a key).
 digit_runs = st.builds(lambda n, digit: digit * n, st.integers(1, 12_000), st.sampled_from("0123456789"))
-huge_ints = st.builds(lambda bits, sign: sign + hex((1 << bits) - 1), st.integers(200, 40_000), st.sampled_from(["", "-"]))
+huge_ints = st.builds(lambda bits, sign: sign + hex((1 << bits) - 1), st.integers(200, 40_000),
+                      st.sampled_from(["", "-"]))
 numbers = digit_runs | huge_ints | st.builds("{}.{}e{}".format, digit_runs, digit_runs, st.integers(-999, 999))
 nested = st.builds(lambda depth, open_, close, leaf: open_ * depth + leaf + close * depth, st.integers(1, 3_000),
                    st.sampled_from(["[", '{"a": ', "[{'id': "]), st.sampled_from(["]", "}", "}]"]),

@@ -8,12 +8,15 @@ import pytest
 
 from expint_jax.experience.bank import ExperiencePool, read_pool
 from expint_jax.experience.extract import STAGES, ExtractionConfig, extract_experience, group_rollouts
+from expint_jax.experience.extract.stages import WRITER
+from expint_jax.experience.granularity import analyze_pool
 from expint_jax.experience.release_format import read_release_rollouts
 from expint_jax.records import SamplingParams
 from expint_jax.rollout.http import RetryPolicy
 from expint_jax.rollout.llm.openai import OpenAICompatible
 from tests.experience.fake_extractor import (
     SHARED_LESSON,
+    TITLES,
     current_lessons,
     extractor_llm,
     fenced,
@@ -82,18 +85,19 @@ def test_well_behaved_llm(run, groups, tmp_path, caplog):
     assert [item.uid for item in pool][:2] == [item.uid for item in SEED_POOL]
     shared = next(item for item in pool if item.text == SHARED_LESSON)
     assert shared.iteration == 1 and set(shared.source_task_ids) == {"founding", "director"}
+    assert [item.writer for item in pool] == [None, None, WRITER, WRITER, WRITER]  # the seed's is unknown
     # "capital" (all correct) is not informative: 2 groups x 3 rollouts are summarized.
     run_stats = stats(tmp_path)[-1]
     assert run_stats["calls"] == {"summary": 6, "critique": 2, "group_update": 4, "reconcile": 1}
     assert run_stats["groups_used"] == 2 and run_stats["notes"] == {"duplicate_add_dropped": 1}
+    assert run_stats["granularity"] == analyze_pool(pool).to_json() and run_stats["granularity"]["items"] == 5
     assert read_pool(tmp_path / "pool.jsonl") == pool
     assert json.loads((tmp_path / "pool.json").read_text()) == pool.as_mapping()
 
 
 def test_prompts_follow_the_granularity(run, groups, tmp_path):
-    script = extractor_llm()
     captured = []
-    script.rules[1] = (script.rules[1][0], lambda m: captured.append(task_prompt(m)) or "<Experiences>\nx\n</Experiences>")
+    script = extractor_llm(critique=lambda m: captured.append(task_prompt(m)) or "<Experiences>\nx\n</Experiences>")
     run(script, groups, tmp_path / "instance", config=ExtractionConfig(
         granularity="instance", max_retries=0, sampling=CONFIG.sampling))
     assert captured and all("exact URL" in p and "When [condition]" not in p for p in captured)
@@ -150,6 +154,29 @@ def test_a_retry_with_the_reason_fixes_a_bad_answer(run, groups, tmp_path, caplo
     assert pool == run(extractor_llm(), groups, tmp_path / "plain")
 
 
+@pytest.mark.parametrize("reply", [
+    "[]",
+    '[{"operation": "NONE", "id": null, "content": null}]',
+    '[{"operation": "DELETE", "id": "G0", "content": null}]',
+])
+def test_a_reconcile_dropping_every_proposal_is_not_applied(run, groups, tmp_path, caplog, reply):
+    with caplog.at_level(logging.INFO):
+        pool = run(extractor_llm(reconcile=reply), groups, tmp_path)
+    assert fallbacks(caplog) == ["reconcile_dropped_all"]
+    assert stats(tmp_path)[-1]["fallbacks"] == {"reconcile_dropped_all": 1}
+    assert json.loads((tmp_path / "reconcile.json").read_text())["fallback"] is True
+    # The proposals arrive as with a well-behaved reconcile (deterministic rules on all of them).
+    assert pool == run(extractor_llm(), groups, tmp_path / "plain")
+
+
+def test_a_reconcile_of_deletions_only_may_answer_nothing(run, groups, tmp_path, caplog):
+    delete_g1 = json.dumps([{"operation": "DELETE", "id": "G1", "content": None}])
+    with caplog.at_level(logging.INFO):
+        pool = run(extractor_llm(group_update=delete_g1, reconcile="[]"), groups, tmp_path)
+    assert fallbacks(caplog) == []  # no ADD/UPDATE was proposed: [] is a judgement, kept
+    assert pool == SEED_POOL.renumbered()
+
+
 def test_unknown_ids_update_becomes_add_delete_is_ignored(run, groups, tmp_path, caplog):
     def unknown(messages):
         proposal = good_group_update_ops(messages)[0]["content"]
@@ -200,8 +227,9 @@ def test_failed_consolidation_truncates(run, groups, tmp_path, caplog, reply):
     with caplog.at_level(logging.INFO):
         pool = run(extractor_llm(consolidate=reply), groups, tmp_path, config=config)
     assert fallbacks(caplog) == ["consolidate_truncate"]
-    # Truncation keeps pool order: the seed pool, then this run's first addition.
-    assert [item.text for item in pool] == [item.text for item in SEED_POOL] + [SHARED_LESSON]
+    # The seed pool was internalized already: truncation keeps this run's three new lessons.
+    assert [item.text for item in pool][0] == SHARED_LESSON and len(pool) == 3
+    assert all(item.iteration == 1 and item.writer == WRITER for item in pool)
     assert_valid(pool, 3)
 
 
@@ -248,7 +276,7 @@ def test_a_rerun_after_a_crash_redoes_nothing_and_ends_the_same(run, groups, tmp
     resumed = run(script, groups, tmp_path / "work", config=config)
     assert resumed == reference
     done = STAGES[: STAGES.index(crash_after) + 1]
-    for stage, title in zip(STAGES, (r[0] for r in script.rules)):
+    for stage, title in TITLES.items():
         expected_calls = reference_script.hits[title]
         assert script.hits[title] == expected_calls, stage  # over both runs, each call was made once
         if stage in done:
@@ -257,6 +285,57 @@ def test_a_rerun_after_a_crash_redoes_nothing_and_ends_the_same(run, groups, tmp
     before = sum(script.hits.values())
     assert run(script, groups, tmp_path / "work", config=config) == reference
     assert sum(script.hits.values()) == before
+
+
+def test_damaged_stage_files_are_redone_and_logged(run, groups, tmp_path, caplog):
+    config = ExtractionConfig(max_pool_size=4, max_retries=0, sampling=CONFIG.sampling)
+    reference = run(extractor_llm(), groups, tmp_path / "reference", config=config)
+
+    def crash(stage):
+        if stage == "consolidate":
+            raise Crash(stage)
+
+    with pytest.raises(Crash):
+        run(extractor_llm(), groups, tmp_path / "work", config=config, on_stage_done=crash)
+    work = tmp_path / "work"
+    summary = sorted((work / "summaries").rglob("*.json"))[0]
+    damaged = {
+        summary: '{"summary": 3}',
+        sorted((work / "critiques").glob("*.json"))[0]: "{not json",
+        sorted((work / "group_updates").rglob("*.json"))[0]: '{"operations": [{"operation": "ADD", "content": 7}]}',
+        work / "reconcile.json": '{"operations": "none"}',
+        work / "consolidated_pool.jsonl": '{"id": "G0"}\n',
+    }
+    for path, text in damaged.items():
+        path.write_text(text)
+    script = extractor_llm()
+    with caplog.at_level(logging.INFO):
+        resumed = run(script, groups, work, config=config)
+    assert resumed == reference
+    assert fallbacks(caplog) == ["cache_damaged_redone"]
+    logged = " ".join(r.getMessage() for r in caplog.records if "cache_damaged_redone" in r.getMessage())
+    assert all(str(path) in logged for path in damaged)
+    # Exactly the damaged items were asked again, and their files rewritten.
+    assert {stage: script.hits[title] for stage, title in TITLES.items()} == {
+        "summary": 1, "critique": 1, "group_update": 1, "reconcile": 1, "consolidate": 1}
+    assert json.loads(summary.read_text())["summary"].startswith("The agent searched")
+    assert stats(work)[-1]["fallbacks"] == {"cache_damaged_redone": 5}
+
+
+def test_saved_reconcile_operations_must_fit_the_pool(run, groups, tmp_path, caplog):
+    def crash(stage):
+        if stage == "reconcile":
+            raise Crash(stage)
+
+    with pytest.raises(Crash):
+        run(extractor_llm(), groups, tmp_path, on_stage_done=crash)
+    saved = json.loads((tmp_path / "reconcile.json").read_text())
+    saved["operations"].append({"operation": "DELETE", "id": "G9", "content": None})  # would raise KeyError
+    (tmp_path / "reconcile.json").write_text(json.dumps(saved))
+    with caplog.at_level(logging.INFO):
+        pool = run(extractor_llm(), groups, tmp_path)
+    assert fallbacks(caplog) == ["cache_damaged_redone"]
+    assert pool == run(extractor_llm(), groups, tmp_path / "plain")
 
 
 def test_a_crash_inside_a_stage_loses_only_the_batch_in_flight(run, server, groups, tmp_path):
@@ -279,7 +358,7 @@ def test_a_crash_inside_a_stage_loses_only_the_batch_in_flight(run, server, grou
         run(script, groups, tmp_path / "work", config=config, backend=backend)
     assert len(list((tmp_path / "work" / "summaries").rglob("*.json"))) == 2  # the first batch of 2 persisted
     resumed = run(script, groups, tmp_path / "work", config=config)
-    assert script.hits[extractor_llm().rules[0][0]] == 6  # 2 before the crash + 4 after
+    assert script.hits[TITLES["summary"]] == 6  # 2 before the crash + 4 after
     assert resumed == reference
 
 

@@ -1,9 +1,13 @@
 """Granularity statistics: per-item heuristics, pool shares, the CLI entry and the stored report."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
+from expint_jax import cli
 from expint_jax.experience.bank import ExperiencePool, read_pool, write_pool
 from expint_jax.experience.granularity import (
     GranularityReport,
@@ -12,6 +16,7 @@ from expint_jax.experience.granularity import (
     analyze_pool,
     item_features,
     main,
+    read_report,
     write_report,
 )
 
@@ -37,6 +42,34 @@ from expint_jax.experience.granularity import (
 ])
 def test_item_features(text, expected):
     assert item_features(text) == ItemFeatures(*expected)
+
+
+# Hosts of WebWalkerQA root URLs (../shared/data/webwalkerqa.jsonl), one per top-level label there.
+@pytest.mark.parametrize("host", ["ehaweb.org", "illuvium.io", "riotgames.com/en", "sandbox.game/en/", "cbd.int",
+                                  "www2.scut.edu.cn/cs/", "ciga.me"])
+def test_bare_domains_with_any_top_level_label(host):
+    assert item_features(f"The schedule is listed on {host} under events.").url
+    assert item_features(f"赛程见{host}的页面").url  # no space around it in Chinese prose
+
+
+@pytest.mark.parametrize("text", [
+    "Use primary sources, e.g. official pages, i.e. not forums.",
+    "Version v1.2.3 replaced 2.0.1rc; see section 4.b of the 3.5mm spec.",
+    "Open page.html, notes.md or data.json before Node.js docs.",
+    "Call os.path.join(a, b) or math.sqrt(x) to compute it.",
+    "The U.S. and Ph.D. rules apply at 9 a.m. daily.",
+    "Nothing was found.The next step is a search.",  # a missing space before a capitalized word
+])
+def test_dotted_words_that_are_not_domains(text):
+    assert not item_features(text).url
+
+
+def test_every_webwalkerqa_root_url_host_is_a_domain(release_file):
+    rows = [json.loads(line) for line in release_file("webwalkerqa.jsonl").read_text().splitlines() if line.strip()]
+    hosts = {re.sub(r"^https?://(www\.)?", "", row["root_url"]) for row in rows}
+    assert len(hosts) > 10
+    missed = sorted(host for host in hosts if not item_features(f"Start from {host} and follow its links.").url)
+    assert missed == []
 
 
 def test_shares_and_empty_pool():
@@ -70,7 +103,23 @@ def test_main_reports_bad_files(tmp_path, capsys):
     assert "bad.json" in capsys.readouterr().err
 
 
+def test_the_expint_command_dispatches_granularity(tmp_path, capsys):
+    pool = ExperiencePool.from_mapping({"G0": "When a, b.", "G1": "See ciga.me for 1923."}, granularity="instance")
+    write_pool(tmp_path / "pool.json", pool)
+    assert cli.main(["granularity", str(tmp_path / "pool.json"), "--out", str(tmp_path / "report.json")]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[1:] == ["2", "50.0%", "50.0%", "0.0%", "50.0%"]
+    assert read_report(tmp_path / "report.json") == GranularityReport(2, 0.5, 0.5, 0.0, 0.5)
+    # In a fresh process, as a user runs it: a bad pool is exit status 2 naming the file.
+    (tmp_path / "bad.json").write_text("[]")
+    done = subprocess.run([sys.executable, "-m", "expint_jax.cli", "granularity", str(tmp_path / "bad.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "bad.json" in done.stderr
+
+
 def test_write_report_round_trips(tmp_path):
     report = GranularityReport(4, 0.25, 0.5, 0.75, 1.0)
     write_report(tmp_path / "g.json", report)
-    assert GranularityReport.from_json(json.loads((tmp_path / "g.json").read_text())) == report
+    assert read_report(tmp_path / "g.json") == report
+    (tmp_path / "g.json").write_text('{"items": 4, "url_share": "high"}')
+    with pytest.raises(ValueError, match=r"g\.json: key 'url_share' must be a number"):
+        read_report(tmp_path / "g.json")

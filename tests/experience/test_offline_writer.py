@@ -7,6 +7,7 @@ from expint_jax.experience.extract import group_rollouts
 from expint_jax.experience.granularity import analyze_pool
 from expint_jax.experience.offline_writer import (
     PRINCIPLES,
+    WRITER,
     OfflineWriterConfig,
     instance_lessons,
     principle_lessons,
@@ -74,9 +75,12 @@ def test_pool_update_keeps_old_items_dedupes_and_caps():
     pool = write_offline(groups, seed, OfflineWriterConfig(), iteration=1)
     assert pool.items[0] == seed.items[0] and len(pool) == 5  # the seeded lesson is not written twice
     assert pool.ids == tuple(f"G{k}" for k in range(5))
-    assert all(item.iteration == 1 for item in pool.items[1:])
+    assert all(item.iteration == 1 and item.writer == WRITER for item in pool.items[1:])
+    assert pool.items[0].writer is None  # the seed was not written here
+    # Over the cap, this batch's most supported lessons win over the (internalized) seed.
     capped = write_offline(groups, seed, OfflineWriterConfig(max_pool_size=2), iteration=1)
-    assert [i.text for i in capped] == [seed.items[0].text, LESSON["answered_from_snippets"]]
+    assert [i.text for i in capped] == [LESSON["answered_from_snippets"], LESSON["answered_without_tools"]]
+    assert capped.ids == ("G0", "G1")
     uninformative = [g for g in groups if g.task_id == "capital"]
     assert write_offline(uninformative, seed, OfflineWriterConfig(granularity="instance")) == seed.renumbered()
 

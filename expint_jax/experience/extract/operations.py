@@ -155,14 +155,15 @@ def reconcile(operations: Sequence[Operation], pool: ExperiencePool) -> tuple[tu
 
 
 def apply_operations(pool: ExperiencePool, operations: Sequence[Operation], *, granularity: str,
-                     iteration: int | None) -> ExperiencePool:
+                     iteration: int | None, writer: str | None = None) -> ExperiencePool:
     """Applies reconciled operations; ids refer to ``pool`` as given (nothing is renumbered here)."""
     for op in operations:
         if op.kind == "DELETE":
             pool = pool.delete(op.target_id)
         elif op.kind == "UPDATE":
-            pool = pool.update(op.target_id, op.content, iteration=iteration, source_task_ids=op.source_task_ids)
+            pool = pool.update(op.target_id, op.content, iteration=iteration, source_task_ids=op.source_task_ids,
+                               writer=writer)
         elif op.kind == "ADD":
             pool = pool.add(op.content, granularity=granularity, iteration=iteration,
-                            source_task_ids=op.source_task_ids)
+                            source_task_ids=op.source_task_ids, writer=writer)
     return pool

@@ -11,7 +11,9 @@ Contract:
     same inputs recomputes nothing that exists; the final pool is ``workdir/pool.jsonl`` (plus the
     release's flat ``pool.json``), and once it exists a rerun returns it without any LLM call.
     ``workdir/inputs.json`` fingerprints the inputs, so a work directory cannot silently mix
-    two different runs. ``workdir/stats.json`` lists each run's counters (``stats.RunStats``).
+    two different runs. ``workdir/stats.json`` lists each run's counters (``stats.RunStats``);
+    a run that finishes adds the final pool's granularity report (``granularity.analyze_pool``)
+    under ``"granularity"``.
   * Only informative groups are used when ``config.informative_groups_only`` (see ``groups``).
   * ``on_stage_done(stage)`` is called with each name of ``STAGES`` that ran, after its output is
     on disk (for progress reporting; tests raise from it to simulate a crash between stages).
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from expint_jax import storage
 from expint_jax.experience.bank import ExperiencePool, read_pool, write_pool
+from expint_jax.experience.granularity import analyze_pool
 from expint_jax.experience.extract import stages
 from expint_jax.experience.extract.config import ExtractionConfig
 from expint_jax.experience.extract.groups import RolloutGroup
@@ -82,7 +85,7 @@ def extract_experience(
     updated = stages.batch_reconcile(run, operations, pool)
     done("reconcile")
     if len(updated) > config.max_pool_size:
-        updated = stages.consolidate(run, updated)
+        updated = stages.consolidate(run, updated, previous=pool)
         done("consolidate")
 
     final = updated.renumbered()
@@ -91,6 +94,7 @@ def extract_experience(
     write_pool(workdir / "pool.json", final)
     write_pool(final_path, final)
     stats.info["pool_size_after"] = len(final)
+    stats.info["granularity"] = analyze_pool(final).to_json()
     done("final")
     return final
 

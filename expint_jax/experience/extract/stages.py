@@ -8,15 +8,30 @@ Work-directory layout (every file written atomically; a file that exists is neve
     reconcile.json                  the reconciled operations      {"operations", "fallback"}
     consolidated_pool.jsonl         the pool after consolidation (only when reconcile left it over the cap)
 
-``<task>`` is a filesystem-safe slug of the task id plus a hash of it. Fallbacks when a request
-fails every retry (each logged and counted under its kind, see ``stats.FALLBACKS``):
+``<task>`` is a filesystem-safe slug of the task id plus a hash of it. A stage file that does not
+read back as its stage wrote it (bad JSON, a missing or mistyped key, a malformed operation or
+pool, reconciled operations that do not fit the pool) was damaged outside the pipeline, since
+every write is atomic: it is logged and counted (fallback ``cache_damaged_redone``) and its item
+is computed again, overwriting it.
+
+Fallbacks when a request fails every retry (each logged and counted under its kind, see
+``stats.FALLBACKS``):
 
     summary      -> a digest of the trajectory's own text (outcome, agent turns clipped)
     critique     -> no lessons from that group
     group update -> the proposal becomes a plain ADD
     reconcile    -> the deterministic rules of ``operations.reconcile`` on all operations
-    consolidate  -> truncation to the first ``max_pool_size`` items in pool order: the items of the
-                    input pool in their order, then this run's additions in the order proposed
+    consolidate  -> ``ExperiencePool.truncated(max_pool_size, previous=<input pool>)``: this run's
+                    additions and rewrites first, then the input pool's unchanged items (the
+                    previous iteration's pool, already internalized), each in pool order
+
+One more guard: a reconcile answer that keeps none of the proposed ADD/UPDATE operations (``[]``,
+only ``NONE``, only ``DELETE``s) is not applied; the deterministic rules run on all operations
+instead (fallback ``reconcile_dropped_all``). Group update already judged each proposal worth
+writing (a lesson already covered became ``NONE`` there), so the reconcile's job is to merge and
+deduplicate; an answer dropping every proposal is far likelier lazy or cut off than a judgement.
+
+Items this pipeline writes carry ``writer=WRITER``.
 """
 
 from __future__ import annotations
@@ -24,9 +39,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from expint_jax import storage
 from expint_jax.experience.bank import ExperiencePool, read_pool, text_key, write_pool
@@ -40,6 +55,8 @@ from expint_jax.records import Trajectory
 from expint_jax.rollout.llm.base import ChatBackend
 
 DIGEST_TURN_CHARS = 300
+WRITER = "llm_extraction"  # ``ExperienceItem.writer`` of the lessons this pipeline writes
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +77,46 @@ class StageRun:
     def policy(self) -> AskPolicy:
         return AskPolicy(self.config.sampling, self.config.max_retries, self.config.concurrency)
 
-    def cached(self, relative: str, stage: str) -> Any | None:
+    def cached(self, relative: str, stage: str, read: Callable[[Path], T]) -> T | None:
+        """``read(path)`` of a stage output on disk; ``None`` when it is missing or damaged (see above)."""
         path = self.workdir / relative
         if not path.exists():
             return None
+        try:
+            value = read(path)
+        except ValueError as e:  # storage.read_json, the readers below and read_pool all raise ValueError
+            self.stats.fallback("cache_damaged_redone", f"{path}: {e}")
+            return None
         self.stats.cached[stage] += 1
-        return storage.read_json(path)
+        return value
 
     def save(self, relative: str, obj: Any) -> None:
         storage.write_json(self.workdir / relative, obj)
+
+
+def _read_field(path: Path, name: str, kind: type) -> Any:
+    obj = storage.read_json(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get(name), kind):
+        raise ValueError(f"key {name!r} must be a {kind.__name__}")
+    return obj[name]
+
+
+def _read_summary(path: Path) -> str:
+    summary = _read_field(path, "summary", str)
+    if not summary.strip():
+        raise ValueError("key 'summary' is empty")
+    return summary
+
+
+def _read_lessons(path: Path) -> list[str]:
+    lessons = _read_field(path, "lessons", list)
+    if not all(isinstance(lesson, str) and lesson.strip() for lesson in lessons):
+        raise ValueError("key 'lessons' must be a list of non-empty strings")
+    return lessons
+
+
+def _read_operations(path: Path) -> list[Operation]:
+    return [Operation.from_json(o, f"operation {k}") for k, o in enumerate(_read_field(path, "operations", list))]
 
 
 def task_slug(task_id: str) -> str:
@@ -93,9 +141,9 @@ def summarize(run: StageRun, groups: Sequence[RolloutGroup]) -> dict[str, list[s
         for k, trajectory in enumerate(group.trajectories):
             key = f"summaries/{task_slug(group.task_id)}/{k}.json"
             rollouts[key] = trajectory
-            cached = run.cached(key, stage)
+            cached = run.cached(key, stage, _read_summary)
             if cached is not None:
-                found[key] = cached["summary"]
+                found[key] = cached
             else:
                 messages = prompts.summary_messages(group.question, trajectory, run.config.max_message_chars)
                 asks.append(Ask(key, messages))
@@ -133,9 +181,9 @@ def critique(run: StageRun, groups: Sequence[RolloutGroup], summaries: dict[str,
     for group in groups:
         key = f"critiques/{task_slug(group.task_id)}.json"
         task_of[key] = group.task_id
-        cached = run.cached(key, stage)
+        cached = run.cached(key, stage, _read_lessons)
         if cached is not None:
-            found[group.task_id] = cached["lessons"]
+            found[group.task_id] = cached
             continue
         labelled = [(prompts.outcome(t), s) for t, s in zip(group.trajectories, summaries[group.task_id])]
         messages = prompts.critique_messages(group.question, group.reference, labelled, pool.as_mapping(),
@@ -166,9 +214,9 @@ def group_update(run: StageRun, lessons: dict[str, list[str]], pool: ExperienceP
         for j, proposal in enumerate(proposals):
             key = f"group_updates/{task_slug(task_id)}/{j}.json"
             origin[key] = (task_id, proposal)
-            cached = run.cached(key, stage)
+            cached = run.cached(key, stage, _read_operations)
             if cached is not None:
-                found[key] = [Operation.from_json(o, key) for o in cached["operations"]]
+                found[key] = cached
             else:
                 asks.append(Ask(key, prompts.group_update_messages(proposal, pool.as_mapping(), run.style)))
 
@@ -197,10 +245,17 @@ def batch_reconcile(run: StageRun, operations: Sequence[Operation], pool: Experi
     """One LLM call merges all operations; the deterministic rules then make them consistent."""
     stage = "reconcile"
     key = "reconcile.json"
-    cached = run.cached(key, stage)
+
+    def read(path: Path) -> list[Operation]:
+        # What this stage saves is reconcile's output, a fixed point of reconcile for this pool.
+        saved = _read_operations(path)
+        if reconcile(saved, pool)[0] != tuple(saved):
+            raise ValueError("the operations are not consistent with the pool (unknown ids, repeats or conflicts)")
+        return saved
+
+    cached = run.cached(key, stage, read)
     if cached is not None:
-        final = [Operation.from_json(o, key) for o in cached["operations"]]
-        return apply_operations(pool, final, granularity=run.config.granularity, iteration=run.iteration)
+        return _apply(run, pool, cached)
     proposed = [op for op in operations if op.kind != "NONE"]
     result: dict[str, tuple[Operation, ...]] = {}
     fallback = False
@@ -218,11 +273,25 @@ def batch_reconcile(run: StageRun, operations: Sequence[Operation], pool: Experi
         if failed:
             run.stats.fallback("reconcile_deterministic", failed[key])
             fallback = True
+        elif _writes(proposed) and not _writes(result[key]):  # see the module docstring
+            answered = result.pop(key)
+            run.stats.fallback("reconcile_dropped_all", f"the answer keeps none of the {_writes(proposed)} "
+                               f"proposed ADD/UPDATE operations ({len(answered)} operations answered)")
+            fallback = True
     final, notes = reconcile(result.get(key, tuple(proposed)), pool)
     for note in notes:
         run.stats.note(note.kind, note.detail)
     run.save(key, {"operations": [op.to_json() for op in final], "fallback": fallback})
-    return apply_operations(pool, final, granularity=run.config.granularity, iteration=run.iteration)
+    return _apply(run, pool, final)
+
+
+def _writes(operations: Sequence[Operation]) -> int:
+    return sum(op.kind in ("ADD", "UPDATE") for op in operations)
+
+
+def _apply(run: StageRun, pool: ExperiencePool, operations: Sequence[Operation]) -> ExperiencePool:
+    return apply_operations(pool, operations, granularity=run.config.granularity, iteration=run.iteration,
+                            writer=WRITER)
 
 
 def _with_provenance(op: Operation, proposed: Sequence[Operation]) -> Operation:
@@ -234,14 +303,17 @@ def _with_provenance(op: Operation, proposed: Sequence[Operation]) -> Operation:
     return op.with_sources(sources)
 
 
-def consolidate(run: StageRun, pool: ExperiencePool) -> ExperiencePool:
-    """Brings a pool over the cap back under it (the LLM rewrites it; fallback: truncation)."""
+def consolidate(run: StageRun, pool: ExperiencePool, previous: ExperiencePool) -> ExperiencePool:
+    """Brings ``pool`` (edited from ``previous``, the run's input) back under the cap.
+
+    The LLM rewrites it; fallback: truncation that keeps this run's new and rewritten lessons first.
+    """
     stage = "consolidate"
     key = "consolidated_pool.jsonl"
     cap = run.config.max_pool_size
-    if (run.workdir / key).exists():
-        run.stats.cached[stage] += 1
-        return read_pool(run.workdir / key)
+    cached = run.cached(key, stage, read_pool)
+    if cached is not None:
+        return cached
     result: dict[str, ExperiencePool] = {}
 
     def parse(text: str) -> list[tuple[str | None, str]]:
@@ -253,12 +325,13 @@ def consolidate(run: StageRun, pool: ExperiencePool) -> ExperiencePool:
         return list(entries.values())
 
     def keep(_: str, entries: list[tuple[str | None, str]]) -> None:
-        result[key] = pool.rewritten(entries, granularity=run.config.granularity, iteration=run.iteration)
+        result[key] = pool.rewritten(entries, granularity=run.config.granularity, iteration=run.iteration,
+                                     writer=WRITER)
 
     messages = prompts.consolidate_messages(pool.as_mapping(), run.style, cap)
     failed = ask_all(run.backend, [Ask(key, messages)], parse, keep, stage=stage, policy=run.policy, stats=run.stats)
     if failed:
         run.stats.fallback("consolidate_truncate", f"{len(pool)} items cut to {cap}: {failed[key]}")
-        result[key] = pool.truncated(cap)
+        result[key] = pool.truncated(cap, previous=previous)
     write_pool(run.workdir / key, result[key])
     return result[key]

@@ -21,7 +21,11 @@ FALLBACKS: dict[str, str] = {
     "group_update_as_add": "a group update failed; its proposal is added as a plain ADD",
     "invalid_operation_dropped": "an element of an operation list was malformed and dropped",
     "reconcile_deterministic": "the batch reconcile failed; the deterministic rules are applied to all operations",
-    "consolidate_truncate": "consolidation failed; the pool keeps its first max_pool_size items",
+    "reconcile_dropped_all": "the batch reconcile kept none of the proposed ADD/UPDATE operations; the "
+                             "deterministic rules are applied to all operations",
+    "consolidate_truncate": "consolidation failed; the pool is cut to max_pool_size items, this run's new and "
+                            "rewritten lessons first",
+    "cache_damaged_redone": "a stage output on disk did not read back; its item is computed again",
     "unknown_id_update_as_add": "an UPDATE named an id the pool does not have; it became an ADD",
     "unknown_id_delete_ignored": "a DELETE named an id the pool does not have; it was ignored",
 }
