@@ -9,7 +9,8 @@ Heuristics (an item may have several features):
     lower-case top-level label of 2 to 24 letters (``jetcraft.com``, ``en.wikipedia.org``,
     ``ciga.me``, ``sandbox.game``, ``www2.scut.edu.cn/cs``). Any such label counts, since new
     TLDs keep appearing; what looks like a domain but is not is excluded: a last label that is a
-    common file extension (``page.html``, ``notes.md``, ``Node.js``), one followed by a call's
+    common file extension (``page.html``, ``notes.md``, ``Node.js``; the file reading wins where
+    the extension is also a TLD, as ``.md`` and ``.py`` are), one followed by a call's
     parenthesis (``os.path.join(...)``), or capitalized (a missing space: ``found.The``);
     abbreviations (``e.g.``, ``i.e.``, ``U.S.``) and version numbers (``v1.2.3``) never match,
     having one-letter or numeric labels. A dotted code name without parentheses (``np.array``)
