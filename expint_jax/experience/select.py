@@ -11,9 +11,13 @@ Contract (every selector):
 
 Selectors: ``all`` (every item), ``bm25`` (lexical, query = task question + latest assistant and
 tool text), ``embedding`` (MiniLM cosine similarity, optional ``embedding`` extra) and ``llm`` (a
-model reads the conversation and the numbered pool and answers a JSON list of 3-8 ids; invalid ids
-are dropped; unparseable or empty answers are retried up to ``max_tries`` times in total; after
-that the ``bm25`` selector answers and ``Selection.fallback == "bm25"``).
+model reads the conversation and the numbered pool and answers a JSON list of ``k_min``-``k_max``
+(3-8) ids). The LLM selector drops ids not in the pool and keeps at most ``k_max``; an answer with
+fewer than ``k_min`` valid ids (no JSON list, unknown ids, too few) is retried with the model's
+answer and the reason appended to the conversation, a failed request is resent as it was, up to
+``max_tries`` requests in total. Fallback after that, ``Selection.fallback == "bm25"``: the most
+valid ids one answer gave, padded to ``k_min`` with the ``bm25`` selector's ranking, or the
+``bm25`` selection alone when no answer gave a valid id.
 """
 
 from __future__ import annotations
@@ -271,27 +275,50 @@ class LLMSelector(_OneFromBatch):
         if len(pool) <= self.k_min:
             return [Selection(tuple(pool)) for _ in histories]
         results: dict[int, Selection] = {}
+        best: dict[int, tuple[str, ...]] = {}  # the most valid ids one answer gave, to pad in the fallback
+        retry: dict[int, tuple[Message, ...]] = {}  # the last rejected answer and why, for the next try
         pending = list(range(len(histories)))
         for attempt in range(self.max_tries):
             if not pending:
                 break
             seed = None if self.seed is None else self.seed + attempt
             params = dataclasses.replace(self.params, seed=seed)
-            completions = self.backend.chat([self.prompt(histories[i], pool) for i in pending], params)
+            conversations = [self.prompt(histories[i], pool) + retry.get(i, ()) for i in pending]
+            completions = self.backend.chat(conversations, params)
             still_pending = []
             for i, completion in zip(pending, completions, strict=True):
-                candidates = parse_id_list(completion.text) if completion.finish_reason != "error" else None
-                ids = _valid_ids(candidates or [], pool, self.k_max)
-                if ids:
-                    results[i] = Selection(ids)
-                else:
-                    still_pending.append(i)
+                if completion.finish_reason != "error":  # a failed request is resent as it was
+                    candidates = parse_id_list(completion.text)
+                    ids = _valid_ids(candidates or [], pool, self.k_max)
+                    if len(ids) >= self.k_min:
+                        results[i] = Selection(ids)
+                        continue
+                    best[i] = max(best.get(i, ()), ids, key=len)
+                    reason = self._rejection(candidates, ids, pool)
+                    retry[i] = (Message("assistant", completion.text), Message("user", reason))
+                still_pending.append(i)
             pending = still_pending
         if pending:
             fallbacks = self.fallback.select_batch([histories[i] for i in pending], pool)
             for i, selection in zip(pending, fallbacks, strict=True):
-                results[i] = Selection(selection.ids, fallback=self.fallback.name)
+                ids = chosen = best.get(i, ())
+                if chosen:
+                    ids = (chosen + tuple(x for x in selection.ids if x not in chosen))[: self.k_min]
+                results[i] = Selection(ids or selection.ids, fallback=self.fallback.name)
         return [results[i] for i in range(len(histories))]
+
+    def _rejection(self, candidates: list[str] | None, ids: tuple[str, ...], pool: Mapping[str, str]) -> str:
+        """Why an answer was not accepted, and what to answer instead."""
+        if candidates is None:
+            problem = "Your reply did not contain a JSON list of ids."
+        else:
+            unknown = [c for c in candidates if c.strip() not in pool]
+            problem = f"Your reply gave {len(ids)} valid id{'' if len(ids) == 1 else 's'}"
+            problem += f" ({', '.join(ids)})." if ids else "."
+            if unknown:
+                problem += f" Not in the library: {', '.join(unknown[:10])}."
+        return (f"{problem} Choose between {self.k_min} and {self.k_max} lessons from the library and reply "
+                f'with a JSON list of their ids and nothing else, for example ["G2", "G5", "G9"].')
 
 
 def make_selector(name: str, *, backend: ChatBackend | None = None, **options: Any) -> Selector:

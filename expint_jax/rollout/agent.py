@@ -23,7 +23,14 @@ Contract of one rollout:
     forced-answer request: as in the paper, the last observation (what overflowed the context) is
     replaced in the stored history by the forced-answer instruction (appended to the question when
     there is no observation yet); no step-wise block is added. It ends with ``max_context`` and
-    the prediction is its ``<answer>`` (``None`` when it has none).
+    the prediction is its ``<answer>`` (``None`` when it has none). ``count_tokens`` is the
+    backend's own ``count_tokens`` when it has one (the local engine's counts the exact prompt
+    it would generate from), else the deliberately high ``estimate_tokens``.
+  * A completion with ``finish_reason="length"`` and an ``error`` is a prompt the backend refused
+    as too long for its context (the local engine does this): it is handled like our own limit,
+    with ONE forced-answer request; when the backend refuses that too, the rollout ends with
+    ``max_context``, no answer and no empty assistant turn stored. Either way ``last_backend_error``
+    in the metadata says what the backend reported.
   * A completion with ``finish_reason="error"`` is resent unchanged up to ``max_backend_retries``
     times (the backend does its own back-off); then ``backend_error``. Failed calls do not count
     toward ``max_llm_calls``. A ``BackendError`` raised by the backend itself propagates.
@@ -222,8 +229,8 @@ def _call_seed(seed: int | None, task_id: str, member: int, step: int) -> int | 
 class ReActAgent:
     """Runs rollouts of ``backend`` on tasks under one injection spec.
 
-    ``count_tokens`` measures a request; the default over-estimates, the local engine passes
-    its real tokenizer.
+    ``count_tokens`` measures a request; by default the backend's own counter when it has one
+    (``LocalEngine.count_tokens``: its tokenizer and chat template), else ``estimate_tokens``.
     """
 
     def __init__(
@@ -231,9 +238,10 @@ class ReActAgent:
         backend: ChatBackend,
         config: AgentConfig = AgentConfig(),
         injection: InjectionSpec = NoInjection(),
-        count_tokens: TokenCounter = estimate_tokens,
+        count_tokens: TokenCounter | None = None,
     ):
-        self.backend, self.config, self.injection, self.count_tokens = backend, config, injection, count_tokens
+        self.backend, self.config, self.injection = backend, config, injection
+        self.count_tokens: TokenCounter = count_tokens or getattr(backend, "count_tokens", None) or estimate_tokens
         self._global_block = getattr(injection, "block", "")
         stop = dict.fromkeys(config.sampling.stop + config.stop)
         self._sampling = dataclasses.replace(config.sampling, stop=tuple(stop))
@@ -287,10 +295,15 @@ class ReActAgent:
             request = _Request(inject(r.messages, self._global_block, block), block, selection.ids, selection.fallback)
             tokens = self.count_tokens(request.messages)
             if tokens > self.config.max_context_tokens:
-                r.messages = _with_forced_answer(r.messages)
-                request = _Request(inject(r.messages, self._global_block), forced=True)
-                tokens = self.count_tokens(request.messages)
-            r.request, r.context_tokens = request, tokens
+                self._force_answer(r)
+            else:
+                r.request, r.context_tokens = request, tokens
+
+    def _force_answer(self, r: _Rollout) -> None:
+        """Replaces the rollout's next request by the one forced-answer request (module docstring)."""
+        r.messages = _with_forced_answer(r.messages)
+        r.request = _Request(inject(r.messages, self._global_block), forced=True)
+        r.context_tokens = self.count_tokens(r.request.messages)
 
     def _send(self, rollouts: Sequence[_Rollout], seed: int | None, step: int) -> list[tuple[_Rollout, Completion]]:
         params = [dataclasses.replace(self._sampling, seed=_call_seed(seed, r.task.task_id, r.member, step))
@@ -310,6 +323,13 @@ class ReActAgent:
             r.last_backend_error = completion.error
             if r.backend_failures > self.config.max_backend_retries:
                 r.finish("backend_error", started)
+            return False
+        if completion.finish_reason == "length" and completion.error is not None:  # the prompt did not fit
+            r.last_backend_error, r.backend_failures = completion.error, 0
+            if request.forced:
+                r.finish("max_context", started)
+            else:
+                self._force_answer(r)
             return False
         r.request, r.backend_failures = None, 0
         r.llm_calls += 1

@@ -5,7 +5,8 @@ Used by the OpenAI-compatible backend, the web tools and the LLM judge. Contract
   * Retried: connection errors, timeouts, 408/409/425/429 and 5xx, and 2xx bodies that are not
     valid JSON (a truncated body). Not retried: other 4xx (a bad request will not get better).
   * Secrets never reach a message: header values are not logged, and any occurrence of a
-    registered secret in an error text is replaced by ``***``.
+    registered secret in an error text or a log line (a key in the URL, a body that echoes it)
+    is replaced by ``***``.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def request_json(
     for attempt in range(policy.max_attempts):
         if attempt:
             delay = policy.wait(attempt - 1, rng)
-            log.info("retrying %s %s in %.2fs (attempt %d/%d): %s", method, url, delay, attempt + 1,
+            log.info("retrying %s %s in %.2fs (attempt %d/%d): %s", method, redact(url, secrets), delay, attempt + 1,
                      policy.max_attempts, last_error)
             time.sleep(delay)
         request = urllib.request.Request(url, data=body, headers=all_headers, method=method)
@@ -105,7 +106,7 @@ def request_json(
                 continue
             raise HttpError(last_error, status=e.code) from None
         except http.client.IncompleteRead:
-            last_error = f"truncated response body from {url}"
+            last_error = redact(f"truncated response body from {url}", secrets)
             continue
         except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)

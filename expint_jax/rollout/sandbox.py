@@ -19,8 +19,24 @@ Every run gets a fresh process and a fresh scratch directory (its working direct
   it counts per user, and root is exempt);
 * **files** -- the audit hook refuses opening files for writing, and removing, renaming, linking
   or changing files, outside the scratch directory (paths are resolved, so ``..`` and symlinks do
-  not escape), and opening directories outside it. The code runs as the parent's user, so file
-  permissions add nothing when that user is root: run the parent unprivileged where it matters.
+  not escape), opening directories outside it and opening SQLite databases outside it
+  (``sqlite3.connect``); ``os.mkfifo``/``os.mknod``, which raise no audit event, are replaced
+  before the code runs by versions that refuse paths outside it. Python-level guards can be
+  bypassed by code that works hard enough (a fresh ``posix`` module, SQLite's ``ATTACH``, a C
+  extension), so where a mount namespace is available (``unshare --mount``) the whole file
+  system is remounted read-only in the run's namespace except the scratch directory: the kernel
+  backstop for every write the hook cannot see. The code runs as the parent's user, so file
+  permissions add nothing when that user is root: run the parent unprivileged where it matters;
+* **other processes** -- the code must not read the parent's environment (API keys) or anything
+  else about other processes: the audit hook refuses ``/proc/<pid>/...`` of any process but the
+  code's own and every ``environ`` file under ``/proc``; and where the machine allows it, the run
+  gets its own PID namespace with a fresh ``/proc`` (``unshare --pid --fork --mount-proc``), so
+  no other process of the machine is even visible. In that namespace a small init (the
+  bootstrap, PID 1) runs the code in a child, because PID 1 ignores signals such as ``SIGXCPU``
+  that must stop the code, and reports how the child ended; when the init ends, the kernel kills
+  whatever is left in the namespace. The parent is deliberately *not* made non-dumpable
+  (``PR_SET_DUMPABLE``): a root child could read it anyway (``CAP_SYS_PTRACE``), and it would
+  turn off core dumps and debuggers for the whole host process.
 
 ``Sandbox.run(code) -> SandboxResult`` never raises for anything the code does; ``SandboxError``
 is for a sandbox that cannot start at all. ``killed_reason`` says which limit stopped the code
@@ -57,9 +73,12 @@ KILLED_REASONS = ("wall_time", "cpu_time", "memory", "file_size", "signal")
 _EXIT_MEMORY = 86  # the bootstrap's exit status after a MemoryError
 _EXIT_FILE_SIZE = 87  # ... after a write failed with EFBIG (RLIMIT_FSIZE)
 _EXIT_SETUP = 70  # the bootstrap could not confine itself; the code never ran
+_EXIT_SIGNAL = 88  # ... as PID 1 of the run's namespace, after the code's process was killed by a signal
 _MEMORY_MARKER = "sandbox: memory limit exceeded"
 _FILE_SIZE_MARKER = "sandbox: file size limit exceeded"
 _SETUP_MARKER = "sandbox setup failed:"
+_SIGNAL_LINE = re.compile(r"sandbox: the code was killed by signal (\d+)\n\Z")
+_PID_NAMESPACE_FLAGS = ("--pid", "--fork", "--mount-proc")
 _CGROUP_ROOTS = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup")  # cgroup v1 pids controller, cgroup v2
 
 
@@ -103,19 +122,52 @@ class Isolation:
 
     network_namespace: bool
     pids_cgroup_root: str | None  # where per-run pids cgroups can be created, if anywhere
+    pid_namespace: bool = False  # a PID namespace of its own with a fresh /proc
+    readonly_root: bool = False  # a mount namespace whose file system is read-only but for the scratch
+
+
+def unshare_prefix(isolation: Isolation) -> list[str]:
+    """The ``unshare`` command line that puts a run into the namespaces ``isolation`` names."""
+    flags = (["--net"] if isolation.network_namespace else []) + (
+        list(_PID_NAMESPACE_FLAGS) if isolation.pid_namespace else ["--mount"] if isolation.readonly_root else [])
+    return _unshare(flags) if flags else []
+
+
+def _unshare(flags: list[str]) -> list[str]:
+    # Without root, a user namespace (mapping us to its root) is what lets us create the others.
+    return ["unshare", *flags, *([] if os.geteuid() == 0 else ["--map-root-user"])]
 
 
 @functools.cache
 def probe_isolation() -> Isolation:
-    """Checks once per process whether ``unshare --net`` works and where a pids cgroup can be made."""
-    root = os.geteuid() == 0
-    unshare = shutil.which("unshare")
-    network = False
-    if unshare:
-        command = [unshare, "--net"] + ([] if root else ["--map-root-user"]) + ["true"]
+    """Checks once per process which namespaces ``unshare`` can create and where a pids cgroup can be made.
+
+    The read-only root is checked by a trial run, since remounting can fail where creating the
+    namespace works; a machine without it keeps the other layers (the reason is logged).
+    """
+    cgroup = _find_pids_cgroup_root() if os.geteuid() == 0 else None
+    if not shutil.which("unshare"):
+        return Isolation(network_namespace=False, pids_cgroup_root=cgroup)
+
+    def works(*flags: str) -> bool:
+        command = [*_unshare(list(flags)), "true"]
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            network = subprocess.run(command, capture_output=True, timeout=10).returncode == 0
-    return Isolation(network_namespace=network, pids_cgroup_root=_find_pids_cgroup_root() if root else None)
+            return subprocess.run(command, capture_output=True, timeout=10).returncode == 0
+        return False
+
+    isolation = Isolation(network_namespace=works("--net"), pids_cgroup_root=cgroup,
+                          pid_namespace=works(*_PID_NAMESPACE_FLAGS))
+    if works("--mount"):
+        trial = dataclasses.replace(isolation, readonly_root=True, pids_cgroup_root=None)
+        try:
+            result = Sandbox(SandboxLimits(wall_time_s=30.0), isolation=trial).run("open('probe', 'w').write('ok')")
+            if result.ok:
+                return dataclasses.replace(isolation, readonly_root=True)
+            reason = result.stderr.strip()[-300:]
+        except SandboxError as e:
+            reason = str(e)
+        log.warning("sandbox: the file system cannot be made read-only here (%s); relying on the audit hook", reason)
+    return isolation
 
 
 def _find_pids_cgroup_root() -> str | None:
@@ -220,15 +272,16 @@ class Sandbox:
             "cgroup_procs": None if cgroup is None else os.path.join(cgroup.path, "cgroup.procs"),
             "memory_mib": limits.memory_bytes >> 20,
             "max_file_mib": limits.max_file_bytes >> 20,
+            "pid_namespace": self.isolation.pid_namespace,
+            "readonly_root": self.isolation.readonly_root,
+            "parent_mount_namespace": os.readlink("/proc/self/ns/mnt") if self.isolation.readonly_root else None,
             "rlimits": [["RLIMIT_CPU", limits.cpu_time_s, limits.cpu_time_s + 1],
                         ["RLIMIT_AS", limits.memory_bytes, limits.memory_bytes],
                         ["RLIMIT_FSIZE", limits.max_file_bytes, limits.max_file_bytes],
                         ["RLIMIT_NOFILE", limits.max_open_files, limits.max_open_files],
                         ["RLIMIT_CORE", 0, 0]],
         }
-        command = [self.python, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(config)]
-        if self.isolation.network_namespace:
-            command = ["unshare", "--net"] + ([] if os.geteuid() == 0 else ["--map-root-user"]) + command
+        command = unshare_prefix(self.isolation) + [self.python, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(config)]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8",
                "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
@@ -250,8 +303,11 @@ class Sandbox:
                 if cgroup is not None:
                     cgroup.kill_all()
                 process.wait()
+                _wait_until_gone(process.pid)
         stdout, stderr = _read_text(stdout_path), _read_text(stderr_path)
         status = process.returncode
+        if status == _EXIT_SIGNAL and (line := _SIGNAL_LINE.search(stderr)):  # reported by the namespace's init
+            status, stderr = -int(line.group(1)), stderr[: line.start()]
         if status == _EXIT_SETUP and _SETUP_MARKER in stderr:
             raise SandboxError(f"Sandbox: confinement could not be set up: {stderr.strip()[-500:]}")
         return SandboxResult(
@@ -262,6 +318,22 @@ class Sandbox:
             killed_reason=_killed_reason(status, timed_out, stderr),
             pid=process.pid,
         )
+
+
+def _wait_until_gone(group: int, timeout_s: float = 5.0) -> None:
+    """Waits for the killed processes of a run that are not our children to be gone.
+
+    In a PID namespace, the killed init and the code's process are reaped by the machine's init
+    (``unshare`` died first), a moment after ``wait`` returned for ``unshare`` itself.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.002)
+    log.warning("sandbox: processes of group %d are still alive %.0f s after SIGKILL", group, timeout_s)
 
 
 def _read_text(path: str) -> str:
@@ -283,10 +355,12 @@ def _killed_reason(status: int, timed_out: bool, stderr: str) -> str | None:
     return None
 
 
-# The child's entry point (run with ``python -I -B -c``). It reads the code while still privileged,
-# joins its cgroup, sets its limits, installs the audit hook and only then runs the code.
+# The child's entry point (run with ``python -I -B -c``). While still privileged it joins its
+# cgroup, reads the code and, in a mount namespace of its own, makes the file system read-only;
+# in a PID namespace of its own (where it is PID 1) it then forks and only reports how the child
+# ended. The process that runs the code sets its limits, installs the audit hook and runs it.
 _BOOTSTRAP = r'''
-import errno, json, linecache, os, resource, sys, traceback
+import errno, json, linecache, os, re, resource, sys, traceback
 
 def _setup(config):
     if config["cgroup_procs"] is not None:  # first, so that everything this process starts is counted
@@ -294,11 +368,57 @@ def _setup(config):
             f.write(str(os.getpid()))
     with open(config["code_path"], encoding="utf-8") as f:
         code = f.read()
-    for name, soft, hard in config["rlimits"]:
-        resource.setrlimit(getattr(resource, name), (soft, hard))
+    if config["readonly_root"]:
+        _read_only_file_system(os.path.realpath(config["scratch"]), config["parent_mount_namespace"])
     return code
 
+def _read_only_file_system(scratch, parent_namespace):
+    import ctypes
+    # Only bind remounts (per-mount flags, never a file system's own) and only in a namespace that
+    # is certainly not the parent's: nothing here can make the host's files read-only.
+    if os.readlink("/proc/self/ns/mnt") == parent_namespace:
+        raise RuntimeError("not in a mount namespace of its own; refusing to remount")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
+    MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
+    # Flags a remount must repeat: a user namespace may not clear them.
+    kept = {os.ST_NOSUID: 2, os.ST_NODEV: 4, os.ST_NOEXEC: 8, os.ST_NOATIME: 1024, os.ST_NODIRATIME: 2048,
+            os.ST_RELATIME: 1 << 21}
+
+    def mount(source, target, flags):
+        if libc.mount(source and os.fsencode(source), os.fsencode(target), None, flags, None) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"mount {target!r}: {os.strerror(error)}")
+
+    mount(None, "/", MS_REC | MS_PRIVATE)  # no mount event may propagate to the parent's namespace
+    mount(scratch, scratch, MS_BIND)  # the scratch directory becomes a mount of its own, left writable
+    os.chdir(scratch)  # the working directory still pointed into the mount underneath
+    with open("/proc/self/mountinfo") as f:
+        targets = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in f]
+    for target in dict.fromkeys(targets):
+        flags = os.statvfs(target).f_flag
+        if target != scratch and not flags & os.ST_RDONLY:
+            locked = sum(bit for st, bit in kept.items() if flags & st)
+            mount(None, target, MS_REMOUNT | MS_BIND | MS_RDONLY | locked)
+
+def _init(child):
+    # PID 1 of the run's PID namespace: reap every process until the code's own ends, then report
+    # how it ended (our own death by a signal could not say it: PID 1 ignores most signals).
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid == child:
+            break
+    if os.WIFSIGNALED(status):
+        os.write(2, f"sandbox: the code was killed by signal {os.WTERMSIG(status)}\n".encode())
+        os._exit(88)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+def _limit(config):
+    for name, soft, hard in config["rlimits"]:
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+
 def _guard(scratch):
+    import posix, urllib.parse
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
     path_events = {"os.remove": (0,), "os.rename": (0, 1), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
                    "os.chown": (0,), "os.link": (0, 1), "os.symlink": (1,), "os.truncate": (0,), "os.utime": (0,),
@@ -308,15 +428,44 @@ def _guard(scratch):
     foreign_events = {"ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function"}
     introspection_events = {"gc.get_objects", "gc.get_referrers", "gc.get_referents"}  # could find this hook
     allowed = (scratch, "/dev/null")
+    own_pid = str(os.getpid())
+    proc_entry = re.compile(r"/proc/(?P<pid>[^/]+)(?:/|\Z)")
 
     def resolve(path):
-        if isinstance(path, int):
-            return None  # an already-open descriptor
+        if path is None or isinstance(path, int):
+            return None  # the working directory (inside) or an already-open descriptor
         path = os.fsdecode(path)
         return os.path.realpath(os.path.join(os.getcwd(), path))
 
     def inside(full):
         return full is None or full in allowed or full.startswith(scratch + os.sep)
+
+    def other_process(full):
+        # /proc/<pid>/... of any other process (the parent's environ holds API keys), any environ file
+        entry = proc_entry.match(full or "")
+        return entry is not None and ((entry["pid"].isdigit() and entry["pid"] != own_pid)
+                                      or full.endswith("/environ"))
+
+    def database_paths(database):
+        # The event does not say whether connect() reads the name as a URI, so check both readings.
+        name = os.fsdecode(database)
+        if name in ("", ":memory:"):
+            return []
+        paths = [name]
+        if name.startswith("file:"):
+            body, _, query = name[5:].partition("?")
+            if "mode=memory" in query:
+                return []
+            if body.startswith("//"):  # file://host/path
+                body = "/" + body[2:].partition("/")[2]
+            body = urllib.parse.unquote(body.partition("#")[0])
+            if body not in ("", ":memory:"):
+                paths.append(body)
+        return paths
+
+    def refuse_outside(what, path):
+        if not inside(resolve(path)):
+            raise PermissionError(f"sandbox: writing outside the scratch directory is not allowed ({what} {path!r})")
 
     def hook(event, args):
         if event == "open":
@@ -325,14 +474,22 @@ def _guard(scratch):
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & write_flags)
             if writing and not inside(full):
                 raise PermissionError(f"sandbox: writing outside the scratch directory is not allowed ({path!r})")
+            if other_process(full):
+                raise PermissionError(f"sandbox: reading other processes' /proc entries is not allowed ({path!r})")
             if full is not None and not inside(full) and os.path.isdir(full):
                 raise PermissionError(
                     f"sandbox: opening directories outside the scratch directory is not allowed ({path!r})")
+        elif event in ("os.listdir", "os.scandir"):
+            if other_process(resolve(args[0])):
+                raise PermissionError(f"sandbox: reading other processes' /proc entries is not allowed ({args[0]!r})")
         elif event in path_events:
             for i in path_events[event]:
                 if not inside(resolve(args[i])):
                     raise PermissionError(
                         f"sandbox: changing files outside the scratch directory is not allowed ({event} {args[i]!r})")
+        elif event == "sqlite3.connect":
+            for path in database_paths(args[0]):
+                refuse_outside(event, path)
         elif event.startswith("socket."):
             raise PermissionError("sandbox: network access is disabled")
         elif event in process_events:
@@ -344,12 +501,31 @@ def _guard(scratch):
         elif event in introspection_events or (event == "object.__setattr__" and args[1] == "__code__"):
             raise PermissionError(f"sandbox: reaching into the interpreter is not allowed ({event})")
 
+    def special_file(name, create):
+        # os.mkfifo and os.mknod raise no audit event; the read-only root is the backstop behind this.
+        def guarded(path, *args, dir_fd=None, **kwargs):
+            if dir_fd is not None:
+                raise PermissionError(f"sandbox: os.{name} with dir_fd is not allowed")
+            refuse_outside(f"os.{name}", path)
+            return create(path, *args, **kwargs)
+        return guarded
+
+    for name in ("mkfifo", "mknod"):
+        if hasattr(os, name):
+            guarded = special_file(name, getattr(os, name))
+            setattr(os, name, guarded)
+            setattr(posix, name, guarded)
     sys.addaudithook(hook)
 
 def _main():
     config = json.loads(sys.argv[1])
     try:
         code = _setup(config)
+        if config["pid_namespace"]:
+            child = os.fork()
+            if child:
+                _init(child)
+        _limit(config)
     except Exception as e:
         sys.stderr.write(f"sandbox setup failed: {type(e).__name__}: {e}\n")
         sys.stderr.flush()

@@ -49,7 +49,7 @@ class ScriptedBackend:
         self.calls.append((list(conversations), params))
         out = []
         for conversation in conversations:
-            key = re.search(r"User: (.*)", conversation[-1].content).group(1)
+            key = re.search(r"User: (.*)", conversation[1].content).group(1)  # the prompt, before any retry turns
             attempt = self.attempts.get(key, 0)
             self.attempts[key] = attempt + 1
             result = self.reply(key, attempt)
@@ -140,7 +140,7 @@ def test_llm_selector_validates_ids():
 
 
 def test_llm_selector_prompt_shows_pool_and_conversation():
-    backend = ScriptedBackend(lambda key, attempt: '["G0"]')
+    backend = ScriptedBackend(lambda key, attempt: '["G0", "G1", "G2"]')
     LLMSelector(backend, k_min=3, k_max=8).select(history("Find the CEO", "<tool_call>x</tool_call>"), POOL)
     conversations, params = backend.calls[0]
     prompt = conversations[0][-1].content
@@ -150,12 +150,32 @@ def test_llm_selector_prompt_shows_pool_and_conversation():
     assert params.temperature == 0.3 and params.seed == 0
 
 
-def test_llm_selector_retries_until_valid():
-    script = ["no idea", '["G77"]', Completion("", finish_reason="error", error="boom"), '["G3"]']
+def test_llm_selector_retries_with_the_reason_until_enough_valid_ids():
+    script = ["no idea", '["G77", "G99"]', Completion("", finish_reason="error", error="boom"), '["G3"]',
+              '["G3", "G0", "G5"]']
     backend = ScriptedBackend(lambda key, attempt: script[attempt])
-    assert LLMSelector(backend, seed=10).select(history("q"), POOL) == Selection(("G3",))
-    assert len(backend.calls) == 4
-    assert [params.seed for _, params in backend.calls] == [10, 11, 12, 13]
+    assert LLMSelector(backend, seed=10).select(history("q"), POOL) == Selection(("G3", "G0", "G5"))
+    assert [params.seed for _, params in backend.calls] == [10, 11, 12, 13, 14]
+    requests = [conversations[0] for conversations, _ in backend.calls]
+    assert len(requests[0]) == 2  # the prompt alone
+    for request, answer in zip(requests[1:], ["no idea", '["G77", "G99"]', '["G77", "G99"]', '["G3"]']):
+        assert request[:2] == requests[0] and [m.role for m in request[2:]] == ["assistant", "user"]
+        assert request[2].content == answer  # the rejected answer, then why
+        assert "Choose between 3 and 8 lessons" in request[3].content
+    assert requests[1][3].content.startswith("Your reply did not contain a JSON list of ids.")
+    assert requests[2][3].content.startswith("Your reply gave 0 valid ids. Not in the library: G77, G99.")
+    assert requests[3] == requests[2]  # the failed request is resent as it was
+    assert requests[4][3].content.startswith("Your reply gave 1 valid id (G3).")
+
+
+def test_llm_selector_pads_too_few_ids_from_bm25_after_max_tries():
+    backend = ScriptedBackend(lambda key, attempt: ["nothing", '["G4"]', '["G1", "G42"]', '["G1", "G1"]'][attempt])
+    h = history("Use python to compute the product of 12 and 34")
+    selection = LLMSelector(backend, max_tries=4).select(h, POOL)
+    assert len(backend.calls) == 4 and selection.fallback == "bm25"
+    bm25 = BM25Selector(k=5, k_min=3).select(h, POOL).ids
+    assert selection.ids == ("G4", *[i for i in bm25 if i != "G4"][:2])  # the first best answer, then bm25's
+    assert len(set(selection.ids)) == 3
 
 
 def test_llm_selector_falls_back_to_bm25_after_max_tries():
@@ -170,7 +190,7 @@ def test_llm_selector_falls_back_to_bm25_after_max_tries():
 def test_llm_selector_batches_each_round():
     # "a" succeeds at once, "b" on its third try, "c" never
     def reply(key, attempt):
-        return {"a": '["G0"]', "b": '["G2"]' if attempt == 2 else "hmm"}.get(key, "nope")
+        return {"a": '["G0", "G1", "G4"]', "b": '["G2", "G3", "G5"]' if attempt == 2 else "hmm"}.get(key, "nope")
 
     backend = ScriptedBackend(reply)
     histories = [history("a"), history("b"), history("c")]

@@ -423,3 +423,64 @@ def test_sampling_keeps_user_stop_strings():
     run(backend, config=config)
     params = backend.calls[0][1][0]
     assert params.stop == ("Observation:", "<tool_response>", "</tool_call>") and params.temperature == 0.0
+
+
+def refuses_long_prompts(limit, reply):
+    """A backend that, like ``LocalEngine``, refuses prompts over ``limit`` characters with length + error."""
+
+    def script(question, turn, conversation):
+        if chars(conversation) > limit:
+            return Completion("", "length", error=f"the prompt is {chars(conversation)} long, no room in {limit}")
+        return reply(turn)
+
+    return ScriptedBackend(script)
+
+
+def test_prompt_refused_by_the_backend_forces_one_answer():
+    script = [call("big", text="b"), "<answer>echo: hi</answer>"]
+    backend = refuses_long_prompts(2500, lambda turn: script[min(turn, 1)])
+    traj = run(backend)  # our own estimate does not see the overflow coming: the backend reports it
+    refused, forced = backend.requests[1], backend.requests[2]
+    assert "x" * 5000 in refused[-1].content and forced[-1] == Message("user", prompts.FORCED_ANSWER)
+    assert (traj.termination, traj.prediction, traj.num_assistant_turns) == ("max_context", "echo: hi", 2)
+    assert all(m.content for m in traj.messages if m.role == "assistant")  # no empty turn was stored
+    assert traj.metadata["llm_calls"] == 2 and "no room in 2500" in traj.metadata["last_backend_error"]
+    assert context_before_turn(traj, 1) == forced
+
+
+def test_forced_answer_refused_by_the_backend_ends_with_max_context():
+    backend = refuses_long_prompts(10, lambda turn: "<answer>never sent</answer>")
+    traj = run(backend)
+    assert len(backend.requests) == 2 and backend.requests[1][-1].content.endswith(prompts.FORCED_ANSWER)
+    assert (traj.termination, traj.prediction, traj.num_assistant_turns) == ("max_context", None, 0)
+    assert traj.metadata["llm_calls"] == 0 and "no room in 10" in traj.metadata["last_backend_error"]
+
+
+def test_the_backends_token_counter_is_used_when_it_has_one():
+    backend = replies(call("big", text="b"), "<answer>echo: hi</answer>", "unused")
+    backend.count_tokens = chars
+    agent = ReActAgent(backend, AgentConfig(max_context_tokens=2500))
+    assert agent.count_tokens is chars
+    traj = agent.run(TASK, FakeEnv())
+    assert traj.termination == "max_context" and traj.metadata["context_tokens"] == chars(backend.requests[-1])
+    assert ReActAgent(replies()).count_tokens is estimate_tokens
+    assert ReActAgent(backend, count_tokens=len).count_tokens is len  # an explicit counter wins
+
+
+def test_failing_python_code_becomes_an_observation_and_the_agent_goes_on():
+    from expint_jax.rollout.sandbox import PythonTool, Sandbox, SandboxLimits
+
+    tool = PythonTool(Sandbox(SandboxLimits(wall_time_s=20.0, cpu_time_s=1)))
+    backend = replies(
+        call("python", code="while True:\n    pass"),
+        call("python", code="import urllib.request\nurllib.request.urlopen('http://example.com')"),
+        call("python", code="print(6 * 7)"),
+        "<answer>42</answer>",
+    )
+    traj = ReActAgent(backend).run(Task("py", "What is 6 * 7?", answer="42"), lambda task: [tool])
+    loop, network, fine = (traj.messages[i].content for i in (3, 5, 7))
+    assert loop.startswith("<tool_response>\nError: ") and "more than 1 s of CPU time" in loop
+    assert "Error: " in network and "sandbox: network access is disabled" in network
+    assert fine == format_tool_response("42")
+    assert (traj.termination, traj.prediction, traj.num_tool_calls) == ("answer", "42", 3)
+    assert traj.metadata["tool_errors"] == 2

@@ -49,6 +49,18 @@ def test_secret_never_appears_in_errors_or_logs(caplog):
     assert all(secret not in r.getMessage() for r in caplog.records)
 
 
+def test_secret_in_the_url_is_redacted_from_every_error(caplog):
+    secret = "key-in-the-query-77"
+    replies = [Reply(text='{"truncated": true}', truncate_to=5), Reply(text="not json"), Reply(status=502),
+               Reply(delay_s=1.0, json_body={})]
+    for reply in replies:  # truncated body, non-JSON body, HTTP error, time-out: each error names the URL
+        with ScriptedServer(sequence([], then=reply)) as server:
+            with caplog.at_level(logging.DEBUG), pytest.raises(HttpError) as info:
+                post_json(f"{server.url}/search?key={secret}", {}, policy=FAST, secrets=(secret,))
+        assert secret not in str(info.value) and "?key=***" in str(info.value), reply
+    assert caplog.records and all(secret not in r.getMessage() for r in caplog.records)
+
+
 def test_unreachable_host_gives_clear_error():
     with pytest.raises(HttpError, match="contacting http://127.0.0.1:9"):
         post_json("http://127.0.0.1:9/none", {}, policy=RetryPolicy(max_attempts=2, timeout_s=0.2, backoff_s=0.01))

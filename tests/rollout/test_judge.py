@@ -1,6 +1,7 @@
 """Judges: answer normalization, number/date parsing, exact match, and the LLM Correct/Incorrect protocol."""
 
 import datetime
+import logging
 
 import pytest
 
@@ -166,3 +167,43 @@ def test_llm_judge_through_the_openai_backend_and_a_flaky_server():
         assert len(server.requests) == 5
         assert server.requests[1].json["messages"][0]["role"] == "user"
         assert server.requests[1].json["temperature"] == 0.0
+
+
+class Recording:
+    """Passes calls through to a backend and keeps every completion it returned."""
+
+    def __init__(self, backend):
+        self.backend, self.completions = backend, []
+
+    def chat(self, conversations, params):
+        out = self.backend.chat(conversations, params)
+        self.completions += out
+        return out
+
+
+def test_llm_judge_over_a_broken_server_never_reveals_the_api_key(caplog, monkeypatch):
+    key = "sk-judge-secret-4242"
+    monkeypatch.setenv("JUDGE_API_KEY", key)
+    echo = lambda request: request.headers["Authorization"]  # noqa: E731 - a server that echoes the key back
+    replies = iter([
+        lambda r: Reply(delay_s=1.0, json_body={}),  # call 1: a time-out, then a truncated body
+        lambda r: Reply(text=f'{{"choices": [{{"message": {{"content": "{echo(r)} Correct"}}}}]}}', truncate_to=40),
+        lambda r: Reply(text=f"<html>bad gateway, {echo(r)}</html>"),  # call 2: a non-JSON body, then a 500
+        lambda r: Reply(status=500, text=f"upstream rejected {echo(r)}"),
+        lambda r: _chat_reply("Correct"),  # call 3
+    ])
+    fast = RetryPolicy(max_attempts=2, timeout_s=0.3, backoff_s=0.01, max_backoff_s=0.02)
+    with ScriptedServer(lambda request: next(replies)(request)) as server:
+        backend = Recording(OpenAICompatible(server.url, "judge", api_key_env="JUDGE_API_KEY", retry=fast,
+                                             max_concurrency=1))
+        with caplog.at_level(logging.DEBUG):
+            verdict = LLMJudge(backend, max_attempts=3).judge("q", "1987", "It was 1987.")
+        assert all(r.headers["Authorization"] == f"Bearer {key}" for r in server.requests)  # the key was used
+    assert (verdict.method, verdict.correct, verdict.attempts) == ("llm", True, 3)
+    errors = [c.error for c in backend.completions if c.error]  # each names its last attempt's failure
+    assert len(errors) == 2 and "truncated response body" in errors[0] and "HTTP 500" in errors[1]
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2 and "timed out" in retries[0] and "invalid JSON" in retries[1]
+    assert "upstream rejected Bearer ***" in errors[1] and "bad gateway, Bearer ***" in retries[1]  # echoes redacted
+    shown = errors + [r.getMessage() for r in caplog.records] + [repr(backend.backend)]
+    assert not [text for text in shown if key in text]

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from expint_jax.rollout.sandbox import (
+    Isolation,
     PythonTool,
     Sandbox,
     SandboxLimits,
@@ -23,6 +24,17 @@ LIMITS = SandboxLimits(wall_time_s=20.0, cpu_time_s=5, memory_bytes=1 << 30, max
 @pytest.fixture(scope="module")
 def sandbox():
     return Sandbox(LIMITS)
+
+
+@pytest.fixture(scope="module")
+def hook_only():
+    """No namespaces and no cgroup: what a machine without ``unshare`` gets, the audit hook alone."""
+    return Sandbox(LIMITS, isolation=Isolation(network_namespace=False, pids_cgroup_root=None))
+
+
+@pytest.fixture(params=["all_layers", "hook_only"])
+def any_sandbox(request, sandbox, hook_only):
+    return {"all_layers": sandbox, "hook_only": hook_only}[request.param]
 
 
 def _alive(pid: int) -> bool:
@@ -128,7 +140,8 @@ def test_sleeping_forever_hits_the_wall_clock_limit():
     assert not _alive(result.pid)
 
 
-def test_writes_outside_the_scratch_directory_are_refused(sandbox, tmp_path):
+def test_writes_outside_the_scratch_directory_are_refused(any_sandbox, tmp_path):
+    sandbox = any_sandbox
     target = tmp_path / "outside.txt"
     attempts = [
         f"open({str(target)!r}, 'w').write('x')",
@@ -136,6 +149,13 @@ def test_writes_outside_the_scratch_directory_are_refused(sandbox, tmp_path):
         "open('../../escaped.txt', 'w')",
         f"import os\nos.symlink({str(tmp_path)!r}, 'link')\nopen('link/outside.txt', 'w')",
         f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')",
+        # C-level writes that raise no "open" event: SQLite, FIFOs and device nodes
+        f"import sqlite3\nsqlite3.connect({str(target)!r}).execute('create table t (x)')",
+        f"import sqlite3\nsqlite3.connect('file:{target}?mode=rwc', uri=True)",
+        f"import os\nos.mkfifo({str(target)!r})",
+        f"import os, stat\nos.mknod({str(target)!r}, 0o600 | stat.S_IFIFO)",
+        f"import posix\nposix.mkfifo({str(target)!r})",
+        "import os\nos.symlink('/tmp', 'link')\nos.mkfifo('link/escaped-fifo')",
     ]
     for code in attempts:
         result = sandbox.run(code)
@@ -149,6 +169,34 @@ def test_writes_outside_the_scratch_directory_are_refused(sandbox, tmp_path):
     assert keep.read_text() == "keep"
 
 
+def test_databases_and_fifos_inside_the_scratch_directory_work(any_sandbox):
+    code = ("import os, sqlite3\n"
+            "for name in ('mine.db', ':memory:', 'file:other.db?mode=rwc', 'file::memory:?mode=memory'):\n"
+            "    db = sqlite3.connect(name, uri=name.startswith('file:'))\n"
+            "    db.execute('create table t (x)'); db.execute('insert into t values (7)')\n"
+            "    print(db.execute('select x from t').fetchone()[0])\n"
+            "os.mkfifo('pipe')\nprint(*sorted(os.listdir('.')))")
+    result = any_sandbox.run(code)
+    assert result.ok, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:4] == ["7"] * 4 and {"mine.db", "other.db", "pipe"} <= set(lines[4].split())
+
+
+@pytest.mark.skipif(not probe_isolation().readonly_root, reason="no mount namespace with a read-only root here")
+def test_read_only_root_stops_writes_the_audit_hook_cannot_see(sandbox, tmp_path):
+    # A fresh posix module has the real mkfifo, and SQLite's ATTACH opens files in C: both get
+    # past the Python-level guards, and the kernel refuses them.
+    target = tmp_path / "outside"
+    fresh_posix = f"import sys\ndel sys.modules['posix']\nimport posix\nposix.mkfifo({str(target)!r})"
+    result = sandbox.run(fresh_posix)
+    assert "Read-only file system" in result.stderr and not target.exists()
+    attach = (f"import sqlite3\ndb = sqlite3.connect(':memory:')\n"
+              f"db.execute(\"ATTACH '{target}' AS a\")\ndb.execute('create table a.t (x)')")
+    result = sandbox.run(attach)
+    assert "unable to open database" in result.stderr and not target.exists()
+    assert sandbox.run("import tempfile\nwith tempfile.NamedTemporaryFile() as f:\n    f.write(b'x')").ok
+
+
 def test_scratch_directory_is_fresh_writable_and_removed(sandbox):
     first = sandbox.run("import os\nopen('note.txt', 'w').write('hi')\nprint(os.getcwd())\n"
                         "print(open('note.txt').read())")
@@ -159,10 +207,34 @@ def test_scratch_directory_is_fresh_writable_and_removed(sandbox):
     assert second.stdout.strip() == "[]"
 
 
-def test_secrets_in_the_parent_environment_do_not_reach_the_code(sandbox, monkeypatch):
+def test_secrets_in_the_parent_environment_do_not_reach_the_code(any_sandbox, monkeypatch):
     monkeypatch.setenv("SERPER_API_KEY", "do-not-leak-123")
-    result = sandbox.run("import os\nprint(os.environ.get('SERPER_API_KEY'))\nprint(sorted(os.environ))")
+    result = any_sandbox.run("import os\nprint(os.environ.get('SERPER_API_KEY'))\nprint(sorted(os.environ))")
     assert result.stdout.splitlines()[0] == "None" and "do-not-leak-123" not in result.stdout
+    # ... nor through /proc: the parent's environ (the environment it started with), its command
+    # line, every other process's environ, and the same files reached through symlinks.
+    attempts = {
+        "parent": "import os\nprint(open(f'/proc/{os.getppid()}/environ').read())",
+        "pytest": f"print(open('/proc/{os.getpid()}/environ', 'rb').read())",
+        "cmdline": f"print(open('/proc/{os.getpid()}/cmdline', 'rb').read())",
+        "task": f"print(open('/proc/{os.getpid()}/task/{os.getpid()}/environ', 'rb').read())",
+        "symlink": f"import os\nos.symlink('/proc/{os.getpid()}', 'p')\nprint(open('p/environ').read())",
+        "listing": f"import os\nprint(os.listdir('/proc/{os.getpid()}/fd'))",
+        "all": "import glob\nfor path in glob.glob('/proc/[0-9]*/environ'):\n"
+               "    try:\n        print(open(path, 'rb').read())\n    except OSError as e:\n        print(e)",
+    }
+    for name, code in attempts.items():
+        result = any_sandbox.run(code)
+        output = result.stdout + result.stderr
+        assert "do-not-leak-123" not in output and "SERPER_API_KEY" not in output, name
+        if name != "all":
+            assert "sandbox: reading other processes' /proc entries is not allowed" in result.stderr, name
+
+
+@pytest.mark.skipif(not probe_isolation().pid_namespace, reason="unshare --pid is not available here")
+def test_code_runs_in_a_pid_namespace_of_its_own(sandbox):
+    result = sandbox.run("import os\nprint(os.getppid(), sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
+    assert result.ok and result.stdout.strip() == "1 [1, 2]"  # the bootstrap's init and the code; nobody else
 
 
 def test_long_output_is_cut_with_a_marker(sandbox):

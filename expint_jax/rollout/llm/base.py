@@ -2,10 +2,16 @@
 
 A backend takes a batch of conversations and returns one ``Completion`` per conversation, in
 order. ``params`` is one ``SamplingParams`` for the whole batch or one per conversation (so that
-the rollouts of a group can carry their own seeds and still share one batched call). It never raises for a single failed request: that request's completion has
-``finish_reason="error"`` and an ``error`` message (with no secret in it), so one bad call does not
-sink a batch of agent rollouts. ``BackendError`` is for failures of the backend itself
+the rollouts of a group can carry their own seeds and still share one batched call). It never
+raises for a single failed request: that request's completion has ``finish_reason="error"`` and
+an ``error`` message (with no secret in it), so one bad call does not sink a batch of agent
+rollouts. A prompt too long for the backend's context is the one exception:
+``finish_reason="length"`` with an ``error`` and no text, so that the agent can force an answer
+instead of resending it. ``BackendError`` is for failures of the backend itself
 (misconfiguration, a model that cannot load).
+
+Optional: ``count_tokens(messages) -> int``, the exact length of the prompt the backend would
+build for ``messages``; the agent measures its context budget with it when present.
 """
 
 from __future__ import annotations

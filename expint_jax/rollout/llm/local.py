@@ -13,6 +13,9 @@ Contract:
   * A conversation that leaves no room in ``max_context`` gets ``finish_reason="length"`` and an
     ``error``; one that cannot be encoded gets ``finish_reason="error"``. The rest of the batch
     is unaffected. ``max_tokens`` is clipped to the room left in the context.
+  * ``count_tokens(messages)`` is the length of the prompt ``chat`` would generate from (the chat
+    template with the generation prompt, the real tokenizer), so a caller's context budget and
+    the engine's agree to the token.
   * ``params`` is one ``SamplingParams`` or one per conversation (seeds and ``max_tokens`` may
     differ within a batch).
   * Seeds: with one ``SamplingParams`` and a seed, conversation i of a call samples from stream i
@@ -162,6 +165,10 @@ class LocalEngine:
                 for request, generation in zip(batch, generations):
                     results[request.index] = _completion(generation)
         return results  # type: ignore[return-value]
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        """Tokens of the prompt ``chat`` builds for ``messages`` (generation prompt included)."""
+        return len(self.chat_format.encode_prompt(messages))
 
     def _prompt(self, index: int, messages: Sequence[Message]) -> np.ndarray | Completion:
         """The prompt's token ids, or the completion that says why it cannot be generated from."""

@@ -5,12 +5,16 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from expint_jax.rollout.envs.simweb import SimWebConfig, SimWebEnv
 from expint_jax.rollout.envs.simweb.tasks import FORMS, follow, parse_question
 from expint_jax.rollout.envs.simweb.tools import parse_page
+from expint_jax.rollout.envs.simweb import world as world_module
 from expint_jax.rollout.envs.simweb.world import canonical_url
 from expint_jax.rollout.envs.web import SEPARATOR, parse_search_results
 from expint_jax.rollout.tools import Tool, ToolError
@@ -124,6 +128,28 @@ def test_search_finds_item_pages_on_easy_sites_and_only_directories_on_medium(en
     assert entity.url not in [h.url for h in hits]
     assert f"{medium.root_url}organizations/" in [h.url for h in hits]
     assert len(hits) <= CONFIG.search_top_k
+
+
+def test_search_index_is_built_once_when_first_searches_are_concurrent(env, monkeypatch):
+    builds = []
+
+    class SlowIndex(world_module.BM25Index):
+        def __init__(self, documents):
+            builds.append(len(documents))
+            time.sleep(0.2)  # a wide window for a second thread to start its own build
+            super().__init__(documents)
+
+    monkeypatch.setattr(world_module, "BM25Index", SlowIndex)
+    fresh = world_module.World(env.world.sites)
+    barrier = threading.Barrier(6, timeout=10)
+
+    def search(query):
+        barrier.wait()  # all six tool threads search for the first time together
+        return fresh.search(query, 3)
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(search, ["festival"] * 6))
+    assert len(builds) == 1 and all(r == results[0] for r in results) and results[0]
 
 
 def test_search_accepts_lists_and_reports_no_results(env):

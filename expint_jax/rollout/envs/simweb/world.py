@@ -4,13 +4,14 @@ Contract: ``World.page(url)`` finds a page under lenient URL spelling (``canonic
 host case, trailing slash, fragment and surrounding quotes do not matter). ``World.search`` is
 BM25 (``expint_jax.retrieval``) over the title and text of the *indexed* pages only, ranked by
 score with ties broken by page order, so the same world and query always give the same results.
-The index is built on the first search, so generating a world does not pay for it.
+The index is built on the first search, so generating a world does not pay for it, and exactly
+once even when the tool threads of an agent step search at the same time.
 """
 
 from __future__ import annotations
 
-import functools
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +51,8 @@ class World:
                 if key in self._pages:
                     raise ValueError(f"two SimWeb pages share the URL {page.url!r}")
                 self._pages[key] = page
+        self._index: tuple[BM25Index, tuple[Page, ...]] | None = None
+        self._index_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._pages)
@@ -64,13 +67,18 @@ class World:
                 return site
         raise KeyError(f"no SimWeb site with root URL {root_url!r}")
 
-    @functools.cached_property
     def _search_index(self) -> tuple[BM25Index, tuple[Page, ...]]:
-        pages = tuple(p for site in self.sites for p in site.pages if p.indexed)
-        return BM25Index([f"{p.title}\n{p.text}" for p in pages]), pages
+        # A lock, not functools.cached_property: since Python 3.12 that no longer locks, and
+        # concurrent first searches would each build the whole index.
+        if self._index is None:
+            with self._index_lock:
+                if self._index is None:
+                    pages = tuple(p for site in self.sites for p in site.pages if p.indexed)
+                    self._index = BM25Index([f"{p.title}\n{p.text}" for p in pages]), pages
+        return self._index
 
     def search(self, query: str, k: int) -> list[SearchHit]:
-        index, pages = self._search_index
+        index, pages = self._search_index()
         return [SearchHit(pages[i].title, pages[i].url, snippet(pages[i])) for i, _ in index.top_k(query, k)]
 
     def to_json(self) -> dict[str, Any]:
