@@ -12,6 +12,11 @@ or a re-tokenized turn costs nothing but slots) and only the rest of the sequenc
 ids are indices in the sequence, so holes do not shift them. The result equals ``generate`` on the
 full sequences from scratch, up to floating-point reassociation. The cache grows (to a bucketed
 size) when a turn needs more slots.
+
+Limitations: the cache is never compacted, so invalidated slots (holes) stay allocated and a long
+conversation with many cuts or re-tokenized turns keeps growing the cache (and the attention cost
+with it) until the session is dropped. And nothing uses a ``Session`` yet: ``LocalEngine`` (and so
+the agent) re-encodes and prefills the whole conversation on every call.
 """
 
 from __future__ import annotations
