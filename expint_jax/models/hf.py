@@ -2,25 +2,39 @@
 
 Import (``load_checkpoint``): reads ``config.json``, checks every tensor's name and shape from the
 safetensors headers first (one error listing all missing, unexpected and mis-shaped tensors),
-then streams tensors from memory-mapped files straight into arrays that already carry their final
-sharding. Stacked layer parameters are filled layer by layer on device, so the host never holds
-more than one checkpoint tensor (no full host copy of the model).
+then reads the tensors one at a time into host memory and places each straight into an array
+that already carries its final sharding (every device receives only its own block). Stacked
+layer parameters are filled layer by layer on device, so the host never holds more than one
+checkpoint tensor (no full host copy of the model). The files are closed when loading ends.
 
 Export (``save_checkpoint``): writes safetensors shards (bounded size, with
 ``model.safetensors.index.json`` when there is more than one), ``config.json``,
-``generation_config.json`` and tokenizer files when given, each file atomically; the directory
-loads with ``transformers.AutoModelForCausalLM.from_pretrained``. With tied embeddings no
-``lm_head.weight`` is written, as transformers 5 does.
+``generation_config.json`` and tokenizer files when given; the directory loads with
+``transformers.AutoModelForCausalLM.from_pretrained``. Shards are planned from the parameter
+shapes, then gathered and written one at a time (host memory peaks at about two shards). All
+files are first written to a staging directory beside the target, then moved in with atomic
+renames; checkpoint files of an earlier export that the new one does not have (other shard
+counts, a stale index) are removed, other files in the directory are left alone. With tied
+embeddings no ``lm_head.weight`` is written, as transformers 5 does.
+
+Multi-host: export is collective. Every process must call ``save_checkpoint``; arrays that are
+not fully addressable are gathered with ``multihost_utils.process_allgather``; only process 0
+writes files, and every process returns once they exist.
 
 Layout mapping (HF ``[out, in]`` Linear weights vs our ``[in, ...out]`` einsum kernels) lives in
-``_TENSOR_MAP`` only.
+``tensor_map`` (``_LAYER_MAP``, ``_BIAS_MAP``) only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
+import math
+import os
+import re
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,18 +43,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from expint_jax import storage
 from expint_jax.models.config import DTypePolicy, Qwen3Config
 from expint_jax.models.qwen3 import Qwen3
+from expint_jax.models.tokenizer import load_tokenizer, save_tokenizer
 from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec, param_shardings
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.jinja")
+_INDEX = "model.safetensors.index.json"
 _NP_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 
 
@@ -134,25 +149,37 @@ def _expected_hf_shape(mapping: _Mapping, layer: int | None, ours_shape: tuple[i
 # Reading
 
 
-class _SafetensorsDirectory:
-    """The tensors of a checkpoint directory: name -> file, shapes from headers, lazy reads."""
+class _SafetensorsDirectory(contextlib.AbstractContextManager):
+    """The tensors of a checkpoint directory: name -> file, shapes from headers, reads on demand.
+
+    A context manager: leaving it closes every file it opened (also when opening a later file or
+    checking the index fails, so an error never leaves files open behind it).
+    """
 
     def __init__(self, directory: Path):
         self.directory = directory
-        index = directory / "model.safetensors.index.json"
+        self._files = contextlib.ExitStack()
+        self._handles: dict[str, Any] = {}
+        self.file_of: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        try:
+            self._index()
+        except BaseException:
+            self.close()
+            raise
+
+    def _index(self) -> None:
+        index = self.directory / _INDEX
         if index.exists():
             weight_map = storage.read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no 'weight_map' object")
             files = sorted(set(weight_map.values()))
         else:
-            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
             if not files:
-                raise CheckpointError(f"{directory}: no *.safetensors files and no model.safetensors.index.json")
+                raise CheckpointError(f"{self.directory}: no *.safetensors files and no {_INDEX}")
             weight_map = None
-        self._handles: dict[str, Any] = {}
-        self.file_of: dict[str, str] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
         for name in files:
             handle = self._open(name)
             for key in handle.keys():
@@ -168,17 +195,26 @@ class _SafetensorsDirectory:
         if not path.exists():
             raise CheckpointError(f"{path}: listed in the index but missing")
         try:
-            self._handles[name] = safe_open(str(path), framework="numpy")
+            handle = safe_open(str(path), framework="numpy")
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        return self._handles[name]
+        self._handles[name] = handle = self._files.enter_context(handle)
+        return handle
 
     def read(self, key: str) -> np.ndarray:
+        """The whole tensor ``key``, read into host memory."""
         name = self.file_of[key]
         try:
             return self._handles[name].get_tensor(key)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{self.directory / name}: cannot read tensor {key!r} ({e})") from None
+
+    def close(self) -> None:
+        self._files.close()
+        self._handles.clear()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def _check_tensors(files: _SafetensorsDirectory, expected: Mapping[str, tuple[int, ...]], tied: bool) -> None:
@@ -230,27 +266,26 @@ def load_checkpoint(
     policy = policy or DTypePolicy()
     graphdef, abstract = abstract_model(config, policy=policy, rules=rules, remat=remat)
     params = _flat_params(abstract)
-    files = _SafetensorsDirectory(path)
     mapping = tensor_map(config)
     expected = {k: _expected_hf_shape(m, layer, params[m.ours].get_value().shape, config) for k, (m, layer) in mapping.items()}
-    _check_tensors(files, expected, config.tie_word_embeddings)
-
     shardings = _flat_params(param_shardings(abstract, mesh, rules)) if mesh is not None else {}
     by_param: dict[str, list[tuple[str, int | None]]] = {}
     for key, (m, layer) in mapping.items():
         by_param.setdefault(m.ours, []).append((key, layer))
 
     values: dict[str, jax.Array] = {}
-    for name, variable in params.items():
-        shape, dtype = variable.get_value().shape, policy.param
-        sharding = shardings[name] if mesh is not None else None
-        sources = by_param[name]
-        if sources[0][1] is None:  # a single tensor
-            key = sources[0][0]
-            host = mapping[key][0].to_ours(files.read(key), config)
-            values[name] = _place(host, dtype, sharding)
-        else:
-            values[name] = _fill_layers(shape, dtype, sharding, mesh, sources, files, mapping, config, variable, rules)
+    with _SafetensorsDirectory(path) as files:
+        _check_tensors(files, expected, config.tie_word_embeddings)
+        for name, variable in params.items():
+            shape, dtype = variable.get_value().shape, policy.param
+            sharding = shardings[name] if mesh is not None else None
+            sources = by_param[name]
+            if sources[0][1] is None:  # a single tensor
+                key = sources[0][0]
+                host = mapping[key][0].to_ours(files.read(key), config)
+                values[name] = _place(host, dtype, sharding)
+            else:
+                values[name] = _fill_layers(shape, dtype, sharding, mesh, sources, files, mapping, config, variable, rules)
     for name, variable in params.items():
         variable.set_value(values[name])
     model = nnx.merge(graphdef, abstract)
@@ -262,7 +297,7 @@ def _place(host: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None)
     host = np.ascontiguousarray(host)
     if sharding is None:
         return jnp.asarray(host, dtype=dtype)
-    # Each device receives only its own block of the (memory-mapped) host tensor.
+    # Each device receives only its own block of the host tensor (no whole-tensor copy per device).
     return jax.make_array_from_callback(host.shape, sharding, lambda index: np.asarray(host[index], dtype=dtype))
 
 
@@ -292,15 +327,97 @@ def _set_layer(stacked: jax.Array, piece: jax.Array, index: jax.Array) -> jax.Ar
 # Writing
 
 
-def _hf_tensors(model: Qwen3, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, host array) in checkpoint order; stacked parameters are fetched one layer at a time."""
-    config = model.config
-    params = _flat_params(nnx.state(model, nnx.Param))
+# Checkpoint files an export owns: a stale one left by an earlier export with another shard count
+# would be loaded instead of (or mixed with) the new weights.
+_CHECKPOINT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+
+
+def _plan_shards(params: Mapping[str, nnx.Variable], config: Qwen3Config, itemsize: int,
+                 max_shard_bytes: int) -> list[dict[str, int]]:
+    """Tensor name -> bytes per shard, in checkpoint order, from shapes alone (nothing is fetched).
+
+    A shard closes before the tensor that would take it past ``max_shard_bytes``; a tensor bigger
+    than that gets a shard of its own.
+    """
+    shards: list[dict[str, int]] = [{}]
+    size = 0
     for key, (m, layer) in tensor_map(config).items():
-        value = params[m.ours].get_value()
-        piece = value if layer is None else value[layer]
-        host = np.asarray(jax.device_get(piece.astype(dtype)))
-        yield key, np.ascontiguousarray(m.to_hf(host, config))
+        nbytes = math.prod(_expected_hf_shape(m, layer, params[m.ours].get_value().shape, config)) * itemsize
+        if size and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = nbytes
+        size += nbytes
+    return shards
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of ``x`` on this host.
+
+    ``jax.device_get`` needs every shard in this process; an array spread over several hosts is
+    all-gathered instead, a collective that every process must enter in the same order.
+    """
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _hf_tensor(params: Mapping[str, nnx.Variable], source: tuple[_Mapping, int | None], config: Qwen3Config,
+               dtype: Any) -> np.ndarray:
+    """One checkpoint tensor on the host; of a stacked parameter only the one layer is fetched."""
+    m, layer = source
+    value = params[m.ours].get_value()
+    piece = value if layer is None else value[layer]
+    return np.ascontiguousarray(m.to_hf(_to_host(piece.astype(dtype)), config))
+
+
+@contextlib.contextmanager
+def _staging_dir(target: Path, writer: bool) -> Iterator[Path | None]:
+    """A scratch directory beside ``target`` (same filesystem, so renames into it are atomic), or
+    None on processes that do not write. Removed on exit, with whatever is left in it."""
+    if not writer:
+        yield None
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.staging-", dir=target.parent) as staging:
+        yield Path(staging)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Moves every staged file into ``target`` (one atomic rename each), then deletes the checkpoint
+    files of an earlier export that the new one does not have. Other files stay."""
+    target.mkdir(parents=True, exist_ok=True)
+    published = set()
+    for staged in sorted(staging.iterdir()):
+        os.replace(staged, target / staged.name)
+        published.add(staged.name)
+    for old in target.iterdir():
+        if old.name not in published and _CHECKPOINT_FILE.fullmatch(old.name):
+            old.unlink()
+
+
+def _source_tokenizer(source_dir: Path | None) -> Any:
+    """The tokenizer saved in ``source_dir``, or None when it has no tokenizer files."""
+    if source_dir is None:
+        return None
+    try:
+        return load_tokenizer(source_dir)
+    except FileNotFoundError:
+        return None
+
+
+def _write_generation_config(directory: Path, config: Qwen3Config, source_dir: Path | None) -> None:
+    source = None if source_dir is None else source_dir / "generation_config.json"
+    if source is not None and source.is_file():
+        storage.write_json(directory / source.name, storage.read_json(source))
+    else:
+        storage.write_json(directory / "generation_config.json", generation_config(config))
 
 
 def save_checkpoint(
@@ -309,57 +426,55 @@ def save_checkpoint(
     *,
     dtype: str | None = None,
     tokenizer: Any = None,
-    tokenizer_dir: str | Path | None = None,
+    source_dir: str | Path | None = None,
     max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
     """Writes a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
     ``dtype`` (``"float32"``/``"bfloat16"``/``"float16"``) defaults to the parameter dtype.
-    Tokenizer files come from ``tokenizer`` (anything with ``save_pretrained``) or are copied from
-    ``tokenizer_dir`` when given. Only process 0 writes in a multi-host run.
+    ``source_dir`` is the Hugging Face directory the model was loaded from, if any: its own
+    ``generation_config.json`` is copied (otherwise a default one with the config's bos/eos ids is
+    written), and its tokenizer when ``tokenizer`` (anything with ``save_pretrained``) is not given.
+    Tokenizer files are written by ``tokenizer.save_tokenizer``. See the module docstring for the
+    staging directory, stale files and multi-host behaviour (a collective: call on every process).
     """
     path = Path(path)
+    source_dir = None if source_dir is None else Path(source_dir)
+    if source_dir is not None and not source_dir.is_dir():
+        raise ValueError(f"save_checkpoint: source_dir {source_dir} is not a directory")
     dtype = dtype or model.policy.param_dtype
     if dtype not in _NP_DTYPES:
         raise ValueError(f"save_checkpoint: dtype {dtype!r}; choose one of {sorted(_NP_DTYPES)}")
-    writer = jax.process_index() == 0
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key, array in _hf_tensors(model, _NP_DTYPES[dtype]):
-        if size and size + array.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = array
-        size += array.nbytes
-    if not writer:
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map = {}
-    total = 0
-    for name, shard in zip(names, shards):
-        storage.write_bytes(path / name, safetensors_bytes(shard, metadata={"format": "pt"}))
-        weight_map.update({k: name for k in shard})
-        total += sum(a.nbytes for a in shard.values())
-    if len(shards) > 1:
-        storage.write_json(path / "model.safetensors.index.json",
-                           {"metadata": {"total_size": total}, "weight_map": weight_map})
-    storage.write_json(path / "config.json", model.config.to_hf(torch_dtype=dtype))
-    storage.write_json(path / "generation_config.json", generation_config(model.config))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
-    elif tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            source = Path(tokenizer_dir) / name
-            if source.exists():
-                storage.write_bytes(path / name, source.read_bytes())
+    np_dtype = _NP_DTYPES[dtype]
+    config = model.config
+    params = _flat_params(nnx.state(model, nnx.Param))
+    shards = _plan_shards(params, config, np.dtype(np_dtype).itemsize, max_shard_bytes)
+    names = _shard_names(len(shards))
+    mapping = tensor_map(config)
+    with _staging_dir(path, writer=jax.process_index() == 0) as staging:
+        for name, shard in zip(names, shards):
+            # Every process gathers (collective); only the writer keeps a file. One shard at a time.
+            tensors = {key: _hf_tensor(params, mapping[key], config, np_dtype) for key in shard}
+            if staging is not None:
+                storage.write_bytes(staging / name, safetensors_bytes(tensors, metadata={"format": "pt"}))
+            del tensors
+        if staging is not None:
+            if len(shards) > 1:
+                weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+                total = sum(sum(shard.values()) for shard in shards)
+                storage.write_json(staging / _INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            storage.write_json(staging / "config.json", config.to_hf(torch_dtype=dtype))
+            _write_generation_config(staging, config, source_dir)
+            tok = tokenizer if tokenizer is not None else _source_tokenizer(source_dir)
+            if tok is not None:
+                save_tokenizer(tok, staging)
+            _publish(staging, path)
+    if jax.process_count() > 1:  # nobody reads the export before process 0 has written it
+        multihost_utils.sync_global_devices(f"expint save_checkpoint {path}")
     return path
 
 
 def generation_config(config: Qwen3Config) -> dict[str, Any]:
+    """The default: Qwen3's recommended non-thinking sampling, with the bos/eos ids of ``config``."""
     return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "do_sample": True,
             "temperature": 0.7, "top_p": 0.8, "top_k": 20}

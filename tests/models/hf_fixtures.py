@@ -20,8 +20,12 @@ def hf_config(**overrides) -> transformers.Qwen3Config:
     return cfg
 
 
-def make_checkpoint(directory: Path, seed: int = 0, **overrides) -> transformers.Qwen3ForCausalLM:
-    """Saves a random Qwen3 (norm weights randomized too, so they are really tested) to ``directory``."""
+def make_checkpoint(directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    **overrides) -> transformers.Qwen3ForCausalLM:
+    """Saves a random Qwen3 (norm weights randomized too, so they are really tested) to ``directory``.
+
+    ``dtype`` is the stored dtype (real Qwen3 checkpoints are bf16); the returned model has it too.
+    """
     torch.manual_seed(seed)
     model = transformers.Qwen3ForCausalLM(hf_config(**overrides)).eval().to(torch.float32)
     with torch.no_grad():
@@ -30,6 +34,7 @@ def make_checkpoint(directory: Path, seed: int = 0, **overrides) -> transformers
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif "bias" in name:
                 p.copy_(0.05 * torch.randn_like(p))
+    model = model.to(dtype)
     model.save_pretrained(directory, safe_serialization=True)
     return model
 
