@@ -1,16 +1,19 @@
 """``expint check-model``: load a Qwen3 checkpoint onto a mesh and prove it is the HF model.
 
-Steps: (1) take the given Hugging Face directory, or build a tiny random Qwen3 offline with
-``transformers`` when none is given; (2) load it onto the mesh through the logical-axis rules;
-(3) print every parameter with its shape, dtype and sharding; (4) compare our logits with
-``transformers.Qwen3ForCausalLM`` on a random batch (fp32). Exit status 1 when the parity check
-fails, so the command doubles as a smoke test of an installation.
+Steps: (1) take the given Hugging Face directory, or build a tiny random Qwen3 offline when none
+is given (initialized in JAX and written by our own exporter, so no PyTorch is needed); (2) load
+it onto the mesh through the logical-axis rules; (3) print every parameter with its shape, dtype
+and sharding; (4) compare our logits with ``transformers.Qwen3ForCausalLM`` on a random batch
+(fp32). Step 4 needs PyTorch (the ``parity`` extra); ``--no-parity`` skips it. Exit status 1 when
+the parity check fails, so the command doubles as a smoke test of an installation; 2 when it
+cannot run (e.g. PyTorch missing).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,14 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from expint_jax.models.config import Qwen3Config
-from expint_jax.models.hf import load_checkpoint
+from expint_jax.models.config import Qwen3Config, tiny
+from expint_jax.models.hf import load_checkpoint, save_checkpoint
 from expint_jax.models.qwen3 import Qwen3
 from expint_jax.parallel.mesh import MeshConfig, make_mesh
+from expint_jax.parallel.placement import init_model
 
-TINY_HF_CONFIG = dict(vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
-                      max_position_embeddings=4096)
+TINY_CONFIG = tiny(hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
+                   max_position_embeddings=4096)
+PARITY_EXTRA_HINT = "pip install 'expint-jax[parity]' (or pass --no-parity)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +46,16 @@ class ParityResult:
 
 
 def build_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A random tiny Qwen3 saved by ``transformers`` itself (no download)."""
-    import torch
-    import transformers
+    """A random tiny Qwen3 checkpoint (Hugging Face layout), made offline without PyTorch."""
+    return save_checkpoint(init_model(TINY_CONFIG, seed=seed), directory, dtype="float32")
 
-    torch.manual_seed(seed)
-    hf_config = transformers.Qwen3Config(**TINY_HF_CONFIG)
-    hf_config.rope_parameters = {"rope_type": "default", "rope_theta": 1e6}
-    transformers.Qwen3ForCausalLM(hf_config).save_pretrained(directory, safe_serialization=True)
-    return directory
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def parameter_table(model: Qwen3) -> list[tuple[str, tuple[int, ...], str, str, tuple[int, ...]]]:
@@ -86,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-parity", action="store_true", help="skip the comparison with transformers")
     parser.add_argument("--tokens", type=int, default=16, help="sequence length of the parity batch")
     args = parser.parse_args(argv)
+    if not args.no_parity and not torch_available():  # fail before minutes of loading, not after
+        print(f"expint check-model: the parity check compares against transformers' PyTorch Qwen3, but PyTorch "
+              f"is not installed: {PARITY_EXTRA_HINT}", file=sys.stderr)
+        return 2
 
     try:
         data, fsdp, tensor = (int(x) for x in args.mesh.split(","))

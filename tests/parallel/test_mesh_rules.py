@@ -64,3 +64,37 @@ def test_single_process_initialize_is_a_no_op(monkeypatch):
     monkeypatch.setenv("EXPINT_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="EXPINT_NUM_PROCESSES='two' is not an integer"):
         distributed.initialize()
+
+
+def _clear_launcher_env(monkeypatch):
+    for var in ("EXPINT_COORDINATOR", "EXPINT_NUM_PROCESSES", "EXPINT_PROCESS_ID", "SLURM_NTASKS",
+                "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _record_initialize(monkeypatch) -> list[dict]:
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(calls))
+    return calls
+
+
+def test_multi_process_initialize_passes_the_environment_to_jax(monkeypatch):
+    _clear_launcher_env(monkeypatch)
+    calls = _record_initialize(monkeypatch)
+    monkeypatch.setenv("EXPINT_COORDINATOR", "10.0.0.1:1234")
+    monkeypatch.setenv("EXPINT_NUM_PROCESSES", "4")
+    monkeypatch.setenv("EXPINT_PROCESS_ID", "3")
+    assert distributed.initialize() is True
+    assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3)]
+    assert distributed.initialize() is True and len(calls) == 1  # a second call does not re-initialize
+
+
+def test_a_cluster_launcher_lets_jax_find_the_coordinator(monkeypatch):
+    _clear_launcher_env(monkeypatch)
+    calls = _record_initialize(monkeypatch)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.initialize() is False and calls == []
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert distributed.initialize() is True
+    assert calls == [{}]  # JAX's own SLURM detection supplies the addresses
