@@ -73,6 +73,9 @@ class ChatFormat:
         self.im_start_id = self._special_id(IM_START)
         self.im_end_id = self._special_id(IM_END)
         self.endoftext_id = self._special_id(END_OF_TEXT)
+        # Encoding needs none of the ids below (the tokenizer maps tags in message text itself).
+        # They are looked up so that a tokenizer without Qwen3's tags as single tokens fails here
+        # rather than mid-rollout, and are public for code that parses model output.
         self.think_start_id = self._special_id(THINK_START)
         self.think_end_id = self._special_id(THINK_END)
         self.tool_call_start_id = self._special_id(TOOL_CALL_START)

@@ -7,8 +7,11 @@ Contract:
     than the default) with an error that names the key.
   * ``to_hf()`` writes a ``config.json`` that ``transformers.Qwen3Config`` loads to the same model.
   * Presets (``preset("Qwen3-4B-Instruct-2507")``) are the published configs, shapes only.
-  * ``DTypePolicy`` separates parameter storage dtype from compute dtype. Norms, RoPE, softmax and
-    logits are always computed in fp32.
+  * ``DTypePolicy`` separates parameter storage dtype from compute dtype. Parameters are cast to
+    the compute dtype where they are used and matmuls run in it; RMSNorm statistics, rotary angles
+    and the attention softmax are computed in fp32 whatever the compute dtype. Logits are fp32:
+    the vocabulary projection takes compute-dtype operands (bf16 under a bf16 policy) and
+    accumulates and returns in fp32.
 """
 
 from __future__ import annotations

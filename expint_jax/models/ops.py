@@ -61,10 +61,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """``down(silu(x @ gate) * (x @ up))``: x [..., E], gate/up [E, F], down [F, E]."""
-    hidden = jax.nn.silu(x @ gate) * (x @ up)
-    return hidden @ down
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """The SwiGLU gate ``silu(gate) * up`` on the two MLP projections [..., F], in their dtype.
+
+    The projections stay with the caller, which constrains their sharding (``act_mlp``) before
+    the gate and applies the down projection after it.
+    """
+    return jax.nn.silu(gate) * up
 
 
 def segment_mask(q_segments: jax.Array, kv_segments: jax.Array, causal: bool = True) -> jax.Array:

@@ -10,9 +10,10 @@ Forward contract (all entry points take explicit position ids, which only drive 
   * ``model(ids, positions, segment_ids=...)`` or ``attention_mask=[B, T, T]`` -> fp32 logits.
   * ``model.hidden_states(...)`` -> final normalized hidden states [B, T, E] without the vocabulary
     projection (the distillation losses project chunk by chunk with ``model.unembedding()``).
-  * ``model.extend(ids, positions, cache, token_valid)`` appends T tokens to a ``KVCache`` and
-    returns their hidden states and the new cache: prefill is an extend from an empty cache,
-    decoding is an extend by one token, and a conversation can keep growing the same cache.
+  * ``model.extend(ids, positions, cache, token_valid)`` appends T tokens to a ``KVCache`` (from
+    ``model.empty_cache``, in the compute dtype) and returns their hidden states and the new
+    cache: prefill is an extend from an empty cache, decoding is an extend by one token, and a
+    conversation can keep growing the same cache.
 Exactly one of ``segment_ids`` (0 = padding; causal within equal ids) or ``attention_mask``
 (boolean ``[B, T, T]``, e.g. a tree mask) may be given; with neither, plain causal attention.
 """
@@ -99,7 +100,8 @@ class KVCache:
     end: jax.Array
 
     @classmethod
-    def empty(cls, config: Qwen3Config, batch: int, slots: int, dtype: Any = jnp.float32) -> KVCache:
+    def empty(cls, config: Qwen3Config, batch: int, slots: int, dtype: Any) -> KVCache:
+        """An empty cache; ``Qwen3.empty_cache`` picks the model's compute dtype for ``dtype``."""
         shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
@@ -111,6 +113,20 @@ class KVCache:
     @property
     def num_slots(self) -> int:
         return self.k.shape[2]
+
+
+def _check_room(cache: KVCache, steps: int) -> None:
+    """Raises when appending ``steps`` tokens cannot fit, as far as trace time can tell."""
+    if steps > cache.num_slots:
+        raise ValueError(f"KVCache overflow: extending by {steps} tokens, but the cache has {cache.num_slots} slots")
+    if isinstance(cache.end, jax.core.Tracer):  # under jit: unknown until run (see Qwen3.extend)
+        return
+    end = int(cache.end)
+    if end + steps > cache.num_slots:
+        raise ValueError(
+            f"KVCache overflow: extending by {steps} tokens at slot {end} needs {end + steps} slots, "
+            f"but the cache has {cache.num_slots}"
+        )
 
 
 def decoder_layer(
@@ -165,7 +181,7 @@ def decoder_layer(
     h = ops.rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
     gate = constrain(h @ p["gate_proj"], ("batch", "seq", "act_mlp"), rules)
     up = constrain(h @ p["up_proj"], ("batch", "seq", "act_mlp"), rules)
-    x = x + (jax.nn.silu(gate) * up) @ p["down_proj"]
+    x = x + ops.swiglu(gate, up) @ p["down_proj"]
     return constrain(x, ("batch", "seq", "act_embed"), rules), new_cache
 
 
@@ -229,14 +245,25 @@ class Qwen3(nnx.Module):
         hidden, _ = self._run(input_ids, positions, mask, cache=None)
         return hidden
 
+    def empty_cache(self, batch: int, slots: int) -> KVCache:
+        """An empty ``KVCache`` for this model, in its compute dtype (what ``extend`` writes)."""
+        return KVCache.empty(self.config, batch, slots, self.policy.compute)
+
     def extend(self, input_ids, positions, cache: KVCache, token_valid=None) -> tuple[jax.Array, KVCache]:
         """Appends ``T`` tokens at slots ``[end, end + T)``; returns their hidden states and the cache.
 
         ``token_valid`` [B, T] marks real tokens (False for left padding); invalid tokens are never
         attended to. Each new token sees every valid cached slot before it and the valid new tokens
         up to itself.
+
+        Overflow (``end + T`` > slots): a ``ValueError`` when it is known at trace time (``T`` >
+        slots, or a concrete ``end``, as in eager calls). Under ``jit`` ``end`` is traced and cannot
+        be checked without a host round trip, so the caller must leave room (the sampler sizes its
+        cache for prompt + budget); an overflowing write would be clamped to the last slots and
+        overwrite them, so such a call returns NaN hidden states rather than plausible wrong ones.
         """
         batch, steps = input_ids.shape
+        _check_room(cache, steps)
         if token_valid is None:
             token_valid = jnp.ones((batch, steps), bool)
         slots = jnp.arange(cache.num_slots)
@@ -244,7 +271,9 @@ class Qwen3(nnx.Module):
         query_slot = cache.end + jnp.arange(steps)
         mask = valid[:, None, :] & (slots[None, None, :] <= query_slot[None, :, None]) & token_valid[:, :, None]
         hidden, (k, v) = self._run(input_ids, positions, mask, cache=cache)
-        return hidden, KVCache(k=k, v=v, valid=valid, end=cache.end + steps)
+        end = cache.end + steps
+        hidden = jnp.where(end > cache.num_slots, jnp.nan, hidden)  # see "Overflow" above
+        return hidden, KVCache(k=k, v=v, valid=valid, end=end)
 
     # -- internals --------------------------------------------------------------------------
 
