@@ -2,8 +2,13 @@
 
 Contract: ``collate(examples, shape)`` pads every field to ``shape`` (right padding; padded
 tokens are invalid and padded loss slots have weight 0 and target 0), so a jitted step compiles
-once per ``BatchShape``. ``bucket_shape`` rounds lengths up to multiples of a bucket size, which
-bounds the number of distinct shapes (and compilations) in a run.
+once per ``BatchShape``.
+
+Which shape a batch gets is the data pipeline's policy: ``data.batch_shape`` (a ladder of two
+lengths per octave) is what training and evaluation use. ``bucket_shape`` / ``round_up`` (lengths
+rounded up to multiples of a fixed size) are simple helpers for tests and benchmarks
+(``benchmarks/bench_stepwise_scoring.py``) that need one fixed, predictable shape; they are not
+the training policy.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def bucket_shape(examples: Sequence[DistillExample], rows: int, bucket: int = 256, loss_bucket: int = 128) -> BatchShape:
-    """The smallest bucketed shape that holds every example."""
+    """The smallest shape with lengths in multiples of ``bucket`` (``loss_bucket`` for loss tokens)
+    that holds every example (tests and benchmarks; training uses ``data.batch_shape``)."""
     return BatchShape(
         rows=rows,
         student_tokens=round_up(max(len(e.student_ids) for e in examples), bucket),

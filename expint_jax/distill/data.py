@@ -2,11 +2,13 @@
 
 Contract:
   * ``load_examples(paths, chat, budget)`` reads ``Trajectory`` JSONL files (a malformed line is
-    an error naming file:line) and builds every trajectory's teacher/student views once:
+    an error naming file:line) and builds every trajectory's teacher/student views once
+    (``build_examples`` does the same for ``(where, trajectory)`` records already in memory):
     tokenization is the expensive part, so the views stay in memory for the whole run. Nothing is
     lost silently: ``ExampleCounts`` says how many records were read, kept, truncated (and how
-    many turns were cut), dropped for length, skipped for having no loss token, and skipped
-    because their views could not be aligned (``ViewError``; a warning names the task).
+    many turns were cut), dropped for length, skipped for having no loss token (no assistant
+    turn; every assistant turn has at least its ``<|im_end|>`` to learn), and skipped because
+    their views could not be aligned (``ViewError``; a warning names the task).
   * ``BatchIterator`` yields ``HostBatch``es (numpy, host side) for a fixed number of epochs. The
     sequence is a pure function of the examples, the ``BatchingConfig`` and the epoch count, so
     the same seed gives the same batches and every epoch is shuffled differently.
@@ -102,11 +104,9 @@ def build_examples(records: Iterable[tuple[str, Trajectory]], chat: ChatFormat,
             continue
         except ValueError as e:  # e.g. a step-wise trajectory with no user message to inject into
             raise ValueError(f"{where}: trajectory {trajectory.task_id!r}: {e}") from e
-        if example is None:
+        if example is None:  # with at least one assistant turn, None means it cannot fit
             counts["dropped_too_long"] += 1
-        elif example.num_loss_tokens == 0:
-            counts["skipped_no_loss"] += 1
-        else:
+        else:  # every assistant turn has a loss token (at least its <|im_end|>)
             examples.append(example)
             counts["kept"] += 1
             counts["truncated"] += example.truncated_turns > 0

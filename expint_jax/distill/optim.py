@@ -1,11 +1,22 @@
 """The optimizer of context distillation: AdamW, linear warm-up then cosine decay, global-norm
-clipping, and weight decay only on matrices (never on norms or biases)."""
+clipping, and weight decay only on matrices (never on norms or biases).
+
+Low-precision parameters: an AdamW step at a learning rate of 1e-5 is far below bfloat16's
+resolution (8 significant bits: a relative change below about 2^-9 rounds away), so updating
+bfloat16 weights in place would leave most of them unchanged. ``make_optimizer(..., master_weights=True)``
+keeps float32 **master weights** in the optimizer state (``MasterWeightsState``): clipping and
+AdamW run on float32 gradients and the master copy, and the model's parameters become the master
+rounded to their own dtype (``apply_updates``). ``step.init_train_state`` refuses non-float32
+parameters without master weights.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -47,21 +58,69 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     )
 
 
+def is_scale_or_bias(path) -> bool:
+    """Whether the parameter at ``path`` (a pytree key path) is a norm scale or a bias: a path key
+    (e.g. ``attn_norm``, ``final_norm``, ``q_bias``) names it so."""
+    keys = (str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+    return any("norm" in key or "bias" in key for key in keys)
+
+
 def decay_mask(params: nnx.State) -> nnx.State:
     """True for parameters that get weight decay: everything but norms and biases."""
-
-    def decays(path, _) -> bool:
-        name = "/".join(str(getattr(p, "key", p)) for p in path)
-        return "norm" not in name and "bias" not in name
-
-    return jax.tree_util.tree_map_with_path(decays, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: not is_scale_or_bias(path), params)
 
 
-def make_optimizer(config: OptimizerConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+class MasterWeightsState(NamedTuple):
+    """Optimizer state with float32 master weights; ``inner`` is the wrapped optimizer's state."""
+
+    master: optax.Params
+    inner: optax.OptState
+
+
+def with_master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` run on float32 gradients and float32 master copies of the parameters.
+
+    The updates it returns are the new master minus the current parameters, in float32; use
+    ``apply_updates`` to set the parameters to the master rounded to their dtype exactly.
+    """
+
+    def init(params):
+        master = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+        return MasterWeightsState(master=master, inner=inner.init(master))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("with_master_weights needs the current params in update()")
+        grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), updates)
+        steps, inner_state = inner.update(grads, state.inner, state.master)
+        master = optax.apply_updates(state.master, steps)
+        deltas = jax.tree.map(lambda m, p: m - jnp.asarray(p, jnp.float32), master, params)
+        return deltas, MasterWeightsState(master=master, inner=inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def apply_updates(params: optax.Params, updates: optax.Updates, opt_state: optax.OptState) -> optax.Params:
+    """The new parameters: the master weights in the parameters' dtypes under ``with_master_weights``
+    (exactly the rounded master, whatever the rounding of ``params + updates``), else
+    ``optax.apply_updates``."""
+    if isinstance(opt_state, MasterWeightsState):
+        return jax.tree.map(lambda m, p: m.astype(p.dtype), opt_state.master, params)
+    return optax.apply_updates(params, updates)
+
+
+def needs_master_weights(params: nnx.State) -> bool:
+    """Whether any floating-point parameter is stored below float32 (e.g. bfloat16)."""
+    return any(jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32 for x in jax.tree.leaves(params))
+
+
+def make_optimizer(config: OptimizerConfig, *, master_weights: bool = False
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Clipping + AdamW with ``config``'s schedule; ``master_weights`` for parameters below float32."""
     schedule = learning_rate_schedule(config)
     tx = optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
         optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
                     mask=decay_mask),
     )
-    return tx, schedule
+    return (with_master_weights(tx) if master_weights else tx), schedule

@@ -17,6 +17,13 @@ configured selector picks (``annotate_injections``). Everything is written under
 Outputs in ``output_dir``: ``config.json`` (the validated configuration), ``data/``, the
 trainer's ``checkpoints/`` and ``metrics/`` (JSONL + TensorBoard), and ``student/``, the trained
 student exported as a Hugging Face checkpoint. A killed run resumes from its last checkpoint.
+
+``model.param_dtype="bfloat16"`` trains bfloat16 weights through float32 master weights in the
+optimizer state; ``model.compute_dtype="bfloat16"`` with float32 parameters is the usual choice.
+
+Reading a run back (notebooks): ``load_run_config(output_dir)``, ``trainer_config``,
+``run_examples`` (the run's examples, built with its own length budget), ``initial_model`` (the
+teacher = the untrained student) and ``trained_student`` (the exported student).
 """
 
 from __future__ import annotations
@@ -101,10 +108,27 @@ class DistillRunConfig:
     export_student: bool = True
 
 
-def _trainer_config(run: DistillRunConfig):
+def trainer_config(run: DistillRunConfig):
+    """The run's ``TrainerConfig`` (validated; its output directory is ``<output_dir>/train``)."""
     from expint_jax.distill.trainer import TrainerConfig
 
     return bind(TrainerConfig, {**run.trainer, "output_dir": str(Path(run.output_dir) / "train")}, "config.trainer")
+
+
+def load_run_config(output_dir: str | Path) -> DistillRunConfig:
+    """The configuration a run saved in ``<output_dir>/config.json``, with ``output_dir`` set to the
+    given path (so that a run moved or read from another working directory is found)."""
+    path = Path(output_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config.json; is {output_dir} the output_dir of an `expint distill` run?")
+    return dataclasses.replace(bind(DistillRunConfig, storage.read_json(path), str(path)), output_dir=str(output_dir))
+
+
+def view_budget(config: DistillRunConfig):
+    """The length budget of the run's views (``config.data``)."""
+    from expint_jax.distill.views import ViewBudget
+
+    return ViewBudget(config.data.max_student_tokens, config.data.max_teacher_tokens, config.data.overflow)
 
 
 def demo_trajectories(demo: DemoData, directory: Path):
@@ -140,57 +164,87 @@ def demo_trajectories(demo: DemoData, directory: Path):
     return annotated["train"], annotated["eval"], pool
 
 
-def _load_models(model: ModelSection, mesh):
+def run_examples(config: DistillRunConfig, chat, splits: Sequence[str] = ("train", "eval")) -> dict:
+    """``{split: ExampleSet | None}``: the run's train/eval examples, built with the run's own length
+    budget from ``data.train`` / ``data.eval`` or, without ``data.train``, from the offline demo
+    data (built under ``<output_dir>/data`` on first use). ``None``: the split has no records
+    (no eval files). A split whose records all fail to give an example (too long, no assistant
+    turn, unalignable) is an error naming its files."""
+    from expint_jax.distill.data import build_examples, load_examples
+
+    unknown = set(splits) - {"train", "eval"}
+    if unknown:
+        raise ValueError(f"run_examples: unknown splits {sorted(unknown)}; choose from 'train', 'eval'")
+    budget = view_budget(config)
+    if config.data.train:
+        paths = {"train": config.data.train, "eval": config.data.eval}
+        sets = {split: load_examples(paths[split], chat, budget) if paths[split] else None for split in splits}
+        sources = {split: f"config.data.{split}={list(paths[split])}" for split in splits}
+    else:
+        directory = Path(config.output_dir) / "data"
+        demo_train, demo_eval, pool = demo_trajectories(config.data.demo, directory)
+        demo = {"train": demo_train, "eval": demo_eval}
+        log.info("demo data: %d train / %d eval trajectories, pool of %d lessons", len(demo_train), len(demo_eval),
+                 len(pool))
+        sets = {split: build_examples([(f"{directory / split}.jsonl:{i + 1}", t) for i, t in enumerate(demo[split])],
+                                      chat, budget) if demo[split] else None for split in splits}
+        sources = {split: f"the demo data {directory / split}.jsonl" for split in splits}
+    for split, data in sets.items():
+        if data is not None and not data.examples:
+            raise ValueError(f"{sources[split]}: none of its {data.counts.records} trajectories gives a usable "
+                             f"example (counts: {data.counts.to_json()}); check the files and the length budget "
+                             "(config.data.max_student_tokens / max_teacher_tokens / overflow)")
+    return sets
+
+
+def initial_model(config: DistillRunConfig, mesh=None, *, remat: str = "none"):
+    """The run's initial model: ``model.checkpoint`` or the seeded tiny random Qwen3, in the run's
+    dtypes. It is both the teacher and the untrained student."""
     from expint_jax.models.config import DTypePolicy, tiny
     from expint_jax.models.hf import load_checkpoint
     from expint_jax.parallel.placement import init_model
 
+    model = config.model
     policy = DTypePolicy(model.param_dtype, model.compute_dtype)
     if model.checkpoint:
-        return tuple(load_checkpoint(model.checkpoint, mesh=mesh, policy=policy, remat=remat)
-                     for remat in (model.remat, "none"))
+        return load_checkpoint(model.checkpoint, mesh=mesh, policy=policy, remat=remat)
     shape = dataclasses.asdict(model.tiny)
     init_std = shape.pop("init_std")
-    config = tiny(**shape)
-    return tuple(init_model(config, mesh=mesh, policy=policy, remat=remat, init_std=init_std, seed=model.seed)
-                 for remat in (model.remat, "none"))
+    return init_model(tiny(**shape), mesh=mesh, policy=policy, remat=remat, init_std=init_std, seed=model.seed)
+
+
+def trained_student(config: DistillRunConfig, mesh=None, *, remat: str = "none"):
+    """The trained student a finished run exported to ``<output_dir>/student``, in the run's dtypes."""
+    from expint_jax.models.config import DTypePolicy
+    from expint_jax.models.hf import load_checkpoint
+
+    directory = Path(config.output_dir) / "student"
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory}: no exported student; the run has not finished or ran with "
+                                "export_student=False")
+    policy = DTypePolicy(config.model.param_dtype, config.model.compute_dtype)
+    return load_checkpoint(directory, mesh=mesh, policy=policy, remat=remat)
 
 
 def run(config: DistillRunConfig):
     """Runs (or resumes) a distillation described by ``config``; returns the ``TrainResult``."""
-    from expint_jax.distill.data import build_examples
     from expint_jax.distill.trainer import train
-    from expint_jax.distill.views import ViewBudget
     from expint_jax.models.chat import ChatFormat
     from expint_jax.models.hf import save_checkpoint
     from expint_jax.models.tokenizer import load_tokenizer
     from expint_jax.parallel.mesh import MeshConfig, make_mesh
-    from expint_jax.records import Trajectory, read_jsonl
 
     out = Path(config.output_dir)
-    trainer_config = _trainer_config(config)
+    train_config = trainer_config(config)
     storage.write_json(out / "config.json", to_dict(config))
     tokenizer = load_tokenizer(config.model.checkpoint or None)
-    chat = ChatFormat(tokenizer)
-    budget = ViewBudget(config.data.max_student_tokens, config.data.max_teacher_tokens, config.data.overflow)
-
-    if config.data.train:
-        def records(paths: Sequence[str]):
-            return [(where, Trajectory.from_json(obj, where)) for p in paths for where, obj in read_jsonl(p)]
-
-        train_records, eval_records = records(config.data.train), records(config.data.eval)
-    else:
-        demo_train, demo_eval, pool = demo_trajectories(config.data.demo, out / "data")
-        log.info("demo data: %d train / %d eval trajectories, pool of %d lessons", len(demo_train), len(demo_eval),
-                 len(pool))
-        train_records = [(f"demo train #{i}", t) for i, t in enumerate(demo_train)]
-        eval_records = [(f"demo eval #{i}", t) for i, t in enumerate(demo_eval)]
-    train_data = build_examples(train_records, chat, budget)
-    eval_data = build_examples(eval_records, chat, budget) if eval_records else None
+    data = run_examples(config, ChatFormat(tokenizer))
 
     mesh = make_mesh(MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
-    student, teacher = _load_models(config.model, mesh)
-    result = train(trainer_config, student, teacher, train_data, eval_data, mesh=mesh)
+    student = initial_model(config, mesh, remat=config.model.remat)
+    step = train_config.step
+    teacher = initial_model(config, mesh) if step.divergence.needs_teacher or step.tracks_kl else None
+    result = train(train_config, student, teacher, data["train"], data["eval"], mesh=mesh)
     if config.export_student:
         save_checkpoint(student, out / "student", tokenizer=tokenizer)
     return result
@@ -223,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         flag_values(command_line)
         config = bind(DistillRunConfig, flag_values.config)
-        _trainer_config(config)  # validate the trainer section before any work starts
+        trainer_config(config)  # validate the trainer section before any work starts
     except (flags.Error, ConfigError) as e:
         print(f"expint distill: {e}", file=sys.stderr)
         return 2

@@ -7,11 +7,15 @@
     projects them chunk by chunk (no ``[batch, seq, vocab]`` tensor);
   * the batch is split into ``micro_batches`` scanned with gradient accumulation; the loss is
     normalized once by the whole batch's count (tokens or sequences), so accumulation is exact;
-  * AdamW (``optim.make_optimizer``) applies the update; the state is donated.
-Metrics: ``loss``, ``kl`` (forward KL, tracked when the loss is not already it), ``tokens``,
-``sequences``, ``grad_norm`` (before clipping), ``learning_rate``, and ``loss_total`` /
-``loss_count`` for exact aggregation across steps and hosts. ``eval_step`` computes the metrics
-without updating.
+  * gradients are accumulated and handed to the optimizer in float32, whatever the parameters'
+    dtype; AdamW (``optim.make_optimizer``) applies the update; the state is donated. Parameters
+    below float32 (bfloat16) train only with the optimizer's float32 master weights
+    (``make_optimizer(..., master_weights=True)``; ``init_train_state`` checks). For bfloat16
+    speed with float32 weights use ``DTypePolicy(param_dtype="float32", compute_dtype="bfloat16")``.
+Metrics: ``loss``, ``kl`` (forward KL, tracked when the loss is not already it), ``tokens`` (loss
+tokens), ``student_tokens`` (non-padding student tokens), ``sequences``, ``grad_norm`` (before
+clipping), ``learning_rate``, and ``loss_total`` / ``loss_count`` for exact aggregation across
+steps and hosts. ``eval_step`` computes the metrics without updating.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from flax import nnx
 
 from expint_jax.distill.batch import DistillBatch
 from expint_jax.distill.losses import Divergence, LossSums, Reduction, chunked_token_losses, reduce_losses
+from expint_jax.distill.optim import MasterWeightsState, apply_updates, needs_master_weights
 from expint_jax.distill.views import tree_attention_mask
 from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec
 
@@ -65,8 +70,16 @@ class TrainState:
 
 
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """Splits ``model`` and initializes ``optimizer``; parameters below float32 need master weights."""
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = jax.jit(optimizer.init)(params)
+    if needs_master_weights(params) and not isinstance(opt_state, MasterWeightsState):
+        dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
+        raise ValueError(
+            f"the student's parameters are stored in {dtypes}: AdamW steps (e.g. lr 1e-5) vanish when rounded to "
+            "bfloat16. Train them with float32 master weights (optim.make_optimizer(..., master_weights=True)), or "
+            "keep param_dtype='float32' (config key model.param_dtype) and set compute_dtype='bfloat16' "
+            "(model.compute_dtype) for bfloat16 speed")
     return graphdef, TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
 
 
@@ -153,6 +166,7 @@ def _metrics(loss_sums: LossSums, kl_sums: LossSums, batch: DistillBatch, config
         "loss_total": loss_sums.total,
         "loss_count": loss_sums.count,
         "tokens": jnp.sum(weights),
+        "student_tokens": jnp.sum(batch.student_valid).astype(jnp.float32),
         "sequences": jnp.sum(jnp.any(weights > 0, axis=1)).astype(jnp.float32),
     }
     if config.kl_is_loss or config.tracks_kl:
@@ -175,9 +189,9 @@ def make_train_step(
         grads, loss_sums, kl_sums = _accumulate(state.params, teacher_params, batch, graphdef=graphdef,
                                                 teacher_graphdef=teacher_graphdef, config=config, with_grad=True)
         scale = 1.0 / jnp.maximum(loss_sums.count, 1.0)
-        grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, state.params)
+        grads = jax.tree.map(lambda g: g * scale, grads)  # float32, whatever the parameters' dtype
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = apply_updates(state.params, updates, opt_state)
         metrics = _metrics(loss_sums, kl_sums, batch, config)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)

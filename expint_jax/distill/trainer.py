@@ -14,11 +14,16 @@ Contract of ``train(config, student, teacher, train_data, eval_data)``:
     into the current state's shapes and shardings, the data iterator continues with the next
     batch, and metric rows logged after that checkpoint are discarded, so a killed and resumed
     run ends bitwise equal to an uninterrupted one (same data, config and devices).
-  * Train metrics (loss, kl, tokens, sequences, grad_norm, learning_rate, tokens_per_second and
-    step_seconds measured on the host over the steps since the previous row, excluding
-    evaluation and checkpoint time; the first row includes compilation) every
-    ``log_every`` steps; held-out loss every ``eval_every`` steps and at the end, aggregated
-    exactly over all eval batches (Σ loss_total / Σ loss_count; kl weighted by tokens).
+  * Train metrics every ``log_every`` steps: the step's (loss, kl, tokens = loss tokens,
+    student_tokens = non-padding student tokens, sequences, grad_norm, learning_rate) and the
+    host-measured rates over the steps since the previous row (``loss_tokens_per_second``,
+    ``student_tokens_per_second`` (what the benchmarks count) and ``step_seconds``), excluding
+    evaluation and checkpoint time; the first row includes compilation. Held-out loss every
+    ``eval_every`` steps and at the end, aggregated exactly over all eval batches
+    (``aggregate_eval``: Σ loss_total / Σ loss_count; kl weighted by tokens). An eval set with no
+    example is refused up front.
+  * Parameters stored below float32 (bfloat16) train with float32 master weights in the
+    optimizer state (``optim.with_master_weights``).
   * A non-finite loss or gradient norm raises ``TrainingDiverged`` naming the step, its epoch and
     batch, and the task ids in it. The bad state is never saved: the last checkpoint on disk is
     the last good one. Metrics are fetched from the device only at log, eval and checkpoint steps
@@ -36,7 +41,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -51,7 +56,7 @@ from expint_jax import storage
 from expint_jax.distill.batch import DistillBatch
 from expint_jax.distill.data import BatchingConfig, BatchIterator, ExampleCounts, ExampleSet, HostBatch
 from expint_jax.distill.metrics_log import MetricsLog
-from expint_jax.distill.optim import OptimizerConfig, make_optimizer
+from expint_jax.distill.optim import OptimizerConfig, make_optimizer, needs_master_weights
 from expint_jax.distill.step import (StepConfig, TrainState, init_train_state, make_eval_step, make_train_step,
                                      shard_batch)
 from expint_jax.parallel.placement import shard_model
@@ -119,7 +124,7 @@ class _Throughput:
     """Host wall time and tokens of the training steps between two log rows (eval/saves excluded)."""
 
     def __init__(self) -> None:
-        self.seconds = self.tokens = 0.0
+        self.seconds = self.loss_tokens = self.student_tokens = 0.0
         self.steps = 0
         self._since = time.perf_counter()
 
@@ -129,14 +134,17 @@ class _Throughput:
     def resume(self) -> None:
         self._since = time.perf_counter()
 
-    def add(self, tokens: float) -> None:
-        self.tokens += tokens
+    def add(self, row: Mapping[str, float]) -> None:
+        self.loss_tokens += row["tokens"]
+        self.student_tokens += row["student_tokens"]
         self.steps += 1
 
     def take(self) -> dict[str, float]:
-        rates = {"tokens_per_second": self.tokens / max(self.seconds, 1e-9),
+        seconds = max(self.seconds, 1e-9)
+        rates = {"loss_tokens_per_second": self.loss_tokens / seconds,
+                 "student_tokens_per_second": self.student_tokens / seconds,
                  "step_seconds": self.seconds / max(self.steps, 1)}
-        self.seconds = self.tokens = 0.0
+        self.seconds = self.loss_tokens = self.student_tokens = 0.0
         self.steps = 0
         return rates
 
@@ -161,10 +169,14 @@ def train(
         raise ValueError(f"divergence {config.step.divergence.kind!r} needs a teacher model, got teacher=None")
     if jax.process_count() > 1 and mesh is None:
         raise ValueError(f"{jax.process_count()} processes: multi-process training needs a mesh")
+    if eval_data is not None and not eval_data.examples:
+        raise ValueError(f"the eval set holds no example (counts: {eval_data.counts.to_json()}): every eval record "
+                         "was dropped or skipped; fix the eval data or its length budget, or pass eval_data=None")
     out = Path(config.output_dir)
     batches = BatchIterator(train_data, config.batching, config.epochs)
     total = len(batches) if config.max_steps is None else min(config.max_steps, len(batches))
-    tx, schedule = make_optimizer(_optimizer_for_run(config.optimizer, len(batches)))
+    tx, schedule = make_optimizer(_optimizer_for_run(config.optimizer, len(batches)),
+                                  master_weights=needs_master_weights(nnx.state(student, nnx.Param)))
     is_logger = jax.process_index() == 0
     if is_logger:
         storage.write_json(out / "data_counts.json", {
@@ -219,7 +231,7 @@ def train(
             dispatched.clear()
             throughput.pause()
             for row in fetched:
-                throughput.add(row["tokens"])
+                throughput.add(row)
             if log_now:
                 train_metrics = {**fetched[-1], **throughput.take(), "epoch": host_batch.epoch}
                 metrics_log.write("train", step, train_metrics)
@@ -297,16 +309,23 @@ def _fetch_checked(dispatched: list[_Dispatched], manager: ocp.CheckpointManager
     return rows
 
 
-def _evaluate(eval_step, params: nnx.State, teacher_params: nnx.State | None, data: ExampleSet,
-              batching: BatchingConfig, to_device: Callable[[DistillBatch], DistillBatch]) -> dict[str, float]:
-    """Held-out metrics over every eval example: exact sums, not a mean of batch means."""
+def eval_batches(data: ExampleSet, batching: BatchingConfig) -> Iterator[DistillBatch]:
+    """Host batches holding every example of ``data`` once (this process's rows; the last batch padded)."""
+    for host_batch in BatchIterator(data, dataclasses.replace(batching, drop_remainder=False), epochs=1):
+        yield host_batch.batch
+
+
+def aggregate_eval(per_batch: Iterable[Mapping[str, jax.Array | float]]) -> dict[str, float]:
+    """Held-out metrics from the eval step's metrics of each batch: exact sums, not a mean of batch
+    means (loss = Σ loss_total / Σ loss_count). ``kl`` is reported only when the step reports it
+    (e.g. not for ``nll``); the step reports it token-averaged, so Σ kl·tokens / Σ tokens is exact."""
     sums = dict.fromkeys(("loss_total", "loss_count", "kl_total", "tokens", "sequences"), 0.0)
     has_kl = False
-    for host_batch in BatchIterator(data, dataclasses.replace(batching, drop_remainder=False), epochs=1):
-        metrics = jax.device_get(eval_step(params, teacher_params, to_device(host_batch.batch)))
+    for metrics in per_batch:
+        metrics = jax.device_get(metrics)
         for name in ("loss_total", "loss_count", "tokens", "sequences"):
             sums[name] += float(metrics[name])
-        if "kl" in metrics:  # the step reports kl token-averaged, so kl * tokens is its exact sum
+        if "kl" in metrics:
             has_kl = True
             sums["kl_total"] += float(metrics["kl"]) * float(metrics["tokens"])
     result = {"loss": sums["loss_total"] / max(sums["loss_count"], 1.0), "tokens": sums["tokens"],
@@ -314,3 +333,9 @@ def _evaluate(eval_step, params: nnx.State, teacher_params: nnx.State | None, da
     if has_kl:
         result["kl"] = sums["kl_total"] / max(sums["tokens"], 1.0)
     return result
+
+
+def _evaluate(eval_step, params: nnx.State, teacher_params: nnx.State | None, data: ExampleSet,
+              batching: BatchingConfig, to_device: Callable[[DistillBatch], DistillBatch]) -> dict[str, float]:
+    """Held-out metrics over every eval example (``aggregate_eval``)."""
+    return aggregate_eval(eval_step(params, teacher_params, to_device(batch)) for batch in eval_batches(data, batching))

@@ -83,6 +83,17 @@ def test_counts_say_what_happened_to_every_record(chat, monkeypatch, caplog):
     assert "rollouts.jsonl:6" in caplog.text and "'unaligned'" in caplog.text
 
 
+def test_an_empty_assistant_turn_still_has_a_loss_token(chat):
+    """Every assistant turn carries at least its <|im_end|>: a kept example always has loss tokens,
+    so "no loss token" means "no assistant turn" (the only skip build_examples needs)."""
+    empty = Trajectory(task_id="empty", messages=(Message("system", SYSTEM), Message("user", "Hi?"),
+                                                  Message("assistant", "")))
+    data = build_examples([("x", empty)], chat)
+    assert data.counts == ExampleCounts(records=1, kept=1)
+    (example,) = data.examples
+    assert example.num_loss_tokens == 1 and example.targets[0] == chat.im_end_id
+
+
 def test_load_examples_reads_files_in_order_and_names_a_bad_line(chat, tmp_path):
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     storage.write_jsonl(first, [make_trajectory(1, task_id="a0").to_json(), make_trajectory(2, task_id="a1").to_json()])

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from expint_jax import storage
+from expint_jax.config import bind
 from expint_jax.distill import run as distill_run
 from expint_jax.models.hf import load_checkpoint
+from tests.distill.conftest import make_trajectory
 
 
 def _args(tmp_path, *extra):
@@ -52,3 +55,19 @@ def test_configuration_mistakes_are_refused_before_any_work(tmp_path, capsys, fl
     assert distill_run.main(_args(tmp_path, flag)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+
+
+def test_eval_files_that_give_no_example_are_refused_naming_the_files(chat, tmp_path):
+    train, eval_path = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    storage.write_jsonl(train, [make_trajectory(1, task_id="a").to_json()])
+    storage.write_jsonl(eval_path, [make_trajectory(4, task_id=f"e{i}").to_json() for i in range(2)])
+    config = bind(distill_run.DistillRunConfig, {
+        "output_dir": str(tmp_path / "run"), "trainer": {},
+        "data": {"train": [str(train)], "eval": [str(eval_path)], "max_student_tokens": 20, "overflow": "drop"}})
+    with pytest.raises(ValueError, match=rf"config\.data\.eval=\['{eval_path}'\]: none of its 2 trajectories gives "
+                                         r"a usable example \(counts: .*'dropped_too_long': 2"):
+        distill_run.run_examples(config, chat, splits=("eval",))
+    roomy = bind(distill_run.DistillRunConfig, {"output_dir": str(tmp_path / "run"), "trainer": {},
+                                                 "data": {"train": [str(train)]}})
+    sets = distill_run.run_examples(roomy, chat)
+    assert sets["eval"] is None and sets["train"].counts.kept == 1  # no eval files: no eval set

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -23,10 +24,10 @@ from expint_jax.distill.batch import collate
 from expint_jax.distill.data import BatchIterator, BatchingConfig, ExampleSet, batch_shape, build_examples
 from expint_jax.distill.losses import Divergence
 from expint_jax.distill.metrics_log import MetricsLog, read_metrics
-from expint_jax.distill.optim import OptimizerConfig
+from expint_jax.distill.optim import MasterWeightsState, OptimizerConfig
 from expint_jax.distill.step import StepConfig, make_eval_step, shard_batch
 from expint_jax.distill.trainer import TrainerConfig, TrainingDiverged, train
-from expint_jax.models.config import tiny
+from expint_jax.models.config import DTypePolicy, tiny
 from expint_jax.models.qwen3 import Qwen3
 from expint_jax.parallel.mesh import MeshConfig, make_mesh
 from tests.distill.conftest import make_trajectory
@@ -36,7 +37,8 @@ VOCAB = 512  # real token ids folded into a small vocabulary: the layouts stay r
 MODEL = tiny(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
              head_dim=8)
 STEPS = 9  # 12 examples, 4 rows, 3 epochs
-TIMING = ("tokens_per_second", "step_seconds")
+BATCHES_PER_EPOCH = 3
+TIMING = ("loss_tokens_per_second", "student_tokens_per_second", "step_seconds")
 
 
 def _small_vocab(data: ExampleSet) -> ExampleSet:
@@ -57,7 +59,8 @@ def _config(output_dir, **overrides) -> TrainerConfig:
     base = dict(output_dir=str(output_dir), step=StepConfig(Divergence("forward_kl"), chunk_size=256, micro_batches=2),
                 # one bucket (512) holds every example: one compiled train program, one eval program
                 batching=BatchingConfig(rows=4, seed=3, min_bucket=512),
-                optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2), epochs=3, checkpoint_every=3,
+                # checkpoints at steps 2, 4, 6, 8, 9: three of them mid-epoch (3 batches per epoch)
+                optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2), epochs=3, checkpoint_every=2,
                 keep_checkpoints=2, eval_every=4, log_every=1, progress_bar=False)
     return TrainerConfig(**{**base, **overrides})
 
@@ -76,7 +79,8 @@ def _logged_steps(path: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    """An uninterrupted run, and a run SIGKILLed after a checkpoint (with rows logged past it), then resumed."""
+    """An uninterrupted run, and a run SIGKILLed after a mid-epoch checkpoint (with rows logged past
+    it), then resumed: the resumed run must restore a data iterator stopped inside an epoch."""
     root = tmp_path_factory.mktemp("kill_resume")
     spec = root / "spec.pkl"
     spec.write_bytes(pickle.dumps({"config": _config(root), "model": MODEL, "train": data[0], "eval": data[1]}))
@@ -98,7 +102,8 @@ def runs(data, tmp_path_factory):
     deadline = time.monotonic() + 300
     while True:
         saved = _checkpoint_steps(killed)
-        if saved and max(_logged_steps(killed / "metrics" / "train.jsonl"), default=0) > saved[-1]:
+        mid_epoch = bool(saved) and saved[-1] % BATCHES_PER_EPOCH != 0
+        if mid_epoch and max(_logged_steps(killed / "metrics" / "train.jsonl"), default=0) > saved[-1]:
             break
         assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline, "no checkpoint appeared in time"
@@ -121,13 +126,14 @@ def test_killed_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(runs)
     reference, killed, at_kill, resumed_stdout = runs
     assert at_kill["returncode"] == -signal.SIGKILL and not at_kill["finished"]
     resumed_from = int(resumed_stdout.split("resumed_from=")[1].split()[0])
-    assert 3 <= resumed_from < STEPS and resumed_from in at_kill["checkpoints"]
+    assert 2 <= resumed_from < STEPS and resumed_from in at_kill["checkpoints"]
+    assert resumed_from % BATCHES_PER_EPOCH != 0  # the iterator state restored was inside an epoch
     assert max(at_kill["logged"]) > resumed_from  # rows past the checkpoint existed and had to go
     expected, actual = _params(reference), _params(killed)
     assert expected.keys() == actual.keys() and len(expected) > 5
     for key in expected:
         assert expected[key].dtype == actual[key].dtype and expected[key].tobytes() == actual[key].tobytes(), key
-    assert _checkpoint_steps(killed) == [6, 9]  # keep_checkpoints=2, the final step saved
+    assert _checkpoint_steps(killed) == [8, 9]  # keep_checkpoints=2, the final step saved
 
 
 def test_metrics_have_one_row_per_step_equal_to_the_uninterrupted_run(runs):
@@ -141,7 +147,8 @@ def test_metrics_have_one_row_per_step_equal_to_the_uninterrupted_run(runs):
     train_rows = read_metrics(reference / "metrics" / "train.jsonl")
     assert {"loss", "kl", "tokens", "grad_norm", "learning_rate", "epoch", *TIMING} <= train_rows[0].keys()
     assert train_rows[0]["learning_rate"] == 0.0 and train_rows[-1]["epoch"] == 2  # warm-up starts at 0
-    assert all(r["tokens_per_second"] > 0 and r["loss"] > 0 for r in train_rows)
+    assert all(0 < r["loss_tokens_per_second"] < r["student_tokens_per_second"] and r["loss"] > 0 for r in train_rows)
+    assert all(r["tokens"] < r["student_tokens"] for r in train_rows)  # loss tokens are a part of the student's
     counts = json.loads((reference / "data_counts.json").read_text())
     assert counts["train"]["kept"] == 12 and counts["eval"]["kept"] == 6
 
@@ -229,6 +236,25 @@ def test_training_on_a_mesh_matches_the_single_device_run_and_restores_sharded(r
     np.testing.assert_array_equal(np.asarray(gate(again)), np.asarray(gate(result)))
 
 
+
+def test_bfloat16_parameters_train_with_float32_master_weights_that_checkpoint_and_restore(data, tmp_path):
+    bf16 = DTypePolicy("bfloat16", "float32")
+    config = _config(tmp_path, epochs=1, eval_every=0, checkpoint_every=1, max_steps=2)
+
+    def run():
+        return train(config, Qwen3(MODEL, policy=bf16, rngs=nnx.Rngs(0)), Qwen3(MODEL, rngs=nnx.Rngs(1)), data[0])
+
+    first = run()
+    master = first.state.opt_state.master
+    assert isinstance(first.state.opt_state, MasterWeightsState) and first.steps == 2
+    for m, p in zip(jax.tree.leaves(master), jax.tree.leaves(first.state.params)):
+        assert m.dtype == jnp.float32 and p.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(m.astype(jnp.bfloat16)))
+    again = run()  # restores the checkpoint, master weights included
+    assert again.resumed_from == 2
+    for a, b in zip(jax.tree.leaves(again.state.opt_state.master), jax.tree.leaves(master)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
 # ---------------------------------------------------------------- failures and validation
 
 
@@ -257,6 +283,10 @@ def test_config_and_input_errors_are_named(data, tmp_path):
         train(_config(tmp_path), student, None, data[0])
     with pytest.raises(ValueError, match="warmup_steps=50 exceeds the run's 9 steps"):
         train(_config(tmp_path, optimizer=OptimizerConfig(warmup_steps=50, total_steps=100)), student, student, data[0])
+    no_eval = ExampleSet((), dataclasses.replace(data[1].counts, kept=0, dropped_too_long=6))
+    with pytest.raises(ValueError, match=r"eval set holds no example \(counts: .*'dropped_too_long': 6"):
+        train(_config(tmp_path / "empty_eval"), student, student, data[0], no_eval)
+    assert not (tmp_path / "empty_eval").exists()  # refused before any work
 
 
 def test_metrics_log_truncates_to_the_checkpoint_and_drops_a_torn_last_line(tmp_path):

@@ -141,3 +141,14 @@ def test_tree_mask_matches_brute_force():
             else:
                 want = (branch[j] == 0 and j <= attach[i]) or (branch[j] == branch[i] and j <= i)
             assert mask[i, j] == want, (i, j)
+
+
+def test_no_injection_teacher_layout_equals_student_layout(chat):
+    trajectory = make_trajectory(3, "none")
+    example = build_example(trajectory, chat)
+    np.testing.assert_array_equal(example.teacher_ids, example.student_ids)
+    np.testing.assert_array_equal(example.teacher_positions, np.arange(len(example.student_ids)))
+    np.testing.assert_array_equal(example.teacher_attach, np.arange(len(example.student_ids)))
+    assert not example.teacher_branch.any()  # one trunk, no branch
+    np.testing.assert_array_equal(example.teacher_loss_index, example.student_loss_index)
+    assert example.num_turns == 3 and example.num_loss_tokens > 0
