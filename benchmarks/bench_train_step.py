@@ -15,17 +15,19 @@ global-norm clipping (1.0) + AdamW (no weight decay).
 
 Shape (the distillation issue): hidden 512, 8 layers, 8 heads, 4 KV heads, vocab 151,936,
 batch 2 x 1,024 tokens, 25 % of the tokens carry loss (four assistant-like spans per row).
-Throughput counts all student tokens. OpenMP threads wait passively by default
-(``OMP_WAIT_POLICY=PASSIVE``, inherited by both workers): spinning waits slow PyTorch down
-several-fold on cores other processes share, which would flatter us.
+Throughput counts all student tokens, like the trainer's ``student_tokens_per_second`` (its
+``loss_tokens_per_second`` counts only the 25 % that carry loss). OpenMP threads wait passively
+by default (``OMP_WAIT_POLICY=PASSIVE``, inherited by both workers): spinning waits slow PyTorch
+down several-fold on cores other processes share, which would flatter us.
 
-    python benchmarks/bench_train_step.py --rounds 3 --repeats 3
-    python benchmarks/bench_train_step.py --sides ours --chunk 256 --remat full   # a variant of ours
+    python benchmarks/bench_train_step.py --rounds 3 --repeats 2
+    python benchmarks/bench_train_step.py --sides=ours --chunk 256 --remat full   # a variant of ours
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -44,7 +46,12 @@ def checkpoint_dir(args) -> Path:
 
 
 def ensure_checkpoint(args) -> Path:
-    """The random Qwen3 every side loads, written once by transformers (needs torch)."""
+    """The random Qwen3 every side loads, written once by transformers (needs torch).
+
+    Written to a staging directory and renamed into place, so a killed run never leaves a
+    half-written checkpoint behind: a directory without ``config.json`` (left by an older run) is
+    replaced, and a failed save removes its staging directory.
+    """
     directory = checkpoint_dir(args)
     if (directory / "config.json").exists():
         return directory
@@ -52,11 +59,25 @@ def ensure_checkpoint(args) -> Path:
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                                      num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
-                                      head_dim=args.hidden // 8, tie_word_embeddings=False,
-                                      rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
-    transformers.Qwen3ForCausalLM(config).save_pretrained(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        config = transformers.Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden,
+                                          intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
+                                          num_attention_heads=8, num_key_value_heads=4, head_dim=args.hidden // 8,
+                                          tie_word_embeddings=False,
+                                          rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
+        transformers.Qwen3ForCausalLM(config).save_pretrained(staging)
+        if directory.exists() and not (directory / "config.json").exists():
+            shutil.rmtree(directory)  # incomplete: an interrupted save of an older version
+        try:
+            os.replace(staging, directory)
+        except OSError:
+            if not (directory / "config.json").exists():
+                raise
+            # another process completed the same checkpoint meanwhile (same seed: same weights)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after a successful rename
     return directory
 
 
@@ -70,7 +91,8 @@ def add_arguments(parser):
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--chunk", type=int, default=1024, help="ours: loss tokens per logits chunk")
-    parser.add_argument("--remat", default="none", help="ours: per-layer rematerialization (none | dots | full)")
+    parser.add_argument("--remat", default="none", choices=("none", "dots", "full"),
+                        help="ours: per-layer rematerialization")
 
 
 def loss_positions(args):
