@@ -238,27 +238,67 @@ def chunked_token_losses(
     if not spec.needs_teacher:
         teacher_hidden = teacher_unembed = None
 
+    student_chunks, teacher_chunks, target_chunks = _split_into_chunks(
+        chunk_size, student_hidden, teacher_hidden, targets)
+    losses = _chunked_losses(spec, student_chunks, student_unembed, teacher_chunks, teacher_unembed, target_chunks)
+    return losses.reshape(-1)[:num_tokens]
+
+
+def chunked_weighted_loss(
+    student_hidden: jax.Array,
+    student_unembed: jax.Array,
+    teacher_hidden: jax.Array | None,
+    teacher_unembed: jax.Array | None,
+    targets: jax.Array,
+    weights: jax.Array,
+    spec: Divergence,
+    *,
+    chunk_size: int = 1024,
+) -> tuple[jax.Array, jax.Array]:
+    """``(Σ_i weights_i · loss_i, per-token losses [N])`` for a training step; arguments as in
+    :func:`chunked_token_losses` plus ``weights`` ``[N]`` (0 at padding).
+
+    Only the sum is differentiable (w.r.t. the student arrays); the per-token losses are for
+    metrics. Because the weights are known before the backward pass, the forward pass of a
+    differentiated call forms each chunk's logits once and computes that chunk's gradient right
+    away (``hidden_grad`` ``[N, Ds]`` and the summed ``unembed_grad`` ``[V, Ds]`` are the
+    residuals); the backward pass only scales them by the cotangent. That saves recomputing
+    both sides' logits, a third of the vocabulary-projection work of :func:`chunked_token_losses`.
+    Called without differentiation it computes the losses only.
+    """
+    _check_hidden(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec, chunk_size)
+    if weights.shape != targets.shape:
+        raise ValueError(f"weights must be [N] like targets {targets.shape}, got shape {weights.shape}")
+    num_tokens = student_hidden.shape[0]
+    if num_tokens == 0:
+        return jnp.zeros((), jnp.float32), jnp.zeros((0,), jnp.float32)
+    if not spec.needs_teacher:
+        teacher_hidden = teacher_unembed = None
+    student_chunks, teacher_chunks, target_chunks, weight_chunks = _split_into_chunks(
+        chunk_size, student_hidden, teacher_hidden, targets, weights.astype(jnp.float32))
+    total, losses = _weighted_loss(spec, student_chunks, student_unembed, teacher_chunks, teacher_unembed,
+                                   target_chunks, weight_chunks)
+    return total, losses.reshape(-1)[:num_tokens]
+
+
+def _split_into_chunks(chunk_size: int, *arrays: jax.Array | None) -> list[jax.Array | None]:
+    """Each array's leading axis N padded to a multiple of the chunk and split: ``[chunks, chunk, ...]``.
+
+    Zero hidden rows, token id 0 and weight 0 give finite (uniform-logit) losses that are sliced
+    off by the caller, and they get a zero cotangent, so padding changes no value or gradient.
+    """
+    num_tokens = arrays[0].shape[0]
     chunk = min(int(chunk_size), num_tokens)
     num_chunks = -(-num_tokens // chunk)
     padding = num_chunks * chunk - num_tokens
 
-    def to_chunks(x: jax.Array | None) -> jax.Array | None:
+    def split(x: jax.Array | None) -> jax.Array | None:
         if x is None:
             return None
-        # Zero hidden rows and token id 0 give finite (uniform-logit) losses that are sliced
-        # off below, and they get a zero cotangent, so padding changes no value or gradient.
         x = jnp.pad(x, [(0, padding)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape((num_chunks, chunk) + x.shape[1:])
 
-    losses = _chunked_losses(
-        spec,
-        to_chunks(student_hidden),
-        student_unembed,
-        to_chunks(teacher_hidden),
-        teacher_unembed,
-        to_chunks(targets),
-    )
-    return losses.reshape(-1)[:num_tokens]
+    return [split(x) for x in arrays]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -282,6 +322,16 @@ def _chunked_losses_fwd(spec, student_hidden, student_unembed, teacher_hidden, t
 
 def _chunked_losses_bwd(spec, residuals, loss_cotangent):
     student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets = residuals
+    hidden_grad, unembed_grad, _ = _scan_student_grads(
+        spec, student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, loss_cotangent)
+    # The teacher is frozen and targets are integers: neither gets a cotangent.
+    return hidden_grad, unembed_grad.astype(student_unembed.dtype), None, None, None
+
+
+def _scan_student_grads(spec, student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, cotangent):
+    """Per chunk: the logits once, the losses, and the student's gradient under ``cotangent``
+    ``[chunks, chunk]``. Returns (hidden grads ``[chunks, chunk, Ds]``, unembedding grad ``[V, Ds]``
+    in fp32, losses ``[chunks, chunk]``)."""
     # Logit gradients enter the matmuls in the student's own dtype (fp32 accumulation);
     # promoting to fp32 instead would copy the whole [V, D] unembedding per chunk.
     compute_dtype = jnp.result_type(student_hidden.dtype, student_unembed.dtype)
@@ -289,7 +339,7 @@ def _chunked_losses_bwd(spec, residuals, loss_cotangent):
     def step(unembed_grad, chunk_inputs):
         s_hidden, t_hidden, chunk_targets, chunk_cotangent = chunk_inputs
         s_logits, t_logits = _chunk_logits(s_hidden, student_unembed, t_hidden, teacher_unembed)
-        _, logits_vjp = jax.vjp(
+        losses, logits_vjp = jax.vjp(
             lambda logits: token_divergence(logits, t_logits, chunk_targets, spec), s_logits
         )
         (logit_grad,) = logits_vjp(chunk_cotangent.astype(jnp.float32))
@@ -298,18 +348,40 @@ def _chunked_losses_bwd(spec, residuals, loss_cotangent):
         unembed_grad = unembed_grad + jnp.einsum(
             "nv,nd->vd", logit_grad, s_hidden, preferred_element_type=jnp.float32
         )
-        return unembed_grad, hidden_grad.astype(student_hidden.dtype)
+        return unembed_grad, (hidden_grad.astype(student_hidden.dtype), losses)
 
-    unembed_grad, hidden_grad = lax.scan(
+    unembed_grad, (hidden_grad, losses) = lax.scan(
         step,
         jnp.zeros(student_unembed.shape, jnp.float32),
-        (student_hidden, teacher_hidden, targets, loss_cotangent),
+        (student_hidden, teacher_hidden, targets, cotangent),
     )
-    # The teacher is frozen and targets are integers: neither gets a cotangent.
-    return hidden_grad, unembed_grad.astype(student_unembed.dtype), None, None, None
+    return hidden_grad, unembed_grad, losses
 
 
 _chunked_losses.defvjp(_chunked_losses_fwd, _chunked_losses_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _weighted_loss(spec, student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, weights):
+    """(Σ weights · losses, losses ``[chunks, chunk]``) from chunked inputs; no gradient work."""
+    losses = _chunked_losses(spec, student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets)
+    return jnp.sum(losses * weights), losses
+
+
+def _weighted_loss_fwd(spec, student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, weights):
+    hidden_grad, unembed_grad, losses = _scan_student_grads(
+        spec, student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, weights)
+    return (jnp.sum(losses * weights), losses), (hidden_grad, unembed_grad.astype(student_unembed.dtype))
+
+
+def _weighted_loss_bwd(spec, residuals, cotangents):
+    hidden_grad, unembed_grad = residuals
+    total_cotangent, _ = cotangents  # the per-token losses are metrics: their cotangent is dropped
+    scale = lambda g: (g * total_cotangent).astype(g.dtype)  # noqa: E731
+    return scale(hidden_grad), scale(unembed_grad), None, None, None, None
+
+
+_weighted_loss.defvjp(_weighted_loss_fwd, _weighted_loss_bwd)
 
 
 def _chunk_logits(s_hidden, s_unembed, t_hidden, t_unembed) -> tuple[jax.Array, jax.Array | None]:

@@ -28,7 +28,14 @@ import optax
 from flax import nnx
 
 from expint_jax.distill.batch import DistillBatch
-from expint_jax.distill.losses import Divergence, LossSums, Reduction, chunked_token_losses, reduce_losses
+from expint_jax.distill.losses import (
+    Divergence,
+    LossSums,
+    Reduction,
+    chunked_token_losses,
+    chunked_weighted_loss,
+    reduce_losses,
+)
 from expint_jax.distill.optim import MasterWeightsState, apply_updates, needs_master_weights
 from expint_jax.distill.views import tree_attention_mask
 from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec
@@ -118,8 +125,10 @@ def _micro_losses(
     targets = batch.targets.reshape(-1)
     weights = batch.weights.reshape(-1)
     sequence_ids = jnp.broadcast_to(jnp.arange(rows)[:, None], batch.targets.shape).reshape(-1)
-    per_token = chunked_token_losses(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec,
-                                     chunk_size=config.chunk_size)
+    # Σ weights · loss is the numerator of both reductions (sequences without loss tokens have
+    # weight 0), so its gradient, scaled once by the batch's count, is the loss's gradient.
+    total, per_token = chunked_weighted_loss(student_hidden, student_unembed, teacher_hidden, teacher_unembed,
+                                             targets, weights, spec, chunk_size=config.chunk_size)
     _, sums = reduce_losses(per_token, weights, sequence_ids, rows, config.reduction)
     if config.tracks_kl:
         kl_spec = Divergence("forward_kl", temperature=spec.temperature)
@@ -130,7 +139,7 @@ def _micro_losses(
         kl_sums = LossSums(total=jnp.sum(per_token * weights), count=jnp.sum(weights))
     else:
         kl_sums = _ZERO_SUMS
-    return sums.total, (sums, kl_sums)
+    return total, (sums, kl_sums)
 
 
 def _split_micro_batches(batch: DistillBatch, micro_batches: int) -> DistillBatch:
@@ -141,20 +150,27 @@ def _split_micro_batches(batch: DistillBatch, micro_batches: int) -> DistillBatc
 
 
 def _accumulate(params, teacher_params, batch, *, graphdef, teacher_graphdef, config, with_grad: bool):
-    """Scans the micro-batches; returns (summed grads or None, loss sums, kl sums)."""
-    micro = _split_micro_batches(batch, config.micro_batches)
-    loss_fn = lambda p, mb: _micro_losses(p, teacher_params, mb, graphdef=graphdef,  # noqa: E731
+    """Scans the micro-batches; returns (summed fp32 grads or None, loss sums, kl sums)."""
+    def one(mb):
+        loss_fn = lambda p: _micro_losses(p, teacher_params, mb, graphdef=graphdef,  # noqa: E731
                                           teacher_graphdef=teacher_graphdef, config=config)
+        if not with_grad:
+            return (None, *loss_fn(params)[1])
+        (_, (sums, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return jax.tree.map(lambda g: g.astype(jnp.float32), grads), sums, kl
+
+    if config.micro_batches == 1:  # no accumulator: one set of gradients fewer in memory
+        return one(batch)
+
     def body(carry, mb):
-        grads, loss_sums, kl_sums = carry
+        grads, sums, kl = one(mb)
+        acc_grads, acc_sums, acc_kl = carry
         if with_grad:
-            (_, (sums, kl)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-            grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
-        else:
-            _, (sums, kl) = loss_fn(params, mb)
-        return (grads, loss_sums + sums, kl_sums + kl), None
+            grads = jax.tree.map(jnp.add, acc_grads, grads)
+        return (grads, acc_sums + sums, acc_kl + kl), None
 
     zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params) if with_grad else None
+    micro = _split_micro_batches(batch, config.micro_batches)
     (grads, loss_sums, kl_sums), _ = jax.lax.scan(body, (zero_grads, _ZERO_SUMS, _ZERO_SUMS), micro)
     return grads, loss_sums, kl_sums
 

@@ -18,6 +18,7 @@ from expint_jax.distill.losses import (
     Divergence,
     LossSums,
     chunked_token_losses,
+    chunked_weighted_loss,
     reduce_losses,
     token_divergence,
 )
@@ -134,10 +135,17 @@ def weighted_divergence_grad(student_logits, teacher_logits, targets, spec, weig
     return losses, grad
 
 
-def chunked_objective(problem, spec: Divergence, chunk_size: int):
-    """jitted (value, (d student_hidden, d student_unembed, d teacher_hidden, d teacher_unembed))."""
+def chunked_objective(problem, spec: Divergence, chunk_size: int, implementation: str = "per_token"):
+    """jitted (value, (d student_hidden, d student_unembed, d teacher_hidden, d teacher_unembed)).
+
+    The objective Σ weights · loss comes from ``chunked_token_losses`` (``per_token``) or from
+    ``chunked_weighted_loss`` (``weighted``: gradients formed in the forward pass).
+    """
 
     def objective(s_hidden, s_unembed, t_hidden, t_unembed):
+        if implementation == "weighted":
+            return chunked_weighted_loss(s_hidden, s_unembed, t_hidden, t_unembed, problem["targets"],
+                                         problem["weights"], spec, chunk_size=chunk_size)
         losses = chunked_token_losses(
             s_hidden, s_unembed, t_hidden, t_unembed, problem["targets"], spec, chunk_size=chunk_size
         )
@@ -150,6 +158,9 @@ def chunked_objective(problem, spec: Divergence, chunk_size: int):
         problem["teacher_hidden"],
         problem["teacher_unembed"],
     )
+
+
+IMPLEMENTATIONS = ["per_token", "weighted"]
 
 
 # ---------------------------------------------------------------- Divergence validation
@@ -299,10 +310,11 @@ def test_token_divergence_rejects_bad_shapes(student_shape, teacher_shape, targe
 # ---------------------------------------------------------------- chunked_token_losses
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
-def test_chunked_matches_numpy_values_and_gradients(spec):
+def test_chunked_matches_numpy_values_and_gradients(spec, implementation):
     problem = random_problem(seed=6, tokens=7)
-    (value, losses), grads = chunked_objective(problem, spec, chunk_size=3)
+    (value, losses), grads = chunked_objective(problem, spec, chunk_size=3, implementation=implementation)
     targets, weights = problem["targets"], problem["weights"]
     t_logits = problem["teacher_hidden"].astype(np.float64) @ problem["teacher_unembed"].astype(np.float64).T
 
@@ -322,14 +334,15 @@ def test_chunked_matches_numpy_values_and_gradients(spec):
     np.testing.assert_array_equal(grads[3], 0.0)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("spec", ONE_PER_KIND, ids=repr)
-def test_chunking_does_not_change_values_or_gradients(spec):
+def test_chunking_does_not_change_values_or_gradients(spec, implementation):
     """Every chunk size from 1 to past N (2, 3, 4 do not divide N = 5) matches a single chunk."""
     tokens = 5
     problem = random_problem(seed=7, tokens=tokens)
     chunk_sizes = range(1, tokens + 2)
     # One jit for all chunk sizes: one compilation instead of one per size.
-    all_sizes = jax.jit(lambda p: [chunked_objective(p, spec, chunk_size) for chunk_size in chunk_sizes])
+    all_sizes = jax.jit(lambda p: [chunked_objective(p, spec, chunk_size, implementation) for chunk_size in chunk_sizes])
     results = dict(zip(chunk_sizes, all_sizes(problem)))
     (whole_value, whole_losses), whole_grads = results[tokens]
     for chunk_size, ((value, losses), grads) in results.items():
@@ -357,6 +370,42 @@ def test_chunked_equals_autodiff_of_token_divergence_on_full_logits(spec):
     np.testing.assert_allclose(losses, full_losses, rtol=1e-5, atol=1e-6)
     for grad, full_grad in zip(grads[:2], full_grads):
         np.testing.assert_allclose(grad, full_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ONE_PER_KIND, ids=repr)
+def test_weighted_loss_equals_per_token_losses_and_computes_nothing_extra_undifferentiated(spec):
+    problem = random_problem(seed=11, tokens=9)
+    (value, losses), grads = chunked_objective(problem, spec, chunk_size=4, implementation="weighted")
+    (want_value, want_losses), want_grads = chunked_objective(problem, spec, chunk_size=4)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6, atol=1e-6)
+    for grad, want in zip(grads, want_grads):
+        np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+    arrays = [problem[n] for n in ("student_hidden", "student_unembed", "teacher_hidden", "teacher_unembed")]
+    plain = jax.jit(lambda *a: chunked_weighted_loss(*a, problem["targets"], problem["weights"], spec, chunk_size=4))
+    np.testing.assert_allclose(plain(*arrays)[0], want_value, rtol=1e-6, atol=1e-6)
+    # without differentiation no gradient is formed: no dot with a [V, D] result is compiled
+    hlo = plain.lower(*arrays).compile().as_text()
+    vocab, width = problem["student_unembed"].shape
+    assert f"f32[{vocab},{width}]{{1,0}} dot(" not in hlo
+
+
+def test_weighted_loss_scales_with_the_cotangent_and_checks_weights():
+    problem = random_problem(seed=12, tokens=6)
+    spec = Divergence("forward_kl")
+    args = [problem[n] for n in ("student_hidden", "student_unembed", "teacher_hidden", "teacher_unembed")]
+
+    def total(hidden, scale):
+        return scale * chunked_weighted_loss(hidden, *args[1:], problem["targets"], problem["weights"], spec,
+                                             chunk_size=4)[0]
+
+    once = jax.grad(total)(args[0], 1.0)
+    np.testing.assert_allclose(jax.grad(total)(args[0], 3.0), 3.0 * once, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"weights must be \[N\]"):
+        chunked_weighted_loss(*args, problem["targets"], problem["weights"][:-1], spec)
+    value, losses = chunked_weighted_loss(jnp.zeros((0, args[0].shape[1])), args[1], jnp.zeros((0, args[2].shape[1])),
+                                          args[3], jnp.zeros((0,), jnp.int32), jnp.zeros((0,)), spec)
+    assert float(value) == 0.0 and losses.shape == (0,)
 
 
 def test_chunked_accepts_bf16_and_returns_fp32_losses_and_input_dtype_grads():

@@ -29,7 +29,7 @@ def _forward(graphdef, state, ids, positions):
     return nnx.merge(graphdef, state)(ids, positions)
 
 
-def test_sharded_forward_equals_single_device_and_params_are_sharded():
+def test_sharded_forward_equals_single_device_and_params_are_sharded(attention_path):
     reference = Qwen3(CONFIG, rngs=nnx.Rngs(0))
     ids, positions = _inputs()
     want = reference(ids, positions)
@@ -75,7 +75,7 @@ def test_init_model_creates_sharded_parameters_directly():
     np.testing.assert_allclose(np.asarray(up), np.asarray(nnx.state(plain)["layers"]["up_proj"].get_value()), rtol=1e-6)
 
 
-def test_kv_cache_decode_equals_full_forward():
+def test_kv_cache_decode_equals_full_forward(attention_path):
     model = Qwen3(CONFIG, rngs=nnx.Rngs(1))
     ids, positions = _inputs(batch=3, steps=14, seed=2)
     full = model(ids, positions)
@@ -90,7 +90,7 @@ def test_kv_cache_decode_equals_full_forward():
     assert int(cache.end) == 14 and bool(cache.valid[:, :14].all()) and not bool(cache.valid[:, 14:].any())
 
 
-def test_kv_cache_with_left_padding_matches_unpadded_rows():
+def test_kv_cache_with_left_padding_matches_unpadded_rows(attention_path):
     model = Qwen3(CONFIG, rngs=nnx.Rngs(3))
     lengths, width, new = [6, 3], 6, 4
     ids, _ = _inputs(batch=2, steps=width + new, seed=4)

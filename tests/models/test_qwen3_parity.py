@@ -24,7 +24,7 @@ def _random_ids(rng, shape, vocab=512):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_transformers(tmp_path, case):
+def test_logits_match_transformers(tmp_path, case, attention_path):
     ref = make_checkpoint(tmp_path, **CASES[case])
     ours = load_checkpoint(tmp_path)
     rng = np.random.default_rng(0)
@@ -36,7 +36,7 @@ def test_logits_match_transformers(tmp_path, case):
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
-def test_left_padded_batch(tmp_path):
+def test_left_padded_batch(tmp_path, attention_path):
     ref = make_checkpoint(tmp_path)
     ours = load_checkpoint(tmp_path)
     rng = np.random.default_rng(1)
@@ -51,7 +51,7 @@ def test_left_padded_batch(tmp_path):
         np.testing.assert_allclose(got[row, width - length:], want[0], atol=TOL, rtol=0)
 
 
-def test_packed_batch_with_two_segments(tmp_path):
+def test_packed_batch_with_two_segments(tmp_path, attention_path):
     ref = make_checkpoint(tmp_path, num_attention_heads=4, num_key_value_heads=2)
     ours = load_checkpoint(tmp_path)
     rng = np.random.default_rng(2)
