@@ -8,6 +8,8 @@ the compute dtype; matmuls run in the compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -43,178 +45,218 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 # Query/key block of the blocked attention (read at trace time); queries no longer than one block
-# use the dense path. 128 was the fastest of 64/128/256/512 for forward + backward on a 2-core CPU.
+# use the dense path. 128 was the fastest of 64/128/256 for forward + backward on a 2-core CPU.
 ATTENTION_BLOCK = 128
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, block: int | None = None) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockMask:
+    """An attention mask ``[B, T, S]`` cut into ``block x block`` tiles, for :func:`blocked_attention`.
+
+    Built once per forward pass by :func:`block_mask` (every layer shares it). ``kv_order[i]``
+    lists query block i's key blocks with any allowed pair first (ascending), ``kv_count[i]`` how
+    many there are; ``q_order`` / ``q_count`` the same per key block. A tile counts as active if
+    any row of the batch may attend within it, so the loops visit exactly the active tiles.
+    """
+
+    tiles: jax.Array  # bool [nq, nk, B, block, block]
+    kv_order: jax.Array  # int32 [nq, nk]
+    kv_count: jax.Array  # int32 [nq]
+    q_order: jax.Array  # int32 [nk, nq]
+    q_count: jax.Array  # int32 [nk]
+    q_len: int = dataclasses.field(metadata=dict(static=True))
+    kv_len: int = dataclasses.field(metadata=dict(static=True))
+    block: int = dataclasses.field(metadata=dict(static=True))
+
+
+def block_mask(mask: jax.Array, block: int | None = None) -> BlockMask:
+    """The :class:`BlockMask` of a boolean ``[B, T, S]`` mask (True = may attend)."""
+    block = block or ATTENTION_BLOCK
+    batch, q_len, kv_len = mask.shape
+    nq, nk = -(-q_len // block), -(-kv_len // block)
+    padded = jnp.pad(mask.astype(bool), [(0, 0), (0, nq * block - q_len), (0, nk * block - kv_len)])
+    tiles = padded.reshape(batch, nq, block, nk, block).transpose(1, 3, 0, 2, 4)
+    active = jnp.any(tiles, axis=(2, 3, 4))  # [nq, nk]
+
+    def active_first(rows):  # stable: the active indices in ascending order, then the rest
+        return jnp.argsort(~rows, axis=1, stable=True).astype(jnp.int32), jnp.sum(rows, axis=1, dtype=jnp.int32)
+
+    kv_order, kv_count = active_first(active)
+    q_order, q_count = active_first(active.T)
+    return BlockMask(tiles, kv_order, kv_count, q_order, q_count, q_len, kv_len, block)
+
+
+def prepare_mask(mask: jax.Array, q_len: int) -> jax.Array | BlockMask:
+    """What :func:`attention` should get for ``q_len`` queries: the mask itself when they fit in one
+    block (decode steps, short inputs: the dense path), else its :class:`BlockMask`. Build it once
+    outside the layer loop so that every layer reuses the tiles."""
+    return block_mask(mask) if q_len > ATTENTION_BLOCK else mask
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | BlockMask, *,
+              kv_heads_first: bool = False) -> jax.Array:
     """Grouped-query attention.
 
-    q [B, T, H, D], k and v [B, S, K, D] with H a multiple of K, mask [B, T, S] (True = may attend).
+    q [B, T, H, D], k and v [B, S, K, D] (or [B, K, S, D] with ``kv_heads_first``, the KV cache's
+    layout) with H a multiple of K, mask [B, T, S] (True = may attend) or its :class:`BlockMask`.
     Returns [B, T, H, D] in q's dtype. Scores and softmax in fp32.
 
-    Queries longer than ``block`` go through :func:`blocked_attention` (no ``[T, S]`` score
-    matrix, masked-out blocks skipped); shorter ones (decode steps, tiny inputs) through
+    A :class:`BlockMask`, or a dense mask with more than ``ATTENTION_BLOCK`` queries, goes through
+    :func:`blocked_attention` (no ``[T, S]`` score matrix, masked-out tiles skipped); otherwise
     :func:`dense_attention`. Both give the same result at every query that may attend to
     something; a query that may attend to nothing (padding) gets an arbitrary finite output.
     """
-    _check_heads(q, k)
-    block = block or ATTENTION_BLOCK
-    if q.shape[1] > block:
-        return blocked_attention(q, k, v, mask, block=block)
-    return dense_attention(q, k, v, mask)
+    if isinstance(mask, BlockMask) or q.shape[1] > ATTENTION_BLOCK:
+        if kv_heads_first:
+            k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+        return blocked_attention(q, k, v, mask if isinstance(mask, BlockMask) else block_mask(mask))
+    return dense_attention(q, k, v, mask, kv_heads_first=kv_heads_first)
 
 
-def _check_heads(q: jax.Array, k: jax.Array) -> None:
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"attention: {q.shape[2]} query heads is not a multiple of {k.shape[2]} key/value heads")
+def _check_heads(q: jax.Array, k: jax.Array, kv_heads_axis: int = 2) -> None:
+    if q.shape[2] % k.shape[kv_heads_axis]:
+        raise ValueError(f"attention: {q.shape[2]} query heads is not a multiple of "
+                         f"{k.shape[kv_heads_axis]} key/value heads")
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                    kv_heads_first: bool = False) -> jax.Array:
     """:func:`attention` with the whole ``[B, K, G, T, S]`` score tensor materialized.
 
     A query with nothing to attend to gets the mean of all values (see ``MASK_VALUE``).
     """
-    _check_heads(q, k)
+    _check_heads(q, k, 1 if kv_heads_first else 2)
     batch, q_len, num_heads, head_dim = q.shape
-    num_kv = k.shape[2]
+    num_kv = k.shape[1 if kv_heads_first else 2]
     group = num_heads // num_kv
+    kv = "bksd" if kv_heads_first else "bskd"
     q = q.reshape(batch, q_len, num_kv, group, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (head_dim**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    # Heads-major output: one plain [G*T, S] x [S, D] product per (batch, kv head); asking the
+    # einsum for [B, T, K, G, D] directly makes XLA:CPU pick a slow strided matmul.
+    out = jnp.einsum(f"bkgts,{kv}->bkgtd", probs, v).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-                      block: int = ATTENTION_BLOCK) -> jax.Array:
-    """:func:`attention` computed block by block (FlashAttention-2's algorithm, in plain JAX).
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask) -> jax.Array:
+    """:func:`attention` computed tile by tile (FlashAttention-2's algorithm, in plain JAX).
 
-    Queries and keys are cut into blocks of ``block`` tokens; a (query block, key block) pair
-    whose mask is False for every row of the batch is skipped at run time (``lax.cond``), so a
+    For each query block a loop visits only its active key blocks (``mask.kv_order``), so a
     causal mask costs about half of the dense work and a step-wise tree mask (branches that see
-    only their own trunk prefix) far less. Per query block an online softmax keeps a running
-    max, normalizer and weighted sum; the scores of one block pair are the largest temporary,
-    so memory is O(T) instead of O(T * S). The backward pass (``custom_vjp``) keeps only the
-    output and the log-normalizer and recomputes each block's probabilities.
+    only their own trunk prefix) far less. An online softmax keeps a running max, normalizer and
+    weighted sum per query; one tile's scores are the largest temporary, so memory is O(T)
+    instead of O(T * S). The backward pass (``custom_vjp``) keeps only the output and the
+    log-normalizer, and for each key block recomputes the probabilities of its active tiles.
 
     A query with nothing to attend to gets 0 (no NaN in values or gradients).
     """
     _check_heads(q, k)
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv = k.shape[1], k.shape[2]
-    if mask.shape != (batch, q_len, kv_len):
-        raise ValueError(f"attention: mask has shape {mask.shape}; expected {(batch, q_len, kv_len)}")
-    nq, nk = -(-q_len // block), -(-kv_len // block)
-    group = num_heads // num_kv
+    if (mask.q_len, mask.kv_len) != (q_len, kv_len) or mask.tiles.shape[2] != batch:
+        raise ValueError(f"attention: the BlockMask is for [{mask.tiles.shape[2]}, {mask.q_len}, {mask.kv_len}]; "
+                         f"q and k need [{batch}, {q_len}, {kv_len}]")
+    block, nq, nk = mask.block, mask.tiles.shape[0], mask.tiles.shape[1]
 
     def blocks(x, length, n):  # [B, L, ...] -> [n, B, block, ...], zero-padded
         x = jnp.pad(x, [(0, 0), (0, n * block - length)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape((batch, n, block) + x.shape[2:]), 1, 0)
 
-    qb = blocks(q.reshape(batch, q_len, num_kv, group, head_dim), q_len, nq)
-    kb, vb = blocks(k, kv_len, nk), blocks(v, kv_len, nk)
-    padded = jnp.pad(mask, [(0, 0), (0, nq * block - q_len), (0, nk * block - kv_len)])
-    mb = padded.reshape(batch, nq, block, nk, block).transpose(1, 3, 0, 2, 4)  # [nq, nk, B, bq, bk]
-    active = jnp.any(mb, axis=(2, 3, 4))  # [nq, nk]
-    out = _flash(qb, kb, vb, mb, active)  # [nq, B, bq, K, G, D]
+    qb = blocks(q.reshape(batch, q_len, num_kv, num_heads // num_kv, head_dim), q_len, nq)
+    out = _flash(qb, blocks(k, kv_len, nk), blocks(v, kv_len, nk), mask)  # [nq, B, block, K, G, D]
     out = jnp.moveaxis(out, 0, 1).reshape(batch, nq * block, num_heads, head_dim)
     return out[:, :q_len].astype(q.dtype)
 
 
-def _block_scores(qi: jax.Array, kj: jax.Array) -> jax.Array:
+def _tile_scores(qi: jax.Array, kj: jax.Array) -> jax.Array:
     """[B, bq, K, G, D] x [B, bk, K, D] -> fp32 scores [B, K, G, bq, bk], scaled."""
     scores = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32)
     return scores * (qi.shape[-1] ** -0.5)
 
 
-def _flash_forward(qb, kb, vb, mb, active):
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+    return lax.dynamic_index_in_dim(x, index, axis=0, keepdims=False)
+
+
+def _flash_forward(qb, kb, vb, mask: BlockMask):
     """Output [nq, B, bq, K, G, D] (fp32) and log-normalizer [nq, B, K, G, bq] of the blocked attention."""
 
     def query_block(inputs):
-        qi, mi, ai = inputs  # [B, bq, K, G, D], [nk, B, bq, bk], [nk]
+        qi, tiles, order, count = inputs  # [B, bq, K, G, D], [nk, B, bq, bk], [nk], []
         stats = qi.shape[:1] + qi.shape[2:4] + qi.shape[1:2]  # [B, K, G, bq]
 
-        def key_block(carry, inputs):
-            kj, vj, mij, aij = inputs
-
-            def update(carry):
-                running_max, normalizer, acc = carry
-                allowed = mij[:, None, None]
-                scores = jnp.where(allowed, _block_scores(qi, kj), MASK_VALUE)
-                new_max = jnp.maximum(running_max, jnp.max(scores, axis=-1))
-                probs = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
-                correction = jnp.exp(running_max - new_max)
-                normalizer = normalizer * correction + jnp.sum(probs, axis=-1)
-                acc = acc * correction[..., None] + jnp.einsum(
-                    "bkgqs,bskd->bkgqd", probs.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
-                return new_max, normalizer, acc
-
-            return lax.cond(aij, update, lambda c: c, carry), None
+        def key_block(n, carry):
+            running_max, normalizer, acc = carry
+            j = order[n]
+            vj = _take(vb, j)
+            allowed = _take(tiles, j)[:, None, None]
+            scores = jnp.where(allowed, _tile_scores(qi, _take(kb, j)), MASK_VALUE)
+            new_max = jnp.maximum(running_max, jnp.max(scores, axis=-1))
+            probs = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
+            correction = jnp.exp(running_max - new_max)
+            normalizer = normalizer * correction + jnp.sum(probs, axis=-1)
+            acc = acc * correction[..., None] + jnp.einsum(
+                "bkgqs,bskd->bkgqd", probs.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+            return new_max, normalizer, acc
 
         init = (jnp.full(stats, MASK_VALUE, jnp.float32), jnp.zeros(stats, jnp.float32),
                 jnp.zeros(stats + qi.shape[-1:], jnp.float32))
-        (running_max, normalizer, acc), _ = lax.scan(key_block, init, (kb, vb, mi, ai))
+        running_max, normalizer, acc = lax.fori_loop(0, count, key_block, init)
         seen = normalizer > 0.0
         out = acc / jnp.where(seen, normalizer, 1.0)[..., None]
         log_normalizer = jnp.where(seen, running_max + jnp.log(jnp.where(seen, normalizer, 1.0)), 0.0)
         return jnp.moveaxis(out, 3, 1), log_normalizer  # [B, bq, K, G, D], [B, K, G, bq]
 
-    return lax.map(query_block, (qb, mb, active))
+    return lax.map(query_block, (qb, mask.tiles, mask.kv_order, mask.kv_count))
 
 
 @jax.custom_vjp
-def _flash(qb, kb, vb, mb, active):
-    return _flash_forward(qb, kb, vb, mb, active)[0]
+def _flash(qb, kb, vb, mask):
+    return _flash_forward(qb, kb, vb, mask)[0]
 
 
-def _flash_fwd(qb, kb, vb, mb, active):
-    out, log_normalizer = _flash_forward(qb, kb, vb, mb, active)
-    return out, (qb, kb, vb, mb, active, out, log_normalizer)
+def _flash_fwd(qb, kb, vb, mask):
+    out, log_normalizer = _flash_forward(qb, kb, vb, mask)
+    return out, (qb, kb, vb, mask, out, log_normalizer)
 
 
 def _flash_bwd(residuals, out_grad):
-    qb, kb, vb, mb, active, out, log_normalizer = residuals
+    qb, kb, vb, mask, out, log_normalizer = residuals
     # delta_i = Σ_d dO_i · O_i: the softmax-backward term shared by a query's whole row.
     delta = jnp.moveaxis(jnp.sum(out_grad * out, axis=-1), 2, -1)  # [nq, B, K, G, bq]
     out_grad = out_grad.astype(vb.dtype)
-    num_q = qb.shape[0]
+    scale = qb.shape[-1] ** -0.5
 
     def key_block(q_grad, inputs):
-        kj, vj, mj, aj = inputs  # mj [nq, B, bq, bk], aj [nq]
+        kj, vj, j, order, count = inputs
 
-        def query_block(carry, inputs):
+        def query_block(n, carry):
             q_grad, k_grad, v_grad = carry
-            i, qi, gi, lse_i, delta_i, mij, aij = inputs
-
-            def contributions(_):
-                allowed = mij[:, None, None]
-                probs = jnp.where(allowed, jnp.exp(_block_scores(qi, kj) - lse_i[..., None]), 0.0)
-                dv = jnp.einsum("bkgqs,bqkgd->bskd", probs.astype(gi.dtype), gi, preferred_element_type=jnp.float32)
-                dprobs = jnp.einsum("bqkgd,bskd->bkgqs", gi, vj, preferred_element_type=jnp.float32)
-                dscores = (probs * (dprobs - delta_i[..., None]) * (qi.shape[-1] ** -0.5)).astype(qi.dtype)
-                dq = jnp.einsum("bkgqs,bskd->bqkgd", dscores, kj, preferred_element_type=jnp.float32)
-                dk = jnp.einsum("bkgqs,bqkgd->bskd", dscores, qi, preferred_element_type=jnp.float32)
-                return dq, dk, dv
-
-            def nothing(_):
-                return (jnp.zeros(qi.shape, jnp.float32), jnp.zeros(kj.shape, jnp.float32),
-                        jnp.zeros(vj.shape, jnp.float32))
-
-            dq, dk, dv = lax.cond(aij, contributions, nothing, None)
-            q_grad = lax.dynamic_update_index_in_dim(q_grad, q_grad[i] + dq, i, axis=0)
-            return (q_grad, k_grad + dk, v_grad + dv), None
+            i = order[n]
+            qi, gi = _take(qb, i), _take(out_grad, i)
+            allowed = _take(_take(mask.tiles, i), j)[:, None, None]
+            probs = jnp.where(allowed, jnp.exp(_tile_scores(qi, kj) - _take(log_normalizer, i)[..., None]), 0.0)
+            v_grad = v_grad + jnp.einsum("bkgqs,bqkgd->bskd", probs.astype(gi.dtype), gi,
+                                         preferred_element_type=jnp.float32)
+            dprobs = jnp.einsum("bqkgd,bskd->bkgqs", gi, vj, preferred_element_type=jnp.float32)
+            dscores = (probs * (dprobs - _take(delta, i)[..., None]) * scale).astype(qi.dtype)
+            k_grad = k_grad + jnp.einsum("bkgqs,bqkgd->bskd", dscores, qi, preferred_element_type=jnp.float32)
+            dq = jnp.einsum("bkgqs,bskd->bqkgd", dscores, kj, preferred_element_type=jnp.float32)
+            q_grad = lax.dynamic_update_index_in_dim(q_grad, _take(q_grad, i) + dq, i, axis=0)
+            return q_grad, k_grad, v_grad
 
         init = (q_grad, jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32))
-        (q_grad, k_grad, v_grad), _ = lax.scan(
-            query_block, init, (jnp.arange(num_q), qb, out_grad, log_normalizer, delta, mj, aj))
+        q_grad, k_grad, v_grad = lax.fori_loop(0, count, query_block, init)
         return q_grad, (k_grad, v_grad)
 
     q_grad, (k_grad, v_grad) = lax.scan(
-        key_block, jnp.zeros(qb.shape, jnp.float32), (kb, vb, jnp.moveaxis(mb, 1, 0), active.T))
-    return (q_grad.astype(qb.dtype), k_grad.astype(kb.dtype), v_grad.astype(vb.dtype), None, None)
+        key_block, jnp.zeros(qb.shape, jnp.float32),
+        (kb, vb, jnp.arange(kb.shape[0]), mask.q_order, mask.q_count))
+    return q_grad.astype(qb.dtype), k_grad.astype(kb.dtype), v_grad.astype(vb.dtype), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -56,7 +56,7 @@ LAYER_AXES: dict[str, tuple[str | None, ...]] = {
     "v_bias": ("layers", "kv_heads", "head_dim"),
     "o_bias": ("layers", "norm"),
 }
-CACHE_AXES = ("layers", "batch", "seq", "act_kv_heads", None)
+CACHE_AXES = ("layers", "batch", "act_kv_heads", "seq", None)
 
 
 def layer_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
@@ -90,8 +90,10 @@ def layer_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
 class KVCache:
     """Keys/values of every layer for a static number of slots, shared write pointer ``end``.
 
-    ``k``/``v``: [layers, batch, slots, kv_heads, head_dim]; ``valid``: [batch, slots], True where a
-    slot holds a real token (left padding stays False); ``end``: int32 scalar, the next free slot.
+    ``k``/``v``: [layers, batch, kv_heads, slots, head_dim] (heads before slots: a decode step's
+    attention reads each head's keys as one contiguous [slots, head_dim] matrix, no transpose);
+    ``valid``: [batch, slots], True where a slot holds a real token (left padding stays False);
+    ``end``: int32 scalar, the next free slot.
     """
 
     k: jax.Array
@@ -102,7 +104,7 @@ class KVCache:
     @classmethod
     def empty(cls, config: Qwen3Config, batch: int, slots: int, dtype: Any) -> KVCache:
         """An empty cache; ``Qwen3.empty_cache`` picks the model's compute dtype for ``dtype``."""
-        shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, slots, config.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
@@ -112,7 +114,7 @@ class KVCache:
 
     @property
     def num_slots(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def _check_room(cache: KVCache, steps: int) -> None:
@@ -133,7 +135,7 @@ def decoder_layer(
     params: dict[str, jax.Array],
     x: jax.Array,
     positions: jax.Array,
-    mask: jax.Array,
+    mask: jax.Array | ops.BlockMask,
     cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
     *,
     config: Qwen3Config,
@@ -142,7 +144,7 @@ def decoder_layer(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm decoder layer.
 
-    ``cache`` is ``(k_all, v_all, layer, write_at)``: every layer's keys/values [L, B, S, K, D]; the
+    ``cache`` is ``(k_all, v_all, layer, write_at)``: every layer's keys/values [L, B, K, S, D]; the
     new tokens' keys/values are written in place at ``(layer, :, write_at)`` and attention reads
     this layer's slots. Writing only the new tokens (instead of re-emitting the layer's whole cache
     as a scan output) keeps a decode step's memory traffic at one read of the cache.
@@ -165,14 +167,15 @@ def decoder_layer(
     if cache is not None:
         k_all, v_all, layer, write_at = cache
         zero = jnp.zeros((), jnp.int32)
-        start = (layer, zero, write_at, zero, zero)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+        start = (layer, zero, zero, write_at, zero)
+        k_all = jax.lax.dynamic_update_slice(k_all, k.swapaxes(1, 2)[None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v.swapaxes(1, 2)[None].astype(v_all.dtype), start)
         new_cache = (k_all, v_all)
         k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False).astype(compute_dtype)
         v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False).astype(compute_dtype)
-
-    attn = ops.attention(q, k, v, mask)
+        attn = ops.attention(q, k, v, mask, kv_heads_first=True)
+    else:
+        attn = ops.attention(q, k, v, mask)
     out = jnp.einsum("bthd,hde->bte", attn, p["o_proj"])
     if c.attention_bias:
         out = out + p["o_bias"]
@@ -233,6 +236,13 @@ class Qwen3(nnx.Module):
         w = self.unembedding().astype(self.policy.compute)
         out = jnp.einsum("...e,ve->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
         return out
+
+    def vocab_major_logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits [V, B] for hidden states [B, E]: the decode step's layout. The [V, E] weight
+        is read row by row into a [V, B] result, which on CPU is about 1.5x faster than producing
+        [B, V] when B is small; per-row reductions then run over axis 0."""
+        w = self.unembedding().astype(self.policy.compute)
+        return jnp.einsum("ve,be->vb", w, hidden.astype(w.dtype), preferred_element_type=jnp.float32)
 
     # -- forward passes ---------------------------------------------------------------------
 
@@ -297,6 +307,7 @@ class Qwen3(nnx.Module):
         x = jnp.take(table, input_ids, axis=0).astype(compute)
         x = constrain(x, ("batch", "seq", "act_embed"), self.rules)
         layer_params = {name: p[...] for name, p in self.layers.items()}
+        mask = ops.prepare_mask(mask, input_ids.shape[1])  # tiled once, shared by every layer
         block = functools.partial(decoder_layer, config=self.config, compute_dtype=compute, rules=self.rules)
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":

@@ -70,7 +70,7 @@ def test_blocked_equals_dense_values_and_gradients(mask_kind, heads, kv_heads):
         return jnp.sum(fn(q, k, v, mask) * out_weight)
 
     dense = lambda q, k, v, m: ops.dense_attention(q, k, v, m)  # noqa: E731
-    blocked = lambda q, k, v, m: ops.blocked_attention(q, k, v, m, block=8)  # noqa: E731
+    blocked = lambda q, k, v, m: ops.blocked_attention(q, k, v, ops.block_mask(m, 8))  # noqa: E731
     np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask))[rows], np.asarray(dense(q, k, v, mask))[rows],
                                atol=2e-6, rtol=0)
     want = jax.grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2))(q, k, v)
@@ -85,9 +85,9 @@ def test_rows_with_nothing_to_attend_get_zeros_and_finite_gradients():
     mask = np.asarray(_causal_segments(np.ones((1, 20)))).copy()
     mask[0, 5] = False  # one query row that sees nothing
     mask[0, 16:] = False  # a whole block of such rows: no block of theirs is active
-    out = ops.blocked_attention(q, k, v, jnp.asarray(mask), block=4)
+    out = ops.blocked_attention(q, k, v, ops.block_mask(jnp.asarray(mask), 4))
     np.testing.assert_array_equal(np.asarray(out)[0, [5, 16, 17, 18, 19]], 0.0)
-    grads = jax.grad(lambda q, k, v: jnp.sum(ops.blocked_attention(q, k, v, jnp.asarray(mask), block=4) ** 2),
+    grads = jax.grad(lambda q, k, v: jnp.sum(ops.blocked_attention(q, k, v, ops.block_mask(jnp.asarray(mask), 4)) ** 2),
                      argnums=(0, 1, 2))(q, k, v)
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
@@ -98,10 +98,10 @@ def test_cross_lengths_and_bf16():
     q, k, v = _qkv(rng, 2, 21, 30, 4, 2, 8)
     q_seg, kv_seg = jnp.ones((2, 21), jnp.int32), jnp.ones((2, 30), jnp.int32)
     mask = ops.segment_mask(q_seg, kv_seg, causal=True)
-    np.testing.assert_allclose(np.asarray(ops.blocked_attention(q, k, v, mask, block=8)),
+    np.testing.assert_allclose(np.asarray(ops.blocked_attention(q, k, v, ops.block_mask(mask, 8))),
                                np.asarray(ops.dense_attention(q, k, v, mask)), atol=2e-6, rtol=0)
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    got = ops.blocked_attention(*bf, mask, block=8)
+    got = ops.blocked_attention(*bf, ops.block_mask(mask, 8))
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ops.dense_attention(*bf, mask), np.float32),
                                atol=3e-2, rtol=0)
@@ -109,16 +109,32 @@ def test_cross_lengths_and_bf16():
 
 def test_attention_picks_the_path_by_query_length(monkeypatch):
     calls = []
-    monkeypatch.setattr(ops, "blocked_attention", lambda *a, **kw: calls.append(kw["block"]) or a[0])
+    monkeypatch.setattr(ops, "blocked_attention", lambda q, k, v, m: calls.append(m.block) or q)
+    monkeypatch.setattr(ops, "ATTENTION_BLOCK", 8)
     rng = np.random.default_rng(3)
     q, k, v = _qkv(rng, 1, 9, 9, 2, 2, 4)
     mask = _causal_segments(np.ones((1, 9)))
-    ops.attention(q, k, v, mask, block=8)
-    ops.attention(q[:, :1], k, v, mask[:, :1], block=8)  # a decode step: dense
-    assert calls == [8]
-    monkeypatch.setattr(ops, "ATTENTION_BLOCK", 4)
     ops.attention(q, k, v, mask)
+    ops.attention(q[:, :1], k, v, mask[:, :1])  # a decode step: dense
+    assert calls == [8]
+    assert isinstance(ops.prepare_mask(mask, 9), ops.BlockMask)
+    one_query = mask[:, :1]
+    assert ops.prepare_mask(one_query, 1) is one_query
+    ops.attention(q, k, v, ops.block_mask(mask, 4))
     assert calls == [8, 4]
+
+
+def test_block_mask_lists_the_active_tiles_first():
+    mask = _causal_segments(np.ones((1, 10)))  # 3 x 3 tiles of 4, the last partly padding
+    tiles = ops.block_mask(mask, 4)
+    np.testing.assert_array_equal(tiles.kv_count, [1, 2, 3])
+    np.testing.assert_array_equal(tiles.kv_order[:, 0], [0, 0, 0])
+    np.testing.assert_array_equal(tiles.kv_order[2], [0, 1, 2])
+    np.testing.assert_array_equal(tiles.q_count, [3, 2, 1])
+    np.testing.assert_array_equal(tiles.q_order[1, :2], [1, 2])
+    q = jnp.zeros((1, 10, 2, 4))
+    with pytest.raises(ValueError, match=r"BlockMask is for \[1, 10, 10\]"):
+        ops.blocked_attention(q[:, :9], q[:, :9, :1], q[:, :9, :1], tiles)
 
 
 def test_blocked_skips_masked_blocks_and_keeps_memory_linear():
@@ -133,21 +149,21 @@ def test_blocked_skips_masked_blocks_and_keeps_memory_linear():
         return jax.jit(grad).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
 
     dense = temp_bytes(ops.dense_attention)
-    blocked = temp_bytes(lambda *a: ops.blocked_attention(*a, block=block))
+    blocked = temp_bytes(lambda q, k, v, m: ops.blocked_attention(q, k, v, ops.block_mask(m, block)))
     assert dense > 2 * length * length * 4  # at least the fp32 scores and probabilities
     assert blocked < dense / 8
 
     executed = []
-    original = ops._block_scores
+    original = ops._tile_scores
 
     def counting(qi, kj):
         jax.debug.callback(lambda: executed.append(1))
         return original(qi, kj)
 
-    ops._block_scores = counting
+    ops._tile_scores = counting
     try:
-        jax.block_until_ready(ops.blocked_attention(q[:, :512], k[:, :512], v[:, :512], mask[:, :512, :512],
-                                                    block=block))
+        jax.block_until_ready(ops.blocked_attention(q[:, :512], k[:, :512], v[:, :512],
+                                                    ops.block_mask(mask[:, :512, :512], block)))
     finally:
-        ops._block_scores = original
+        ops._tile_scores = original
     assert len(executed) == 4 * 5 // 2  # the causal triangle of 4 x 4 blocks, diagonal included

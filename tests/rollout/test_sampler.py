@@ -38,6 +38,7 @@ from expint_jax.rollout.sampler import (
     from_params,
     generate,
 )
+from expint_jax.rollout.sampler.sampling import token_log_probs
 from expint_jax.rollout.sampler.stops import MATCHED, StopTable
 from tests.models.hf_fixtures import make_checkpoint
 
@@ -238,6 +239,20 @@ def test_greedy_and_its_limits():
     assert from_params(SamplingParams(temperature=0.0, top_k=5, top_p=0.5)) == Greedy()
     assert (_draws(TopK(1, temperature=2.0), 500) == 0).all()
     assert (_draws(Temperature(1e-3), 500) == 0).all()
+
+
+@pytest.mark.parametrize("strategy", [Greedy(), Temperature(0.7), TopK(3, 0.8), TopP(0.7, 1.3), TopKTopP(4, 0.5)],
+                         ids=repr)
+def test_sample_on_vocab_major_logits_is_the_same_draw_with_its_log_prob(strategy):
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.standard_normal((6, 50)).astype(np.float32))
+    keys = jax.random.split(jax.random.key(3), 6)
+    tokens, logprobs = strategy.sample(logits.T, keys)
+    np.testing.assert_array_equal(tokens, strategy(logits, keys))
+    weights = strategy.log_weights(logits)
+    np.testing.assert_allclose(logprobs, token_log_probs(weights, tokens), atol=1e-6)
+    np.testing.assert_allclose(token_log_probs(logits.T, tokens, vocab_axis=0), token_log_probs(logits, tokens),
+                               atol=1e-6)
 
 
 def test_from_params_picks_and_validates_strategies():

@@ -176,10 +176,9 @@ def decode(
     batch = logits.shape[0]
     row_axes = ("batch", None)
 
-    def record(loop: _Loop, logits: jax.Array) -> _Loop:
+    def record(loop: _Loop, logits: jax.Array) -> _Loop:  # logits [V, B]
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, loop.step)
-        weights = strategy.log_weights(logits)
-        token = strategy.draw(weights, keys)
+        token, sampling_logprob = strategy.sample(logits, keys)
         active = ~loop.done
         out = loop.out
 
@@ -197,8 +196,8 @@ def decode(
         )
         out = DecodeOutput(
             tokens=put(out.tokens, token),
-            logprobs=put(out.logprobs, token_log_probs(logits, token)),
-            sampling_logprobs=put(out.sampling_logprobs, token_log_probs(weights, token)),
+            logprobs=put(out.logprobs, token_log_probs(logits, token, vocab_axis=0)),
+            sampling_logprobs=put(out.sampling_logprobs, sampling_logprob),
             lengths=length,
             finish=finish,
             next_positions=out.next_positions,
@@ -219,7 +218,7 @@ def decode(
     def step(loop: _Loop) -> _Loop:
         token_valid = loop.last_active[:, None]
         hidden, cache = model.extend(loop.last_token[:, None], loop.position[:, None], loop.cache, token_valid)
-        next_logits = constrain(model.logits(hidden[:, 0]), ("batch", "act_vocab"), rules)
+        next_logits = constrain(model.vocab_major_logits(hidden[:, 0]), ("act_vocab", "batch"), rules)
         position = loop.position + loop.last_active
         out = dataclasses.replace(loop.out, next_positions=position)
         loop = dataclasses.replace(loop, cache=_constrain_cache(cache, rules), position=position, out=out)
@@ -243,7 +242,7 @@ def decode(
             next_positions=positions.astype(jnp.int32),
         ),
     )
-    last = jax.lax.while_loop(keep_going, step, record(first, logits))
+    last = jax.lax.while_loop(keep_going, step, record(first, logits.T))
     return last.out, last.cache
 
 

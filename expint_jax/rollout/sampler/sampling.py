@@ -7,7 +7,10 @@ decode loop) with
     temperature applied and excluded tokens at ``-inf``;
   * ``__call__(logits [B, V], keys [B]) -> tokens [B] int32``: one PRNG key per row, so what a row
     draws does not depend on the other rows of the batch; ``draw(log_weights, keys)`` is the same
-    draw from precomputed ``log_weights`` (the decode loop reuses them for the sampling log-prob).
+    draw from precomputed ``log_weights``;
+  * ``sample(logits [V, B], keys [B]) -> (tokens [B], sampling log-probs [B])``: what the decode
+    loop calls, on vocabulary-major logits (see ``Qwen3.vocab_major_logits``); the same draw as
+    ``__call__``. ``Greedy`` answers from axis 0 directly (no [B, V] copy, no [B, V] mask).
 
 Filters apply in the order of Hugging Face and vLLM: temperature, then top-k, then top-p (on the
 distribution that top-k left). Ties at a top-k or top-p threshold are all kept.
@@ -50,10 +53,11 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def token_log_probs(log_weights: jax.Array, tokens: jax.Array) -> jax.Array:
-    """log-probability of ``tokens`` [B] under the (renormalized) distribution ``log_weights`` [B, V]."""
-    picked = jnp.take_along_axis(log_weights, tokens[:, None], axis=-1)[:, 0]
-    return picked - jax.nn.logsumexp(log_weights, axis=-1)
+def token_log_probs(log_weights: jax.Array, tokens: jax.Array, *, vocab_axis: int = -1) -> jax.Array:
+    """log-probability of ``tokens`` [B] under the (renormalized) distribution ``log_weights``,
+    [B, V] (``vocab_axis=-1``) or vocabulary-major [V, B] (``vocab_axis=0``)."""
+    picked = jnp.take_along_axis(log_weights, jnp.expand_dims(tokens, vocab_axis), axis=vocab_axis)
+    return jnp.squeeze(picked, vocab_axis) - jax.nn.logsumexp(log_weights, axis=vocab_axis)
 
 
 class Strategy(abc.ABC):
@@ -77,6 +81,12 @@ class Strategy(abc.ABC):
     def __call__(self, logits: jax.Array, keys: jax.Array) -> jax.Array:
         return self.draw(self.log_weights(logits), keys)
 
+    def sample(self, vocab_major_logits: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Tokens [B] drawn from logits [V, B], and their log-probs under the sampling distribution."""
+        weights = self.log_weights(vocab_major_logits.T)
+        tokens = self.draw(weights, keys)
+        return tokens, token_log_probs(weights, tokens)
+
 
 @dataclasses.dataclass(frozen=True)
 class Greedy(Strategy):
@@ -88,6 +98,10 @@ class Greedy(Strategy):
 
     def draw(self, log_weights: jax.Array, keys: jax.Array) -> jax.Array:
         return jnp.argmax(log_weights, axis=-1).astype(jnp.int32)
+
+    def sample(self, vocab_major_logits: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+        tokens = jnp.argmax(vocab_major_logits, axis=0).astype(jnp.int32)
+        return tokens, jnp.zeros(tokens.shape, jnp.float32)  # the whole mass sits on the argmax
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ def _forget(cache: KVCache, keep: jax.Array) -> KVCache:
 def _grow(cache: KVCache, *, num_slots: int) -> KVCache:
     """The cache padded with empty slots up to ``num_slots`` (a new buffer: no donation possible)."""
     extra = num_slots - cache.num_slots
-    pad = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
+    pad = ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))
     return KVCache(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad), valid=jnp.pad(cache.valid, ((0, 0), (0, extra))),
                    end=cache.end)
 
