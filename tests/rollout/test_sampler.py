@@ -38,7 +38,7 @@ from expint_jax.rollout.sampler import (
     from_params,
     generate,
 )
-from expint_jax.rollout.sampler.sampling import token_log_probs
+from expint_jax.rollout.sampler.sampling import first_argmax, token_log_probs
 from expint_jax.rollout.sampler.stops import MATCHED, StopTable
 from tests.models.hf_fixtures import make_checkpoint
 
@@ -253,6 +253,16 @@ def test_sample_on_vocab_major_logits_is_the_same_draw_with_its_log_prob(strateg
     np.testing.assert_allclose(logprobs, token_log_probs(weights, tokens), atol=1e-6)
     np.testing.assert_allclose(token_log_probs(logits.T, tokens, vocab_axis=0), token_log_probs(logits, tokens),
                                atol=1e-6)
+
+
+def test_first_argmax_is_argmax_with_ties_and_stays_in_range_on_nan():
+    x = jnp.asarray([[1.0, 3.0, 3.0, -2.0], [0.0, 0.0, 0.0, 0.0], [5.0, jnp.nan, 1.0, 2.0]])
+    np.testing.assert_array_equal(first_argmax(x, axis=-1)[:2], jnp.argmax(x[:2], axis=-1))
+    np.testing.assert_array_equal(first_argmax(x.T[:, :2], axis=0), [1, 0])
+    assert 0 <= int(first_argmax(x, axis=-1)[2]) < 4
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.integers(0, 3, (50, 7)).astype(np.float32))  # many ties
+    np.testing.assert_array_equal(first_argmax(y, axis=0), jnp.argmax(y, axis=0))
 
 
 def test_from_params_picks_and_validates_strategies():

@@ -53,6 +53,16 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def first_argmax(x: jax.Array, axis: int) -> jax.Array:
+    """``jnp.argmax`` (the first maximum) as two plain reductions, a max then a min over the indices
+    that reach it: on CPU these vectorize where XLA's (value, index) argmax reduction does not
+    (about 2x faster on decode logits [V, 8]). A row with NaN gets the last index, still in range."""
+    size = x.shape[axis]
+    best = jnp.max(x, axis=axis, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
+    return jnp.minimum(jnp.min(jnp.where(x == best, index, size), axis=axis), size - 1)
+
+
 def token_log_probs(log_weights: jax.Array, tokens: jax.Array, *, vocab_axis: int = -1) -> jax.Array:
     """log-probability of ``tokens`` [B] under the (renormalized) distribution ``log_weights``,
     [B, V] (``vocab_axis=-1``) or vocabulary-major [V, B] (``vocab_axis=0``)."""
@@ -100,7 +110,7 @@ class Greedy(Strategy):
         return jnp.argmax(log_weights, axis=-1).astype(jnp.int32)
 
     def sample(self, vocab_major_logits: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-        tokens = jnp.argmax(vocab_major_logits, axis=0).astype(jnp.int32)
+        tokens = first_argmax(vocab_major_logits, axis=0)
         return tokens, jnp.zeros(tokens.shape, jnp.float32)  # the whole mass sits on the argmax
 
 
