@@ -45,7 +45,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 # Query/key block of the blocked attention (read at trace time); queries no longer than one block
-# use the dense path. 128 was the fastest of 64/128/256 for forward + backward on a 2-core CPU.
+# use the dense path. 128 was the fastest of 64/128/256 for forward + backward on a 2-core CPU;
+# accelerators, which run the tile loop sequentially, likely want larger tiles (not yet measured).
 ATTENTION_BLOCK = 128
 
 
