@@ -1,4 +1,4 @@
-"""Pure array functions behind the Qwen3 layers: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""Pure array functions behind the Qwen3 layers: RMSNorm, RoPE, grouped-query attention, the SwiGLU MLP.
 
 No parameters live here; every function maps arrays to arrays and is safe under ``jit``,
 ``scan`` and ``checkpoint``. Precision contract (matches Hugging Face Qwen3 in fp32):
@@ -9,6 +9,8 @@ the compute dtype; matmuls run in the compute dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -264,12 +266,59 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """The SwiGLU gate ``silu(gate) * up`` on the two MLP projections [..., F], in their dtype.
-
-    The projections stay with the caller, which constrains their sharding (``act_mlp``) before
-    the gate and applies the down projection after it.
-    """
+    """The SwiGLU gate ``silu(gate) * up`` on the two MLP projections [..., F], in their dtype."""
     return jax.nn.silu(gate) * up
+
+
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+def swiglu_mlp(h: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+               constrain_hidden: Callable[[jax.Array], jax.Array] = _identity) -> jax.Array:
+    """The Qwen3 MLP ``swiglu(h @ w_gate, h @ w_up) @ w_down``: h [..., E], gate/up [E, F], down [F, E].
+
+    ``constrain_hidden`` is applied to the [..., F] projections and to their gradients (the
+    caller's sharding constraint). The backward is written by hand: autodiff's weight gradients
+    contract over tokens with the gate's cotangent laid out [F, tokens], which XLA:CPU builds with
+    a strided transposing copy per projection (a third of the MLP backward on a 2-core CPU); here
+    every weight gradient is ``tokens x E`` contracted with ``tokens x F`` on its leading axis,
+    a layout the dot kernels take as is. The elementwise gate math runs in fp32.
+    """
+    return _swiglu_mlp(h, w_gate, w_up, w_down, constrain_hidden)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _swiglu_mlp(h, w_gate, w_up, w_down, constrain_hidden):
+    return _swiglu_mlp_fwd(h, w_gate, w_up, w_down, constrain_hidden)[0]
+
+
+def _swiglu_mlp_fwd(h, w_gate, w_up, w_down, constrain_hidden):
+    gate = constrain_hidden(h @ w_gate)
+    up = constrain_hidden(h @ w_up)
+    return swiglu(gate, up) @ w_down, (h, gate, up, w_gate, w_up, w_down)
+
+
+def _contract_tokens(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a [..., M]``, ``b [..., N]`` -> ``[M, N]`` summed over every leading (token) axis."""
+    return lax.dot_general(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), (((0,), (0,)), ((), ())))
+
+
+def _swiglu_mlp_bwd(constrain_hidden, residuals, out_grad):
+    h, gate, up, w_gate, w_up, w_down = residuals
+    g32, u32 = gate.astype(jnp.float32), up.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g32)
+    silu = g32 * sig
+    hidden_grad = (out_grad @ w_down.T).astype(jnp.float32)
+    up_grad = constrain_hidden((hidden_grad * silu).astype(up.dtype))
+    gate_grad = constrain_hidden((hidden_grad * u32 * sig * (1.0 + g32 * (1.0 - sig))).astype(gate.dtype))
+    down_grad = _contract_tokens((silu * u32).astype(out_grad.dtype), out_grad)
+    h_grad = gate_grad @ w_gate.T + up_grad @ w_up.T
+    return (h_grad.astype(h.dtype), _contract_tokens(h, gate_grad).astype(w_gate.dtype),
+            _contract_tokens(h, up_grad).astype(w_up.dtype), down_grad.astype(w_down.dtype))
+
+
+_swiglu_mlp.defvjp(_swiglu_mlp_fwd, _swiglu_mlp_bwd)
 
 
 def segment_mask(q_segments: jax.Array, kv_segments: jax.Array, causal: bool = True) -> jax.Array:

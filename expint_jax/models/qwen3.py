@@ -182,9 +182,8 @@ def decoder_layer(
     x = constrain(x + out, ("batch", "seq", "act_embed"), rules)
 
     h = ops.rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    gate = constrain(h @ p["gate_proj"], ("batch", "seq", "act_mlp"), rules)
-    up = constrain(h @ p["up_proj"], ("batch", "seq", "act_mlp"), rules)
-    x = x + ops.swiglu(gate, up) @ p["down_proj"]
+    mlp_axes = functools.partial(constrain, logical_axes=("batch", "seq", "act_mlp"), rules=rules)
+    x = x + ops.swiglu_mlp(h, p["gate_proj"], p["up_proj"], p["down_proj"], mlp_axes)
     return constrain(x, ("batch", "seq", "act_embed"), rules), new_cache
 
 

@@ -143,15 +143,14 @@ def test_empty_cache_takes_the_compute_dtype_and_bf16_decode_runs():
     np.testing.assert_allclose(np.asarray(bf16.logits(hidden)), np.asarray(full), atol=2e-2, rtol=0)
 
 
-def test_decoder_layer_uses_ops_swiglu(monkeypatch):
-    x, gate, up = (jax.random.normal(jax.random.key(i), (3, 5)) for i in range(3))
-    np.testing.assert_allclose(np.asarray(ops.swiglu(gate, up)), np.asarray(gate / (1 + np.exp(-gate)) * up), rtol=1e-6)
+def test_decoder_layer_uses_ops_swiglu_mlp(monkeypatch):
     calls = []
-    swiglu = ops.swiglu
-    monkeypatch.setattr(ops, "swiglu", lambda g, u: calls.append(g.shape) or swiglu(g, u))
+    swiglu_mlp = ops.swiglu_mlp
+    monkeypatch.setattr(ops, "swiglu_mlp", lambda h, *w: calls.append((h.shape, w[0].shape)) or swiglu_mlp(h, *w))
     ids, positions = _inputs(batch=2, steps=4)
     Qwen3(CONFIG, rngs=nnx.Rngs(0))(ids, positions)
-    assert calls == [(2, 4, CONFIG.intermediate_size)]  # traced once inside the layer scan
+    # traced once inside the layer scan
+    assert calls == [((2, 4, CONFIG.hidden_size), (CONFIG.hidden_size, CONFIG.intermediate_size))]
 
 
 def test_explicit_mask_equals_segment_ids_and_validates_shape():
