@@ -8,13 +8,14 @@ times and the process's peak resident memory. Separate processes make peak memor
 honest and keep one framework's threads and caches out of the other's numbers; interleaving
 rounds spreads the drift of a shared machine over both sides.
 
-Every worker, whatever its side, runs with glibc's malloc asked to back its large blocks with
-transparent huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, added unless the caller set
-that tunable). glibc serves every block above 32 MiB with a fresh ``mmap``, so a process that
-allocates big temporaries on every call pays a page fault per 4 KiB touched, again on every call:
-XLA:CPU allocates a step's temporaries per execution, and faulting in 0.72 GB measured 150 ms
-here. With huge pages a fault covers 2 MiB. The setting is the same for both sides; the
-machine line records it.
+``--huge-pages`` runs every worker, whatever its side, with glibc's malloc asked to back its
+large blocks with transparent huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, unless the
+caller set that tunable). glibc serves every block above 32 MiB with a fresh ``mmap``, so a
+process that allocates big temporaries on every call pays a page fault per 4 KiB touched, on
+every call (XLA:CPU allocates a step's temporaries per execution; faulting in 0.72 GB took
+150 ms here); with huge pages a fault covers 2 MiB. It is not a free win: it sped up our
+training step and slowed our long step-wise scoring pass (``BENCHMARKS.md``), so it is off
+unless asked for, and the machine line records the workers' setting.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ def time_calls(run: Callable[[], object], repeats: int) -> tuple[float, list[flo
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb"
 
 
-def worker_environment() -> dict[str, str]:
-    """This process's environment plus unbuffered output and huge-page malloc (module docstring)."""
+def worker_environment(huge_pages: bool) -> dict[str, str]:
+    """This process's environment plus unbuffered output, and huge-page malloc if asked (module docstring)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     tunables = env.get("GLIBC_TUNABLES", "")
-    if HUGE_PAGE_TUNABLE not in tunables:
+    if huge_pages and HUGE_PAGE_TUNABLE not in tunables:
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, f"{HUGE_PAGE_TUNABLE}=1"]))
     return env
 
@@ -63,7 +64,7 @@ def machine_line(env: Mapping[str, str]) -> str:
     load = os.getloadavg()[0]
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"python {platform.python_version()}, load average {load:.1f} at start, "
-            f"workers' GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')}")
+            f"workers' GLIBC_TUNABLES={env.get('GLIBC_TUNABLES') or '(unset)'}")
 
 
 def main_side_by_side(
@@ -83,6 +84,8 @@ def main_side_by_side(
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per worker")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all sides")
     parser.add_argument("--sides", default=",".join(sides), help="comma-separated subset of " + ",".join(sides))
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="every side's worker mallocs large blocks on transparent huge pages")
     parser.add_argument("--worker", choices=list(sides), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -94,7 +97,7 @@ def main_side_by_side(
     chosen = args.sides.split(",")
     forwarded = [a for a in sys.argv[1:] if not a.startswith("--sides")]
     results: dict[str, dict[str, list[float]]] = {s: {"times": [], "warmup_s": [], "peak_rss_mib": []} for s in chosen}
-    env = worker_environment()
+    env = worker_environment(args.huge_pages)
     print(f"# {description}\n# machine: {machine_line(env)}")
     for _ in range(args.rounds):
         for side in chosen:

@@ -9,20 +9,21 @@ from benchmarks.common import worker_environment
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_workers_get_huge_page_malloc_and_keep_other_tunables(monkeypatch):
+def test_huge_page_malloc_only_when_asked_and_other_tunables_kept(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    assert worker_environment()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert "GLIBC_TUNABLES" not in worker_environment(huge_pages=False)
+    assert worker_environment(huge_pages=True)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    assert worker_environment()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert worker_environment(True)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the caller's choice wins
-    assert worker_environment()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
-    assert worker_environment()["PYTHONUNBUFFERED"] == "1"
+    assert worker_environment(True)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    assert worker_environment(False)["PYTHONUNBUFFERED"] == "1"
 
 
 def test_train_step_benchmark_runs_both_sides_at_a_tiny_shape():
     out = subprocess.run(
         [sys.executable, "benchmarks/bench_train_step.py", "--hidden", "64", "--layers", "1", "--vocab", "512",
-         "--seq", "64", "--prefix", "8", "--rounds", "1", "--repeats", "1"],
+         "--seq", "64", "--prefix", "8", "--rounds", "1", "--repeats", "1", "--huge-pages"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ours") or line.startswith("| torch")]
