@@ -231,17 +231,13 @@ def chunked_token_losses(
     (both None for ``nll``). Logits exist one ``[chunk_size, V]`` block at a time; the backward
     pass recomputes each block. Gradients flow to the student arrays only.
     """
-    _check_hidden(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec, chunk_size)
-    num_tokens = student_hidden.shape[0]
-    if num_tokens == 0:
+    chunks = _checked_chunks(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec,
+                             chunk_size)
+    if chunks is None:
         return jnp.zeros((0,), jnp.float32)
-    if not spec.needs_teacher:
-        teacher_hidden = teacher_unembed = None
-
-    student_chunks, teacher_chunks, target_chunks = _split_into_chunks(
-        chunk_size, student_hidden, teacher_hidden, targets)
+    student_chunks, teacher_chunks, teacher_unembed, target_chunks = chunks
     losses = _chunked_losses(spec, student_chunks, student_unembed, teacher_chunks, teacher_unembed, target_chunks)
-    return losses.reshape(-1)[:num_tokens]
+    return losses.reshape(-1)[:student_hidden.shape[0]]
 
 
 def chunked_weighted_loss(
@@ -266,19 +262,31 @@ def chunked_weighted_loss(
     both sides' logits, a third of the vocabulary-projection work of :func:`chunked_token_losses`.
     Called without differentiation it computes the losses only.
     """
-    _check_hidden(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec, chunk_size)
     if weights.shape != targets.shape:
         raise ValueError(f"weights must be [N] like targets {targets.shape}, got shape {weights.shape}")
-    num_tokens = student_hidden.shape[0]
-    if num_tokens == 0:
+    chunks = _checked_chunks(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec,
+                             chunk_size, weights.astype(jnp.float32))
+    if chunks is None:
         return jnp.zeros((), jnp.float32), jnp.zeros((0,), jnp.float32)
-    if not spec.needs_teacher:
-        teacher_hidden = teacher_unembed = None
-    student_chunks, teacher_chunks, target_chunks, weight_chunks = _split_into_chunks(
-        chunk_size, student_hidden, teacher_hidden, targets, weights.astype(jnp.float32))
+    student_chunks, teacher_chunks, teacher_unembed, target_chunks, weight_chunks = chunks
     total, losses = _weighted_loss(spec, student_chunks, student_unembed, teacher_chunks, teacher_unembed,
                                    target_chunks, weight_chunks)
-    return total, losses.reshape(-1)[:num_tokens]
+    return total, losses.reshape(-1)[:student_hidden.shape[0]]
+
+
+def _checked_chunks(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec, chunk_size,
+                    *per_token):
+    """Validated inputs of the chunked losses, split into chunks: ``(student chunks, teacher chunks,
+    teacher unembedding, target chunks, *per_token chunks)``, the teacher's parts None when the
+    divergence needs no teacher; None when there are no tokens."""
+    _check_hidden(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec, chunk_size)
+    if student_hidden.shape[0] == 0:
+        return None
+    if not spec.needs_teacher:
+        teacher_hidden = teacher_unembed = None
+    student_chunks, teacher_chunks, *rest = _split_into_chunks(chunk_size, student_hidden, teacher_hidden, targets,
+                                                               *per_token)
+    return (student_chunks, teacher_chunks, teacher_unembed, *rest)
 
 
 def _split_into_chunks(chunk_size: int, *arrays: jax.Array | None) -> list[jax.Array | None]:

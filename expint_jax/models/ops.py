@@ -112,9 +112,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | BlockM
     something; a query that may attend to nothing (padding) gets an arbitrary finite output.
     """
     if isinstance(mask, BlockMask) or q.shape[1] > ATTENTION_BLOCK:
-        if kv_heads_first:
-            k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
-        return blocked_attention(q, k, v, mask if isinstance(mask, BlockMask) else block_mask(mask))
+        return blocked_attention(q, k, v, mask if isinstance(mask, BlockMask) else block_mask(mask),
+                                 kv_heads_first=kv_heads_first)
     return dense_attention(q, k, v, mask, kv_heads_first=kv_heads_first)
 
 
@@ -146,7 +145,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask) -> jax.Array:
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,
+                      kv_heads_first: bool = False) -> jax.Array:
     """:func:`attention` computed tile by tile (FlashAttention-2's algorithm, in plain JAX).
 
     For each query block a loop visits only its active key blocks (``mask.kv_order``), so a
@@ -158,26 +158,31 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask)
 
     Blocks are laid out heads-major once, before the loops (queries ``[B, K, G, bq, D]``, keys
     and values ``[B, K, bk, D]``), so every tile product is a plain batched matmul over
-    ``(B, K)`` and no tile is transposed inside a loop.
+    ``(B, K)`` and no tile is transposed inside a loop. ``kv_heads_first``: k and v are
+    [B, K, S, D] (the KV cache's layout), cut into blocks without a transpose.
 
     A query with nothing to attend to gets 0 (no NaN in values or gradients).
     """
-    _check_heads(q, k)
+    kv_seq_axis, kv_heads_axis = (2, 1) if kv_heads_first else (1, 2)
+    _check_heads(q, k, kv_heads_axis)
     batch, q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv = k.shape[1], k.shape[2]
+    kv_len, num_kv = k.shape[kv_seq_axis], k.shape[kv_heads_axis]
     if (mask.q_len, mask.kv_len) != (q_len, kv_len) or mask.tiles.shape[2] != batch:
         raise ValueError(f"attention: the BlockMask is for [{mask.tiles.shape[2]}, {mask.q_len}, {mask.kv_len}]; "
                          f"q and k need [{batch}, {q_len}, {kv_len}]")
     block, nq, nk = mask.block, mask.tiles.shape[0], mask.tiles.shape[1]
     group = num_heads // num_kv
 
-    def blocks(x, length, n):  # [B, L, K, ..., D] -> [n, B, K, ..., block, D], zero-padded
-        x = jnp.pad(x, [(0, 0), (0, n * block - length)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape((batch, n, block) + x.shape[2:])  # [B, n, block, K, ..., D]
-        return jnp.moveaxis(x, (1, 2), (0, x.ndim - 2))
+    def blocks(x, seq_axis, n):  # sequence at seq_axis -> [n, B, K, ..., block, D], zero-padded
+        padding = [(0, 0)] * x.ndim
+        padding[seq_axis] = (0, n * block - x.shape[seq_axis])
+        x = jnp.pad(x, padding)
+        x = x.reshape(x.shape[:seq_axis] + (n, block) + x.shape[seq_axis + 1:])
+        return jnp.moveaxis(x, (seq_axis, seq_axis + 1), (0, x.ndim - 2))
 
-    qb = blocks(q.reshape(batch, q_len, num_kv, group, head_dim), q_len, nq)  # [nq, B, K, G, bq, D]
-    out = _flash(qb, blocks(k, kv_len, nk), blocks(v, kv_len, nk), mask)  # [nq, B, K, G, bq, D]
+    qb = blocks(q.reshape(batch, q_len, num_kv, group, head_dim), 1, nq)  # [nq, B, K, G, bq, D]
+    kb, vb = blocks(k, kv_seq_axis, nk), blocks(v, kv_seq_axis, nk)  # [nk, B, K, bk, D]
+    out = _flash(qb, kb, vb, mask)  # [nq, B, K, G, bq, D]
     out = jnp.moveaxis(out, (0, 4), (1, 2)).reshape(batch, nq * block, num_heads, head_dim)
     return out[:, :q_len].astype(q.dtype)
 

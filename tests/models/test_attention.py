@@ -109,7 +109,7 @@ def test_cross_lengths_and_bf16():
 
 def test_attention_picks_the_path_by_query_length(monkeypatch):
     calls = []
-    monkeypatch.setattr(ops, "blocked_attention", lambda q, k, v, m: calls.append(m.block) or q)
+    monkeypatch.setattr(ops, "blocked_attention", lambda q, k, v, m, **_: calls.append(m.block) or q)
     monkeypatch.setattr(ops, "ATTENTION_BLOCK", 8)
     rng = np.random.default_rng(3)
     q, k, v = _qkv(rng, 1, 9, 9, 2, 2, 4)
