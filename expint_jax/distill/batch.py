@@ -4,11 +4,12 @@ Contract: ``collate(examples, shape)`` pads every field to ``shape`` (right padd
 tokens are invalid and padded loss slots have weight 0 and target 0), so a jitted step compiles
 once per ``BatchShape``.
 
-Which shape a batch gets is the data pipeline's policy: ``data.batch_shape`` (a ladder of two
-lengths per octave) is what training and evaluation use. ``bucket_shape`` / ``round_up`` (lengths
-rounded up to multiples of a fixed size) are simple helpers for tests and benchmarks
-(``benchmarks/bench_stepwise_scoring.py``) that need one fixed, predictable shape; they are not
-the training policy.
+This module owns the shape policy: ``batch_shape`` (every dimension padded to a rung of a ladder
+of two lengths per octave, ``bucket_length``) is what training and evaluation use.
+``bucket_shape`` / ``round_up`` (lengths rounded up to multiples of a fixed size) are simple
+helpers for tests and benchmarks (``benchmarks/bench_stepwise_scoring.py``) that need one fixed,
+predictable shape; they are not the training policy. Which examples form a batch, and in which
+order, is the pipeline's job (``pipeline.py``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def round_up(n: int, multiple: int) -> int:
 
 def bucket_shape(examples: Sequence[DistillExample], rows: int, bucket: int = 256, loss_bucket: int = 128) -> BatchShape:
     """The smallest shape with lengths in multiples of ``bucket`` (``loss_bucket`` for loss tokens)
-    that holds every example (tests and benchmarks; training uses ``data.batch_shape``)."""
+    that holds every example (tests and benchmarks; training uses ``batch_shape``)."""
     return BatchShape(
         rows=rows,
         student_tokens=round_up(max(len(e.student_ids) for e in examples), bucket),
@@ -114,3 +115,24 @@ def padding_row(shape: BatchShape) -> dict[str, np.ndarray]:
         "teacher_valid": zeros(lt, bool), "student_loss_index": zeros(n, np.int32),
         "teacher_loss_index": zeros(n, np.int32), "targets": zeros(n, np.int32), "weights": zeros(n, np.float32),
     }
+
+
+def bucket_length(length: int, min_bucket: int) -> int:
+    """The smallest rung of ``min_bucket * {1, 1.5, 2, 3, 4, 6, 8, ...}`` that holds ``length``."""
+    rung = min_bucket
+    while True:
+        if length <= rung:
+            return rung
+        if length <= rung + rung // 2:
+            return rung + rung // 2
+        rung *= 2
+
+
+def batch_shape(examples: Sequence[DistillExample], rows: int, min_bucket: int) -> BatchShape:
+    """The ladder shape that holds every example of a (global) batch."""
+    return BatchShape(
+        rows=rows,
+        student_tokens=bucket_length(max(len(e.student_ids) for e in examples), min_bucket),
+        teacher_tokens=bucket_length(max(len(e.teacher_ids) for e in examples), min_bucket),
+        loss_tokens=bucket_length(max(e.num_loss_tokens for e in examples), min_bucket),
+    )

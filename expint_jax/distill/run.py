@@ -136,7 +136,7 @@ def demo_trajectories(demo: DemoData, directory: Path):
     from expint_jax.experience.bank import ExperiencePool, read_pool, write_pool
     from expint_jax.experience.extract.groups import group_rollouts
     from expint_jax.experience.inject import annotate_injections, make_injection
-    from expint_jax.experience.offline_writer import OfflineWriterConfig, write_offline
+    from expint_jax.rollout.envs.simweb.writer import OfflineWriterConfig, write_offline
     from expint_jax.experience.select import make_selector
     from expint_jax.records import read_trajectories
     from expint_jax.rollout.envs.simweb import SimWebConfig, SimWebEnv
@@ -170,7 +170,7 @@ def run_examples(config: DistillRunConfig, chat, splits: Sequence[str] = ("train
     data (built under ``<output_dir>/data`` on first use). ``None``: the split has no records
     (no eval files). A split whose records all fail to give an example (too long, no assistant
     turn, unalignable) is an error naming its files."""
-    from expint_jax.distill.data import build_examples, load_examples
+    from expint_jax.distill.pipeline import build_examples, load_examples
 
     unknown = set(splits) - {"train", "eval"}
     if unknown:
@@ -202,7 +202,7 @@ def initial_model(config: DistillRunConfig, mesh=None, *, remat: str = "none"):
     dtypes. It is both the teacher and the untrained student."""
     from expint_jax.models.config import DTypePolicy, tiny
     from expint_jax.models.hf import load_checkpoint
-    from expint_jax.parallel.placement import init_model
+    from expint_jax.models.init import init_model
 
     model = config.model
     policy = DTypePolicy(model.param_dtype, model.compute_dtype)

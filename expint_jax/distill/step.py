@@ -38,7 +38,6 @@ from expint_jax.distill.losses import (
 )
 from expint_jax.distill.optim import MasterWeightsState, apply_updates, needs_master_weights
 from expint_jax.distill.views import tree_attention_mask
-from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec
 
 Metrics = dict[str, jax.Array]
 _ZERO_SUMS = LossSums(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
@@ -227,12 +226,3 @@ def make_eval_step(graphdef: nnx.GraphDef, config: StepConfig, *, teacher_graphd
         return _metrics(loss_sums, kl_sums, batch, config)
 
     return jax.jit(evaluate)
-
-
-def shard_batch(batch: DistillBatch, mesh: jax.sharding.Mesh | None, rules: LogicalRules = DEFAULT_RULES) -> DistillBatch:
-    """Device-puts a host batch with rows on the ``batch`` logical axis (replicated without a mesh)."""
-    if mesh is None:
-        return jax.tree.map(jnp.asarray, batch)
-    spec = logical_to_spec(("batch",), rules, dict(mesh.shape), (batch.student_ids.shape[0],))
-    sharding = jax.sharding.NamedSharding(mesh, spec)
-    return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)

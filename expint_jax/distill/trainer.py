@@ -54,13 +54,12 @@ from tqdm.auto import tqdm
 
 from expint_jax import storage
 from expint_jax.distill.batch import DistillBatch
-from expint_jax.distill.data import BatchingConfig, BatchIterator, ExampleCounts, ExampleSet, HostBatch
+from expint_jax.distill.pipeline import BatchingConfig, BatchIterator, ExampleCounts, ExampleSet, HostBatch
 from expint_jax.distill.metrics_log import MetricsLog
 from expint_jax.distill.optim import OptimizerConfig, make_optimizer, needs_master_weights
-from expint_jax.distill.step import (StepConfig, TrainState, init_train_state, make_eval_step, make_train_step,
-                                     shard_batch)
-from expint_jax.parallel.placement import shard_model
-from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec
+from expint_jax.distill.step import StepConfig, TrainState, init_train_state, make_eval_step, make_train_step
+from expint_jax.parallel.placement import shard_batch, shard_model
+from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +194,7 @@ def train(
             teacher_params = _unshared(teacher_params, state.params)
         train_step = make_train_step(graphdef, tx, schedule, config.step, teacher_graphdef=teacher_graphdef)
         eval_step = make_eval_step(graphdef, config.step, teacher_graphdef=teacher_graphdef)
-        to_device = functools.partial(_device_batch, mesh=mesh, rules=rules)
+        to_device = functools.partial(shard_batch, mesh=mesh, rules=rules)
 
         manager = stack.enter_context(ocp.CheckpointManager(
             (out / "checkpoints").absolute(), item_names=("state", "data"),
@@ -261,21 +260,6 @@ def _unshared(teacher_params: nnx.State, student_params: nnx.State) -> nnx.State
     donates the student's buffers, which would delete a teacher sharing them (e.g. ``nnx.clone``)."""
     student_ids = {id(x) for x in jax.tree.leaves(student_params)}
     return jax.tree.map(lambda x: jnp.copy(x) if id(x) in student_ids else x, teacher_params)
-
-
-def _device_batch(batch: DistillBatch, mesh: jax.sharding.Mesh | None, rules: LogicalRules) -> DistillBatch:
-    """This process's rows as (global) device arrays."""
-    processes = jax.process_count()
-    if processes == 1:
-        return shard_batch(batch, mesh, rules)
-    global_rows = batch.shape.rows * processes
-    spec = logical_to_spec(("batch",), rules, dict(mesh.shape), (global_rows,))
-    if spec == jax.sharding.PartitionSpec(None):
-        raise ValueError(f"{processes} processes: a batch of {global_rows} rows must be divisible by the mesh axes "
-                         f"of the 'batch' rule ({dict(mesh.shape)}) so that each process holds only its rows")
-    sharding = jax.sharding.NamedSharding(mesh, spec)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:])),
-                        batch)
 
 
 def _restore_latest(manager: ocp.CheckpointManager, state: TrainState,

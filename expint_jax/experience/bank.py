@@ -14,7 +14,7 @@ Contract:
     so between two flat pools an edited item shows up as one deletion plus one addition.
   * Provenance: ``iteration`` is the iteration whose extraction wrote the item's current text
     (``None`` when unknown), ``writer`` what wrote it (``stages.WRITER`` for the LLM pipeline,
-    ``offline_writer.WRITER`` for SimWeb's deterministic writer, ``None`` when unknown, e.g. an
+    ``rollout.envs.simweb.writer.WRITER`` for SimWeb's deterministic writer, ``None`` when unknown, e.g. an
     imported pool), ``source_task_ids`` the training tasks whose rollouts led to it.
   * Files: our JSONL (one item object per line, ``*.jsonl``) keeps everything; the release's flat
     ``{"G0": "text", ...}`` JSON (``*.json``, see ``release_format``) keeps ids and texts only.

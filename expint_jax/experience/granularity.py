@@ -36,18 +36,14 @@ its ``stats.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from expint_jax import storage
 
-if TYPE_CHECKING:  # the bank stores a report per iteration, so it imports this module, not the reverse
-    from expint_jax.experience.bank import ExperiencePool
 
 _FILE_EXTENSIONS = ("html?|xhtml|php|aspx?|jsp|cgi|pdf|txt|csv|tsv|jsonl?|xml|ya?ml|toml|ini|cfg|md|rst|tex|py|ipynb|"
                     "js|ts|css|sh|rb|rs|go|java|cpp|docx?|xlsx?|pptx?|odt|png|jpe?g|gif|svg|webp|bmp|mp[34]|wav|"
@@ -141,7 +137,12 @@ def analyze(texts: Iterable[str]) -> GranularityReport:
     return GranularityReport(n, share("url"), share("number"), share("entity"), share("strategy"))
 
 
-def analyze_pool(pool: ExperiencePool) -> GranularityReport:
+class _HasText(Protocol):
+    text: str
+
+
+def analyze_pool(pool: Iterable[_HasText]) -> GranularityReport:
+    """The report of a pool's items (anything that iterates over objects with a ``text``, e.g. an ``ExperiencePool``)."""
     return analyze(item.text for item in pool)
 
 
@@ -163,28 +164,3 @@ def format_table(rows: Sequence[tuple[str, GranularityReport]]) -> str:
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
                                enumerate(zip(row, widths))) for row in [header, *lines])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``expint granularity POOL [POOL ...] [--out report.json]``: prints one table row per pool."""
-    parser = argparse.ArgumentParser(prog="expint granularity", description=main.__doc__)
-    parser.add_argument("pools", nargs="+", type=Path, help="pool files: our .jsonl or the release's flat .json")
-    parser.add_argument("--out", type=Path, help="write the report of the (single) pool here as JSON")
-    args = parser.parse_args(argv)
-    if args.out and len(args.pools) != 1:
-        parser.error("--out needs exactly one pool")
-    from expint_jax.experience.bank import PoolError, read_pool  # the bank imports this module
-
-    try:
-        rows = [(str(path), analyze_pool(read_pool(path))) for path in args.pools]
-    except (PoolError, ValueError) as e:
-        print(f"expint granularity: {e}", file=sys.stderr)
-        return 2
-    print(format_table(rows))
-    if args.out:
-        write_report(args.out, rows[0][1])
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -32,7 +32,7 @@ import numpy as np
 
 from expint_jax.records import Message, SamplingParams
 from expint_jax.retrieval import BM25Index
-from expint_jax.rollout.llm.base import ChatBackend
+from expint_jax.llm.base import ChatBackend
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from expint_jax import storage
 from expint_jax.models.config import DTypePolicy, Qwen3Config
+from expint_jax.models.init import abstract_model
 from expint_jax.models.qwen3 import Qwen3
 from expint_jax.models.tokenizer import load_tokenizer, save_tokenizer
 from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec, param_shardings
@@ -236,13 +237,6 @@ def _check_tensors(files: _SafetensorsDirectory, expected: Mapping[str, tuple[in
         problems.append("shape mismatches:\n" + "\n".join(wrong))
     if problems:
         raise CheckpointError(f"{files.directory}: checkpoint does not match the Qwen3 config:\n" + "\n".join(problems))
-
-
-def abstract_model(config: Qwen3Config, *, policy: DTypePolicy = DTypePolicy(), rules: LogicalRules = DEFAULT_RULES,
-                   remat: str = "none") -> tuple[nnx.GraphDef, nnx.State]:
-    """Graph definition and shape-only state of a Qwen3, without allocating parameters."""
-    model = nnx.eval_shape(lambda: Qwen3(config, policy=policy, rules=rules, remat=remat, rngs=nnx.Rngs(0)))
-    return nnx.split(model)
 
 
 def _flat_params(state: nnx.State) -> dict[str, nnx.Variable]:

@@ -69,7 +69,7 @@ from expint_jax.models.chat import (
 from expint_jax.records import Completion, Message, SamplingParams, Trajectory
 from expint_jax.rollout import prompts
 from expint_jax.rollout.envs.base import Environment, Task
-from expint_jax.rollout.llm.base import ChatBackend
+from expint_jax.llm.base import ChatBackend
 from expint_jax.rollout.tools import Tool, ToolError
 
 logger = logging.getLogger(__name__)

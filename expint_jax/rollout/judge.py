@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from typing import Literal, Protocol
 
 from expint_jax.records import Message, SamplingParams
-from expint_jax.rollout.llm.base import ChatBackend
+from expint_jax.llm.base import ChatBackend
 
 Method = Literal["exact_match", "llm", "fallback_exact_match", "no_prediction"]
 

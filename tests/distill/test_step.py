@@ -12,7 +12,8 @@ from flax import nnx
 from expint_jax.distill.batch import bucket_shape, collate
 from expint_jax.distill.losses import Divergence
 from expint_jax.distill.optim import MasterWeightsState, OptimizerConfig, decay_mask, make_optimizer
-from expint_jax.distill.step import StepConfig, init_train_state, make_eval_step, make_train_step, shard_batch
+from expint_jax.distill.step import StepConfig, init_train_state, make_eval_step, make_train_step
+from expint_jax.parallel.placement import shard_batch
 from expint_jax.distill.views import build_example, tree_attention_mask
 from expint_jax.models.config import DTypePolicy, tiny
 from expint_jax.models.qwen3 import Qwen3

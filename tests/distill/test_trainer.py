@@ -21,11 +21,13 @@ from jax.sharding import PartitionSpec
 from tensorboardX.proto import event_pb2
 
 from expint_jax.distill.batch import collate
-from expint_jax.distill.data import BatchIterator, BatchingConfig, ExampleSet, batch_shape, build_examples
+from expint_jax.distill.batch import batch_shape
+from expint_jax.distill.pipeline import BatchIterator, BatchingConfig, ExampleSet, build_examples
 from expint_jax.distill.losses import Divergence
 from expint_jax.distill.metrics_log import MetricsLog, read_metrics
 from expint_jax.distill.optim import MasterWeightsState, OptimizerConfig
-from expint_jax.distill.step import StepConfig, make_eval_step, shard_batch
+from expint_jax.distill.step import StepConfig, make_eval_step
+from expint_jax.parallel.placement import shard_batch
 from expint_jax.distill.trainer import TrainerConfig, TrainingDiverged, train
 from expint_jax.models.config import DTypePolicy, tiny
 from expint_jax.models.qwen3 import Qwen3

@@ -19,7 +19,7 @@ from expint_jax.experience.bank import (
 )
 from expint_jax.experience.extract import ExtractionConfig
 from expint_jax.experience.granularity import analyze_pool
-from expint_jax.experience.offline_writer import OfflineWriterConfig
+from expint_jax.rollout.envs.simweb.writer import OfflineWriterConfig
 
 
 def pool_of(*texts, iteration=1):

@@ -12,8 +12,8 @@ from expint_jax.experience.extract.stages import WRITER
 from expint_jax.experience.granularity import analyze_pool
 from expint_jax.experience.release_format import read_release_rollouts
 from expint_jax.records import SamplingParams
-from expint_jax.rollout.http import RetryPolicy
-from expint_jax.rollout.llm.openai import OpenAICompatible
+from expint_jax.llm.http import RetryPolicy
+from expint_jax.llm.openai import OpenAICompatible
 from tests.experience.fake_extractor import (
     SHARED_LESSON,
     TITLES,

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from expint_jax import cli
+from expint_jax.cli.granularity import main
 from expint_jax.experience.bank import ExperiencePool, read_pool, write_pool
 from expint_jax.experience.granularity import (
     GranularityReport,
@@ -15,7 +16,6 @@ from expint_jax.experience.granularity import (
     analyze,
     analyze_pool,
     item_features,
-    main,
     read_report,
     write_report,
 )

@@ -23,7 +23,7 @@ from expint_jax.models.hf import CheckpointError, load_checkpoint, save_checkpoi
 from expint_jax.models.qwen3 import Qwen3
 from expint_jax.models.tokenizer import load_tokenizer, save_tokenizer
 from expint_jax.parallel.mesh import MeshConfig, make_mesh
-from expint_jax.parallel.placement import init_model
+from expint_jax.models.init import init_model
 from tests.models.hf_fixtures import hf_logits, make_checkpoint
 
 SMALL = tiny(vocab_size=512, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=16,

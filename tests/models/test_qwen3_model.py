@@ -13,7 +13,8 @@ from expint_jax.models import ops
 from expint_jax.models.config import DTypePolicy, tiny
 from expint_jax.models.qwen3 import Qwen3
 from expint_jax.parallel.mesh import MeshConfig, make_mesh
-from expint_jax.parallel.placement import init_model, shard_model
+from expint_jax.models.init import init_model
+from expint_jax.parallel.placement import shard_model
 from expint_jax.parallel.rules import DEFAULT_RULES, logical_to_spec
 
 CONFIG = tiny(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,

@@ -14,7 +14,7 @@ from expint_jax.experience.inject import (
 )
 from expint_jax.experience.select import BM25Selector, Selection
 from expint_jax.models.chat import format_tool_call, format_tool_response
-from expint_jax.rollout.llm.base import per_conversation
+from expint_jax.llm.base import per_conversation
 from expint_jax.records import Completion, Message, SamplingParams, Trajectory
 from expint_jax.rollout import prompts
 from expint_jax.rollout.agent import AgentConfig, ReActAgent, assistant_text, estimate_tokens

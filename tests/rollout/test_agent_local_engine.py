@@ -18,7 +18,7 @@ from expint_jax.records import TERMINATIONS, Message, SamplingParams
 from expint_jax.rollout import prompts
 from expint_jax.rollout.agent import AgentConfig, ReActAgent
 from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
-from expint_jax.rollout.llm.local import LocalEngine
+from expint_jax.llm.local import LocalEngine
 
 POOL = {
     "G0": "When a search result is the entity's own page, visit it before answering.",

@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from expint_jax.records import Completion
-from expint_jax.rollout.http import RetryPolicy
+from expint_jax.llm.http import RetryPolicy
 from expint_jax.rollout.judge import (
     ExactMatchJudge,
     JudgeInput,
@@ -18,7 +18,7 @@ from expint_jax.rollout.judge import (
     parse_number,
     parse_verdict,
 )
-from expint_jax.rollout.llm.openai import OpenAICompatible
+from expint_jax.llm.openai import OpenAICompatible
 from tests.fakes.http_server import Reply, ScriptedServer, sequence
 
 

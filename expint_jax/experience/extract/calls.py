@@ -31,7 +31,7 @@ from expint_jax.experience.extract.prompts import retry_instruction
 from expint_jax.experience.extract.stats import RunStats
 from expint_jax.models.chat import strip_think
 from expint_jax.records import Message, SamplingParams
-from expint_jax.rollout.llm.base import BackendError, ChatBackend
+from expint_jax.llm.base import BackendError, ChatBackend
 
 log = logging.getLogger("expint_jax.experience.extract")
 

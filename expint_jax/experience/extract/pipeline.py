@@ -33,7 +33,7 @@ from expint_jax.experience.extract import stages
 from expint_jax.experience.extract.config import ExtractionConfig
 from expint_jax.experience.extract.groups import RolloutGroup
 from expint_jax.experience.extract.stats import RunStats
-from expint_jax.rollout.llm.base import ChatBackend
+from expint_jax.llm.base import ChatBackend
 
 STAGES: tuple[str, ...] = ("summary", "critique", "group_update", "reconcile", "consolidate", "final")
 StageHook = Callable[[str], None]

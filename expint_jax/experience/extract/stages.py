@@ -52,7 +52,7 @@ from expint_jax.experience.extract.groups import RolloutGroup
 from expint_jax.experience.extract.operations import Operation, apply_operations, reconcile
 from expint_jax.experience.extract.stats import RunStats
 from expint_jax.records import Trajectory
-from expint_jax.rollout.llm.base import ChatBackend
+from expint_jax.llm.base import ChatBackend
 
 DIGEST_TURN_CHARS = 300
 WRITER = "llm_extraction"  # ``ExperienceItem.writer`` of the lessons this pipeline writes

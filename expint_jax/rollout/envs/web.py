@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from expint_jax.records import Message, SamplingParams
-from expint_jax.rollout.http import HttpError, RetryPolicy, post_json, request_json
-from expint_jax.rollout.llm.base import ChatBackend
+from expint_jax.llm.http import HttpError, RetryPolicy, post_json, request_json
+from expint_jax.llm.base import ChatBackend
 from expint_jax.rollout.tools import ToolError, ToolSpec
 
 SEPARATOR = "\n\n=====\n\n"

@@ -21,7 +21,7 @@ from expint_jax.records import RecordError, read_jsonl
 from expint_jax.rollout.envs.base import Task
 from expint_jax.rollout.envs.web import JinaVisit, SerperSearch
 from expint_jax.rollout.judge import ExactMatchJudge, Judge, LLMJudge
-from expint_jax.rollout.llm.base import ChatBackend
+from expint_jax.llm.base import ChatBackend
 from expint_jax.rollout.tools import Tool
 
 _INFO_FIELDS: dict[str, type] = {"domain": str, "type": str, "difficulty_level": str, "lang": str,

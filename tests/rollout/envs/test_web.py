@@ -15,7 +15,7 @@ from expint_jax.rollout.envs.web import (
     parse_search_results,
 )
 from expint_jax.rollout.envs.webwalker import WebQAEnv, load_webqa_tasks, task_id
-from expint_jax.rollout.http import RetryPolicy
+from expint_jax.llm.http import RetryPolicy
 from expint_jax.rollout.judge import LLMJudge
 from expint_jax.rollout.tools import ToolError
 from tests.fakes.http_server import Reply, ScriptedServer, sequence

@@ -45,7 +45,7 @@ from expint_jax.rollout.envs.simweb.site import RELATIONS, SECTION_TITLES, forma
 from expint_jax.rollout.envs.simweb.tasks import ParsedQuestion, parse_question
 from expint_jax.rollout.envs.simweb.tools import VisitedPage, parse_page
 from expint_jax.rollout.envs.web import SearchHit, parse_search_results
-from expint_jax.rollout.llm.base import SamplingSpec, per_conversation
+from expint_jax.llm.base import SamplingSpec, per_conversation
 from expint_jax.rollout.judge import extract_numbers, parse_number
 
 AGENT_NAME = "simweb-reference"

@@ -35,8 +35,8 @@ from flax import nnx
 
 from expint_jax.models.qwen3 import CACHE_AXES, KVCache
 from expint_jax.parallel.rules import constrain
-from expint_jax.rollout.sampler.sampling import Strategy, token_log_probs
-from expint_jax.rollout.sampler.stops import MATCHED, StopTable, TokenBytes, cut_at_stop
+from expint_jax.llm.sampler.sampling import Strategy, token_log_probs
+from expint_jax.llm.sampler.stops import MATCHED, StopTable, TokenBytes, cut_at_stop
 
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}

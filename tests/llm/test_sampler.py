@@ -25,7 +25,7 @@ from expint_jax.models.qwen3 import Qwen3
 from expint_jax.models.tokenizer import load_tokenizer
 from expint_jax.parallel.mesh import MeshConfig, make_mesh
 from expint_jax.records import SamplingParams
-from expint_jax.rollout.sampler import (
+from expint_jax.llm.sampler import (
     Greedy,
     Session,
     Temperature,
@@ -38,8 +38,8 @@ from expint_jax.rollout.sampler import (
     from_params,
     generate,
 )
-from expint_jax.rollout.sampler.sampling import first_argmax, token_log_probs
-from expint_jax.rollout.sampler.stops import MATCHED, StopTable
+from expint_jax.llm.sampler.sampling import first_argmax, token_log_probs
+from expint_jax.llm.sampler.stops import MATCHED, StopTable
 from tests.models.hf_fixtures import make_checkpoint
 
 PROMPT_LENGTHS = (7, 2, 13, 4)

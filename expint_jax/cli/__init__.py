@@ -1,6 +1,7 @@
 """The ``expint`` command: ``expint <command> [options]``.
 
-Each command lives in the module of its domain and exposes ``main(argv) -> int``; this file only
+Each command is a module of this package (or, for ``distill``, of its domain) exposing
+``main(argv) -> int``; the domain modules they call stay free of argument parsing. This file only
 dispatches, importing a command's module when that command runs (so ``expint --help`` is fast
 and a command's heavy imports never slow another).
 
@@ -26,9 +27,9 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "check-model": Command("expint_jax.models.check", "load a Qwen3 checkpoint onto a mesh and check parity with transformers"),
+    "check-model": Command("expint_jax.cli.check_model", "load a Qwen3 checkpoint onto a mesh and check parity with transformers"),
     "distill": Command("expint_jax.distill.run", "context-distill a Qwen3 toward its experience-conditioned self (CPU demo by default)"),
-    "granularity": Command("expint_jax.experience.granularity", "share of URLs, numbers, entities and strategy statements in a pool",
+    "granularity": Command("expint_jax.cli.granularity", "share of URLs, numbers, entities and strategy statements in a pool",
                            uses_devices=False),
 }
 

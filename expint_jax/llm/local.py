@@ -47,10 +47,10 @@ from expint_jax.models.qwen3 import Qwen3
 from expint_jax.models.tokenizer import load_tokenizer
 from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec
 from expint_jax.records import Completion, Message, SamplingParams
-from expint_jax.rollout.llm.base import BackendError, SamplingSpec, per_conversation
-from expint_jax.rollout.sampler.generation import Generation, generate
-from expint_jax.rollout.sampler.sampling import from_params
-from expint_jax.rollout.sampler.stops import TokenBytes
+from expint_jax.llm.base import BackendError, SamplingSpec, per_conversation
+from expint_jax.llm.sampler.generation import Generation, generate
+from expint_jax.llm.sampler.sampling import from_params
+from expint_jax.llm.sampler.stops import TokenBytes
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from expint_jax.records import Message, SamplingParams
-from expint_jax.rollout.http import RetryPolicy
-from expint_jax.rollout.llm.base import BackendError, ChatBackend, chat_one
-from expint_jax.rollout.llm.openai import OpenAICompatible
+from expint_jax.llm.http import RetryPolicy
+from expint_jax.llm.base import BackendError, ChatBackend, chat_one
+from expint_jax.llm.openai import OpenAICompatible
 from tests.fakes.http_server import Reply, ScriptedServer, sequence
 from tests.fakes.openai import chat_reply, completion_body, request_messages
 

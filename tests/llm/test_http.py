@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from expint_jax.rollout.http import HttpError, RetryPolicy, post_json
+from expint_jax.llm.http import HttpError, RetryPolicy, post_json
 from tests.fakes.http_server import Reply, ScriptedServer, sequence
 
 FAST = RetryPolicy(max_attempts=4, timeout_s=0.5, backoff_s=0.01, max_backoff_s=0.02)

@@ -5,7 +5,7 @@ import pytest
 from expint_jax.experience.bank import ExperiencePool
 from expint_jax.experience.extract import group_rollouts
 from expint_jax.experience.granularity import analyze_pool
-from expint_jax.experience.offline_writer import (
+from expint_jax.rollout.envs.simweb.writer import (
     PRINCIPLES,
     WRITER,
     OfflineWriterConfig,

@@ -5,7 +5,7 @@ Works with vLLM, SGLang, DeepSeek, OpenAI and anything else speaking that protoc
   * At most ``max_concurrency`` requests are in flight at once per backend instance, also when
     several threads call ``chat`` at the same time (a shared semaphore guards every request).
   * Each request has a timeout and is retried with exponential back-off by
-    ``expint_jax.rollout.http`` (5xx, 429, time-outs, truncated or non-JSON bodies).
+    ``expint_jax.llm.http`` (5xx, 429, time-outs, truncated or non-JSON bodies).
   * A request that fails for good, or whose answer lacks ``choices[0].message``, becomes
     ``Completion(text="", finish_reason="error", error=...)`` for that conversation only.
   * The API key is read from a named environment variable and only ever placed in the
@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from expint_jax.records import Completion, Message, SamplingParams
-from expint_jax.rollout.http import HttpError, RetryPolicy, post_json, redact
-from expint_jax.rollout.llm.base import BackendError, SamplingSpec, per_conversation
+from expint_jax.llm.http import HttpError, RetryPolicy, post_json, redact
+from expint_jax.llm.base import BackendError, SamplingSpec, per_conversation
 
 log = logging.getLogger(__name__)
 

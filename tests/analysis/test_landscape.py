@@ -7,10 +7,11 @@ import pytest
 from flax import nnx
 
 from expint_jax.distill.batch import bucket_shape, collate
-from expint_jax.distill.landscape import (filter_axes, filter_normalized_direction, interpolate, loss_along_line,
+from expint_jax.analysis.landscape import (filter_axes, filter_normalized_direction, interpolate, loss_along_line,
                                           loss_on_plane)
 from expint_jax.distill.losses import Divergence
-from expint_jax.distill.step import StepConfig, make_eval_step, shard_batch
+from expint_jax.distill.step import StepConfig, make_eval_step
+from expint_jax.parallel.placement import shard_batch
 from expint_jax.distill.views import build_example
 from expint_jax.models.config import tiny
 from expint_jax.models.qwen3 import Qwen3

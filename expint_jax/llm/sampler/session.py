@@ -30,9 +30,9 @@ import numpy as np
 from flax import nnx
 
 from expint_jax.models.qwen3 import KVCache
-from expint_jax.rollout.sampler import generation as gen
-from expint_jax.rollout.sampler.sampling import Strategy
-from expint_jax.rollout.sampler.stops import TokenBytes
+from expint_jax.llm.sampler import generation as gen
+from expint_jax.llm.sampler.sampling import Strategy
+from expint_jax.llm.sampler.stops import TokenBytes
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

@@ -16,9 +16,9 @@ from expint_jax.models.hf import load_checkpoint
 from expint_jax.models.tokenizer import load_tokenizer, save_tokenizer
 from expint_jax.parallel.mesh import MeshConfig, make_mesh
 from expint_jax.records import Message, SamplingParams
-from expint_jax.rollout.llm.base import BackendError, ChatBackend
-from expint_jax.rollout.llm.local import LocalEngine
-from expint_jax.rollout.sampler import Greedy, decode, generate
+from expint_jax.llm.base import BackendError, ChatBackend
+from expint_jax.llm.local import LocalEngine
+from expint_jax.llm.sampler import Greedy, decode, generate
 from tests.models.hf_fixtures import make_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from expint_jax import storage
-from expint_jax.distill import data as data_module
+from expint_jax.distill import pipeline as data_module
 from expint_jax.distill.batch import bucket_shape, padding_row
-from expint_jax.distill.data import (BatchIterator, BatchingConfig, ExampleCounts, ExampleSet, batch_shape,
-                                     bucket_length, build_examples, load_examples)
+from expint_jax.distill.batch import batch_shape, bucket_length
+from expint_jax.distill.pipeline import BatchIterator, BatchingConfig, ExampleCounts, ExampleSet, build_examples, load_examples
 from expint_jax.distill.views import DistillExample, ViewBudget, ViewError
 from expint_jax.records import Message, RecordError, Trajectory
 from tests.distill.conftest import SYSTEM, make_trajectory

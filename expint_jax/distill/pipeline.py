@@ -50,7 +50,7 @@ import grain
 import jax
 import numpy as np
 
-from expint_jax.distill.batch import BatchShape, DistillBatch, collate
+from expint_jax.distill.batch import DistillBatch, batch_shape, collate
 from expint_jax.distill.views import DistillExample, ViewBudget, ViewError, build_example
 from expint_jax.models.chat import ChatFormat
 from expint_jax.records import Trajectory, read_jsonl
@@ -136,27 +136,6 @@ class BatchingConfig:
                 raise ValueError(f"BatchingConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"BatchingConfig.seed must be >= 0, got {self.seed}")
-
-
-def bucket_length(length: int, min_bucket: int) -> int:
-    """The smallest rung of ``min_bucket * {1, 1.5, 2, 3, 4, 6, 8, ...}`` that holds ``length``."""
-    rung = min_bucket
-    while True:
-        if length <= rung:
-            return rung
-        if length <= rung + rung // 2:
-            return rung + rung // 2
-        rung *= 2
-
-
-def batch_shape(examples: Sequence[DistillExample], rows: int, min_bucket: int) -> BatchShape:
-    """The ladder shape that holds every example of a (global) batch."""
-    return BatchShape(
-        rows=rows,
-        student_tokens=bucket_length(max(len(e.student_ids) for e in examples), min_bucket),
-        teacher_tokens=bucket_length(max(len(e.teacher_ids) for e in examples), min_bucket),
-        loss_tokens=bucket_length(max(e.num_loss_tokens for e in examples), min_bucket),
-    )
 
 
 def _derived_seed(seed: int, stream: int) -> int:

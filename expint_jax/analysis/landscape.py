@@ -26,7 +26,8 @@ from flax import nnx
 
 from expint_jax.distill.batch import DistillBatch
 from expint_jax.distill.optim import is_scale_or_bias
-from expint_jax.distill.step import StepConfig, make_eval_step, shard_batch
+from expint_jax.distill.step import StepConfig, make_eval_step
+from expint_jax.parallel.placement import shard_batch
 from expint_jax.distill.trainer import aggregate_eval
 
 
