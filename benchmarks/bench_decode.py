@@ -16,22 +16,19 @@ share, which would flatter us. Override the variable to measure the other settin
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_forward import ensure_checkpoint  # noqa: E402
-from benchmarks.common import main_side_by_side  # noqa: E402
+from benchmarks.common import add_model_arguments, main_side_by_side, prepare_environment  # noqa: E402
 
 
 def add_arguments(parser):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=151936)
+    add_model_arguments(parser)
 
 
 def prompts(args):
@@ -44,7 +41,7 @@ def ours(args):
     from flax import nnx
 
     from expint_jax.models.hf import load_checkpoint
-    from expint_jax.rollout.sampler import Greedy, generate
+    from expint_jax.llm.sampler import Greedy, generate
 
     graphdef, state = nnx.split(load_checkpoint(ensure_checkpoint(args)))
     batch = list(prompts(args))
@@ -67,8 +64,7 @@ def transformers_side(args):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    prepare_environment(passive_openmp=True)
     main_side_by_side(
         "Qwen3 greedy generation, fp32, exactly --new tokens per row (ours=JAX sampler, transformers=generate)",
         {"ours": ours, "transformers": transformers_side},

@@ -9,13 +9,12 @@ intermediate 1536, vocab 151,936, batch 4 x 512 tokens. Both sides load the SAME
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import main_side_by_side  # noqa: E402
+from benchmarks.common import add_model_arguments, main_side_by_side, prepare_environment  # noqa: E402
 
 CHECKPOINT = Path(tempfile.gettempdir()) / "expint_bench_forward_qwen3"
 
@@ -23,9 +22,7 @@ CHECKPOINT = Path(tempfile.gettempdir()) / "expint_bench_forward_qwen3"
 def add_arguments(parser):
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=151936)
+    add_model_arguments(parser)
 
 
 def ensure_checkpoint(args) -> Path:
@@ -77,7 +74,7 @@ def torch_side(args):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    prepare_environment()
     main_side_by_side(
         "Qwen3 forward with full logits, fp32 (ours=JAX jit, transformers=PyTorch eager)",
         {"ours": ours, "transformers": torch_side},

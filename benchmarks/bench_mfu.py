@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from expint_jax.distill.batch import DistillBatch  # noqa: E402
 from expint_jax.distill.losses import Divergence  # noqa: E402
 from expint_jax.distill.optim import OptimizerConfig, make_optimizer  # noqa: E402
-from expint_jax.distill.step import StepConfig, init_train_state, make_train_step, shard_batch  # noqa: E402
+from expint_jax.distill.step import StepConfig, init_train_state, make_train_step  # noqa: E402
 from expint_jax.models.config import DTypePolicy, Qwen3Config, preset, tiny  # noqa: E402
+from expint_jax.models.init import init_model  # noqa: E402
 from expint_jax.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
-from expint_jax.parallel.placement import init_model  # noqa: E402
+from expint_jax.parallel.placement import shard_batch  # noqa: E402
 
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "cpu": None}
 

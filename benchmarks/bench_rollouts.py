@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import main_side_by_side  # noqa: E402
+from benchmarks.common import is_worker, main_side_by_side, prepare_environment, script_arguments  # noqa: E402
 
 STATS = "EXPINT_BENCH_ROLLOUT_STATS"  # the file workers append one line per timed call to
 POOL = {
@@ -117,7 +117,7 @@ def local(args):
     from expint_jax.models.config import tiny
     from expint_jax.models.qwen3 import Qwen3
     from expint_jax.models.tokenizer import load_tokenizer
-    from expint_jax.rollout.llm.local import LocalEngine
+    from expint_jax.llm.local import LocalEngine
 
     args = workload(args)
     config = tiny(hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_layers=args.layers,
@@ -168,9 +168,8 @@ def report_generation_rate(args) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    worker = "--worker" in sys.argv
+    prepare_environment(passive_openmp=True)
+    worker = is_worker()
     stats = None
     if not worker:
         stats = tempfile.NamedTemporaryFile(prefix="bench_rollouts-", suffix=".jsonl", delete=False).name
@@ -184,9 +183,7 @@ if __name__ == "__main__":
         reference="reference",
     )
     if not worker:
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-        args = workload(parser.parse_known_args()[0])
+        args = workload(script_arguments(add_arguments))
         report_rates(stats)
         os.remove(stats)
         report_generation_rate(args)

@@ -28,14 +28,13 @@ The description line reports the token counts of both layouts.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import main_side_by_side  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_model_arguments, is_worker, main_side_by_side, prepare_environment, script_arguments)
 
 WORDS = (
     "the of and to in is was for on with as by at from that this which city museum river society founded year "
@@ -60,9 +59,7 @@ def add_arguments(parser):
     parser.add_argument("--item-words", type=int, default=32)
     parser.add_argument("--bucket", type=int, default=256, help="sequence lengths are padded to multiples of this")
     parser.add_argument("--loss-bucket", type=int, default=32, help="loss positions are padded to multiples of this")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=151936)
+    add_model_arguments(parser)
 
 
 def _words(rng, n: int) -> str:
@@ -215,11 +212,8 @@ def layout_summary(args) -> str:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    known = argparse.ArgumentParser(add_help=False)
-    add_arguments(known)
-    shape = known.parse_known_args()[0]
-    summary = "" if "--worker" in sys.argv else f"\n# trajectory: {layout_summary(shape)}"
+    prepare_environment()  # before layout_summary, whose imports bring in jax
+    summary = "" if is_worker() else f"\n# trajectory: {layout_summary(script_arguments(add_arguments))}"
     main_side_by_side(
         "Step-wise teacher scoring, tree-packed single pass vs one pass per turn, fp32" + summary,
         {"packed": packed, "per_turn": per_turn},

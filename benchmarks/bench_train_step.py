@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import main_side_by_side  # noqa: E402
+from benchmarks.common import add_model_arguments, main_side_by_side, prepare_environment  # noqa: E402
 
 CHECKPOINT = Path(tempfile.gettempdir()) / "expint_bench_distill_qwen3"
 LEARNING_RATE = 1e-5
@@ -87,9 +87,7 @@ def add_arguments(parser):
     parser.add_argument("--prefix", type=int, default=128, help="leading tokens that differ between teacher and student")
     parser.add_argument("--spans", type=int, default=4, help="assistant-like loss spans per row")
     parser.add_argument("--loss-fraction", type=float, default=0.25)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=151936)
+    add_model_arguments(parser)
     parser.add_argument("--chunk", type=int, default=1024, help="ours: loss tokens per logits chunk")
     parser.add_argument("--remat", default="none", choices=("none", "dots", "full"),
                         help="ours: per-layer rematerialization")
@@ -146,8 +144,9 @@ def ours(args):
 
     from expint_jax.distill.losses import Divergence
     from expint_jax.distill.optim import OptimizerConfig, make_optimizer
-    from expint_jax.distill.step import StepConfig, init_train_state, make_train_step, shard_batch
+    from expint_jax.distill.step import StepConfig, init_train_state, make_train_step
     from expint_jax.models.hf import load_checkpoint
+    from expint_jax.parallel.placement import shard_batch
 
     checkpoint = ensure_checkpoint(args)
     student = load_checkpoint(checkpoint, remat=args.remat)
@@ -195,8 +194,7 @@ def torch_side(args):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    prepare_environment(passive_openmp=True)
     main_side_by_side(
         "Distillation train step (teacher fwd + student fwd/bwd + forward KL + AdamW), fp32",
         {"ours": ours, "torch": torch_side},

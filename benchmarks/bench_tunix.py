@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.bench_train_step import add_arguments, checkpoint_dir, inputs, ours  # noqa: E402
-from benchmarks.common import main_side_by_side  # noqa: E402
+from benchmarks.common import main_side_by_side, prepare_environment  # noqa: E402
 
 TUNIX_PYTHON = os.environ.get("TUNIX_PYTHON", str(REPO.parent / "tunix-venv" / "bin" / "python"))
 LEARNING_RATE = 1e-5
@@ -132,7 +132,7 @@ def tunix_side(args):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    prepare_environment()
     main_side_by_side(
         "Logit distillation train step, ours vs google-tunix DistillationTrainer + LogitStrategy, fp32",
         {"ours": ours, "tunix": tunix_side},

@@ -16,6 +16,13 @@ every call (XLA:CPU allocates a step's temporaries per execution; faulting in 0.
 150 ms here); with huge pages a fault covers 2 MiB. It is not a free win: it sped up our
 training step and slowed our long step-wise scoring pass (``BENCHMARKS.md``), so it is off
 unless asked for, and the machine line records the workers' setting.
+
+Every side-by-side script's ``__main__`` calls :func:`prepare_environment` first, before anything
+imports jax or torch (see there why the order matters), and declares the random Qwen3's shape with
+:func:`add_model_arguments` where it has one. The one thing that stays in each script is the line
+putting the repository root on ``sys.path``: ``python benchmarks/bench_X.py`` puts only
+``benchmarks/`` there, and this module cannot be imported as ``benchmarks.common`` (the name the
+scripts, their workers and the tests share) until that line has run.
 """
 
 from __future__ import annotations
@@ -49,6 +56,47 @@ def time_calls(run: Callable[[], object], repeats: int) -> tuple[float, list[flo
 
 
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb"
+WORKER_FLAG = "--worker"
+
+
+def prepare_environment(*, passive_openmp: bool = False) -> None:
+    """The environment defaults of a side-by-side script; call it first in ``__main__``.
+
+    ``JAX_PLATFORMS=cpu`` (the comparisons are CPU ones) and, with ``passive_openmp``,
+    ``OMP_WAIT_POLICY=PASSIVE`` (spinning OpenMP waits slow PyTorch down several-fold on cores
+    other processes share, which would flatter us), each only where the caller has not set it.
+    It must run before jax or torch is imported, in the parent and so in every worker, which
+    inherits this process's environment (:func:`worker_environment`): jax reads ``JAX_PLATFORMS``
+    into its config when it is imported and the OpenMP runtime reads ``OMP_WAIT_POLICY`` once,
+    when torch loads it, so a later setting would be silently ignored. The scripts therefore
+    import jax and torch only inside their side functions (or after this call), never at the
+    top; an import that slipped in before raises here rather than measuring the wrong setup.
+    """
+    early = [name for name in ("jax", "torch") if name in sys.modules]
+    if early:
+        raise RuntimeError(f"prepare_environment() must run before {' and '.join(early)} is imported")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if passive_openmp:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, hidden: int = 512, layers: int = 8) -> None:
+    """``--hidden``, ``--layers``, ``--vocab``: the random Qwen3 a script builds (default: the issues' shape)."""
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--vocab", type=int, default=151936)
+
+
+def is_worker() -> bool:
+    """Whether this process is one side's worker (:func:`main_side_by_side` re-ran the script for it)."""
+    return WORKER_FLAG in sys.argv
+
+
+def script_arguments(add_arguments: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:
+    """The script's own arguments from the command line, the harness's ignored, for work outside the harness."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return parser.parse_known_args()[0]
 
 
 def worker_environment(huge_pages: bool) -> dict[str, str]:
@@ -86,7 +134,7 @@ def main_side_by_side(
     parser.add_argument("--sides", default=",".join(sides), help="comma-separated subset of " + ",".join(sides))
     parser.add_argument("--huge-pages", action="store_true",
                         help="every side's worker mallocs large blocks on transparent huge pages")
-    parser.add_argument("--worker", choices=list(sides), help=argparse.SUPPRESS)
+    parser.add_argument(WORKER_FLAG, choices=list(sides), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
@@ -102,7 +150,7 @@ def main_side_by_side(
     for _ in range(args.rounds):
         for side in chosen:
             python = (interpreters or {}).get(side, sys.executable)
-            out = subprocess.run([python, sys.argv[0], *forwarded, "--worker", side], capture_output=True,
+            out = subprocess.run([python, sys.argv[0], *forwarded, WORKER_FLAG, side], capture_output=True,
                                  text=True, env=env)
             if out.returncode:
                 sys.exit(f"worker {side} failed:\n{out.stderr[-4000:]}")

@@ -1,5 +1,6 @@
-"""The benchmark harness: worker environment, and one script end to end at a tiny shape."""
+"""The benchmark harness: script and worker environment, and one script end to end at a tiny shape."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,24 @@ def test_huge_page_malloc_only_when_asked_and_other_tunables_kept(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the caller's choice wins
     assert worker_environment(True)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
     assert worker_environment(False)["PYTHONUNBUFFERED"] == "1"
+
+
+def _prepared_environment(code: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "OMP_WAIT_POLICY")}
+    return subprocess.run([sys.executable, "-c", "from benchmarks.common import prepare_environment\n" + code],
+                          cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=120)
+
+
+def test_prepare_environment_sets_defaults_keeps_callers_and_refuses_after_jax():
+    show = "import os; print(os.environ.get('JAX_PLATFORMS'), os.environ.get('OMP_WAIT_POLICY'))"
+    assert _prepared_environment(f"prepare_environment()\n{show}").stdout.split() == ["cpu", "None"]
+    assert _prepared_environment(f"prepare_environment(passive_openmp=True)\n{show}").stdout.split() == [
+        "cpu", "PASSIVE"]
+    kept = _prepared_environment(f"prepare_environment(passive_openmp=True)\n{show}", JAX_PLATFORMS="gpu",
+                                 OMP_WAIT_POLICY="ACTIVE")
+    assert kept.stdout.split() == ["gpu", "ACTIVE"]
+    late = _prepared_environment("import jax\nprepare_environment()")
+    assert late.returncode != 0 and "before jax is imported" in late.stderr
 
 
 def test_train_step_benchmark_runs_both_sides_at_a_tiny_shape():
