@@ -1,4 +1,4 @@
-"""Runs untrusted Python in a separate, confined process; ``PythonTool`` exposes it to the agent.
+"""Runs untrusted Python in a separate, confined process (``python_tool.PythonTool`` exposes it to the agent).
 
 Every run gets a fresh process and a fresh scratch directory (its working directory, ``HOME`` and
 ``TMPDIR``), a clean environment (no API keys are inherited) and these layers of confinement:
@@ -44,6 +44,10 @@ is for a sandbox that cannot start at all. ``killed_reason`` says which limit st
 refused by ``RLIMIT_FSIZE``, or another signal), or is None when the code ended on its own.
 Refusals by the audit hook are ``PermissionError``s raised inside the code: the traceback on
 stderr names them ("sandbox: network access is disabled").
+
+This module is the parent side; the child process (the bootstrap that confines itself and runs
+the code, PID 1 of the run's PID namespace) is ``sandbox_child``, whose docstring states the
+contract between the two.
 """
 
 from __future__ import annotations
@@ -62,21 +66,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
-from typing import Any
 
-from expint_jax.rollout.tools import ToolError, ToolSpec, require_str
+from expint_jax.rollout import sandbox_child
 
 log = logging.getLogger(__name__)
 
 KILLED_REASONS = ("wall_time", "cpu_time", "memory", "file_size", "signal")
-_EXIT_MEMORY = 86  # the bootstrap's exit status after a MemoryError
-_EXIT_FILE_SIZE = 87  # ... after a write failed with EFBIG (RLIMIT_FSIZE)
-_EXIT_SETUP = 70  # the bootstrap could not confine itself; the code never ran
-_EXIT_SIGNAL = 88  # ... as PID 1 of the run's namespace, after the code's process was killed by a signal
-_MEMORY_MARKER = "sandbox: memory limit exceeded"
-_FILE_SIZE_MARKER = "sandbox: file size limit exceeded"
-_SETUP_MARKER = "sandbox setup failed:"
+# The child's exit statuses and stderr markers (see ``sandbox_child``).
+_EXIT_MEMORY, _MEMORY_MARKER = sandbox_child.EXIT_MEMORY, sandbox_child.MEMORY_MARKER
+_EXIT_FILE_SIZE, _FILE_SIZE_MARKER = sandbox_child.EXIT_FILE_SIZE, sandbox_child.FILE_SIZE_MARKER
+_EXIT_SETUP, _SETUP_MARKER = sandbox_child.EXIT_SETUP, sandbox_child.SETUP_MARKER
+_EXIT_SIGNAL = sandbox_child.EXIT_SIGNAL
+# Run by file path, not ``-m expint_jax.rollout.sandbox_child``: under ``-I`` (no PYTHONPATH, no
+# working directory on sys.path) ``-m`` finds the module only where ``expint_jax`` is installed in
+# the interpreter that runs the code, which ``Sandbox(python=...)`` need not be; and ``-m`` would
+# import the package ``__init__``s (``expint_jax``, ``expint_jax.rollout``, ``exports``) into every run.
+_CHILD_PATH = os.path.abspath(sandbox_child.__file__)
 _SIGNAL_LINE = re.compile(r"sandbox: the code was killed by signal (\d+)\n\Z")
 _PID_NAMESPACE_FLAGS = ("--pid", "--fork", "--mount-proc")
 _CGROUP_ROOTS = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup")  # cgroup v1 pids controller, cgroup v2
@@ -281,7 +286,7 @@ class Sandbox:
                         ["RLIMIT_NOFILE", limits.max_open_files, limits.max_open_files],
                         ["RLIMIT_CORE", 0, 0]],
         }
-        command = unshare_prefix(self.isolation) + [self.python, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(config)]
+        command = unshare_prefix(self.isolation) + [self.python, "-I", "-B", _CHILD_PATH, json.dumps(config)]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8",
                "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
@@ -353,285 +358,3 @@ def _killed_reason(status: int, timed_out: bool, stderr: str) -> str | None:
     if status < 0:
         return "signal"
     return None
-
-
-# The child's entry point (run with ``python -I -B -c``). While still privileged it joins its
-# cgroup, reads the code and, in a mount namespace of its own, makes the file system read-only;
-# in a PID namespace of its own (where it is PID 1) it then forks and only reports how the child
-# ended. The process that runs the code sets its limits, installs the audit hook and runs it.
-_BOOTSTRAP = r'''
-import errno, json, linecache, os, re, resource, sys, traceback
-
-def _setup(config):
-    if config["cgroup_procs"] is not None:  # first, so that everything this process starts is counted
-        with open(config["cgroup_procs"], "w") as f:
-            f.write(str(os.getpid()))
-    with open(config["code_path"], encoding="utf-8") as f:
-        code = f.read()
-    if config["readonly_root"]:
-        _read_only_file_system(os.path.realpath(config["scratch"]), config["parent_mount_namespace"])
-    return code
-
-def _read_only_file_system(scratch, parent_namespace):
-    import ctypes
-    # Only bind remounts (per-mount flags, never a file system's own) and only in a namespace that
-    # is certainly not the parent's: nothing here can make the host's files read-only.
-    if os.readlink("/proc/self/ns/mnt") == parent_namespace:
-        raise RuntimeError("not in a mount namespace of its own; refusing to remount")
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
-    MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
-    # Flags a remount must repeat: a user namespace may not clear them.
-    kept = {os.ST_NOSUID: 2, os.ST_NODEV: 4, os.ST_NOEXEC: 8, os.ST_NOATIME: 1024, os.ST_NODIRATIME: 2048,
-            os.ST_RELATIME: 1 << 21}
-
-    def mount(source, target, flags):
-        if libc.mount(source and os.fsencode(source), os.fsencode(target), None, flags, None) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"mount {target!r}: {os.strerror(error)}")
-
-    mount(None, "/", MS_REC | MS_PRIVATE)  # no mount event may propagate to the parent's namespace
-    mount(scratch, scratch, MS_BIND)  # the scratch directory becomes a mount of its own, left writable
-    os.chdir(scratch)  # the working directory still pointed into the mount underneath
-    with open("/proc/self/mountinfo") as f:
-        targets = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in f]
-    for target in dict.fromkeys(targets):
-        flags = os.statvfs(target).f_flag
-        if target != scratch and not flags & os.ST_RDONLY:
-            locked = sum(bit for st, bit in kept.items() if flags & st)
-            mount(None, target, MS_REMOUNT | MS_BIND | MS_RDONLY | locked)
-
-def _init(child):
-    # PID 1 of the run's PID namespace: reap every process until the code's own ends, then report
-    # how it ended (our own death by a signal could not say it: PID 1 ignores most signals).
-    while True:
-        pid, status = os.waitpid(-1, 0)
-        if pid == child:
-            break
-    if os.WIFSIGNALED(status):
-        os.write(2, f"sandbox: the code was killed by signal {os.WTERMSIG(status)}\n".encode())
-        os._exit(88)
-    os._exit(os.waitstatus_to_exitcode(status))
-
-def _limit(config):
-    for name, soft, hard in config["rlimits"]:
-        resource.setrlimit(getattr(resource, name), (soft, hard))
-
-def _guard(scratch):
-    import posix, urllib.parse
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-    path_events = {"os.remove": (0,), "os.rename": (0, 1), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
-                   "os.chown": (0,), "os.link": (0, 1), "os.symlink": (1,), "os.truncate": (0,), "os.utime": (0,),
-                   "os.setxattr": (0,), "os.removexattr": (0,), "os.chflags": (0,), "shutil.rmtree": (0,)}
-    process_events = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
-                      "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill"}
-    foreign_events = {"ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function"}
-    introspection_events = {"gc.get_objects", "gc.get_referrers", "gc.get_referents"}  # could find this hook
-    allowed = (scratch, "/dev/null")
-    own_pid = str(os.getpid())
-    proc_entry = re.compile(r"/proc/(?P<pid>[^/]+)(?:/|\Z)")
-
-    def resolve(path):
-        if path is None or isinstance(path, int):
-            return None  # the working directory (inside) or an already-open descriptor
-        path = os.fsdecode(path)
-        return os.path.realpath(os.path.join(os.getcwd(), path))
-
-    def inside(full):
-        return full is None or full in allowed or full.startswith(scratch + os.sep)
-
-    def other_process(full):
-        # /proc/<pid>/... of any other process (the parent's environ holds API keys), any environ file
-        entry = proc_entry.match(full or "")
-        return entry is not None and ((entry["pid"].isdigit() and entry["pid"] != own_pid)
-                                      or full.endswith("/environ"))
-
-    def database_paths(database):
-        # The event does not say whether connect() reads the name as a URI, so check both readings.
-        name = os.fsdecode(database)
-        if name in ("", ":memory:"):
-            return []
-        paths = [name]
-        if name.startswith("file:"):
-            body, _, query = name[5:].partition("?")
-            if "mode=memory" in query:
-                return []
-            if body.startswith("//"):  # file://host/path
-                body = "/" + body[2:].partition("/")[2]
-            body = urllib.parse.unquote(body.partition("#")[0])
-            if body not in ("", ":memory:"):
-                paths.append(body)
-        return paths
-
-    def refuse_outside(what, path):
-        if not inside(resolve(path)):
-            raise PermissionError(f"sandbox: writing outside the scratch directory is not allowed ({what} {path!r})")
-
-    def hook(event, args):
-        if event == "open":
-            path, mode, flags = args
-            full = resolve(path)
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & write_flags)
-            if writing and not inside(full):
-                raise PermissionError(f"sandbox: writing outside the scratch directory is not allowed ({path!r})")
-            if other_process(full):
-                raise PermissionError(f"sandbox: reading other processes' /proc entries is not allowed ({path!r})")
-            if full is not None and not inside(full) and os.path.isdir(full):
-                raise PermissionError(
-                    f"sandbox: opening directories outside the scratch directory is not allowed ({path!r})")
-        elif event in ("os.listdir", "os.scandir"):
-            if other_process(resolve(args[0])):
-                raise PermissionError(f"sandbox: reading other processes' /proc entries is not allowed ({args[0]!r})")
-        elif event in path_events:
-            for i in path_events[event]:
-                if not inside(resolve(args[i])):
-                    raise PermissionError(
-                        f"sandbox: changing files outside the scratch directory is not allowed ({event} {args[i]!r})")
-        elif event == "sqlite3.connect":
-            for path in database_paths(args[0]):
-                refuse_outside(event, path)
-        elif event.startswith("socket."):
-            raise PermissionError("sandbox: network access is disabled")
-        elif event in process_events:
-            raise PermissionError(f"sandbox: starting or signalling processes is not allowed ({event})")
-        elif event in foreign_events or (event == "ctypes.dlopen" and args[0] is not None):
-            raise PermissionError(f"sandbox: loading foreign code is not allowed ({event})")
-        elif event.startswith("resource.set") or event == "resource.prlimit":
-            raise PermissionError("sandbox: changing resource limits is not allowed")
-        elif event in introspection_events or (event == "object.__setattr__" and args[1] == "__code__"):
-            raise PermissionError(f"sandbox: reaching into the interpreter is not allowed ({event})")
-
-    def special_file(name, create):
-        # os.mkfifo and os.mknod raise no audit event; the read-only root is the backstop behind this.
-        def guarded(path, *args, dir_fd=None, **kwargs):
-            if dir_fd is not None:
-                raise PermissionError(f"sandbox: os.{name} with dir_fd is not allowed")
-            refuse_outside(f"os.{name}", path)
-            return create(path, *args, **kwargs)
-        return guarded
-
-    for name in ("mkfifo", "mknod"):
-        if hasattr(os, name):
-            guarded = special_file(name, getattr(os, name))
-            setattr(os, name, guarded)
-            setattr(posix, name, guarded)
-    sys.addaudithook(hook)
-
-def _main():
-    config = json.loads(sys.argv[1])
-    try:
-        code = _setup(config)
-        if config["pid_namespace"]:
-            child = os.fork()
-            if child:
-                _init(child)
-        _limit(config)
-    except Exception as e:
-        sys.stderr.write(f"sandbox setup failed: {type(e).__name__}: {e}\n")
-        sys.stderr.flush()
-        os._exit(70)
-    _guard(os.path.realpath(config["scratch"]))
-    sys.argv = ["<code>"]
-    linecache.cache["<code>"] = (len(code), None, code.splitlines(True), "<code>")
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    status = 0
-    try:
-        exec(compile(code, "<code>", "exec"), namespace)
-    except MemoryError:
-        sys.stderr.write(f"MemoryError: sandbox: memory limit exceeded ({config['memory_mib']} MiB)\n")
-        status = 86
-    except OSError as e:
-        if e.errno != errno.EFBIG:
-            traceback.print_exception(type(e), e, e.__traceback__.tb_next)
-            status = 1
-        else:
-            sys.stderr.write(f"OSError: sandbox: file size limit exceeded ({config['max_file_mib']} MiB)\n")
-            status = 87
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if e.code is not None and not isinstance(e.code, int):
-            sys.stderr.write(f"{e.code}\n")
-    except BaseException as e:
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
-        status = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except OSError:  # the stream itself hit the file size limit
-            pass
-    os._exit(status)
-
-_main()
-'''
-
-
-# ---------------------------------------------------------------------------------------------
-# The agent's tool
-# ---------------------------------------------------------------------------------------------
-
-_FENCE = re.compile(r"^\s*```(?:python|py)?\s*\n(?P<body>.*?)\n?```\s*$", re.S | re.I)
-
-
-def observation(result: SandboxResult, limits: SandboxLimits) -> str:
-    """What the agent sees: output, errors and, when something stopped the code, why."""
-    parts = []
-    if result.stdout.strip():
-        parts.append(result.stdout.rstrip())
-    if result.stderr.strip():
-        parts.append(f"[stderr]\n{result.stderr.rstrip()}")
-    reason = {
-        "wall_time": f"Execution stopped: the code ran longer than the time limit of {limits.wall_time_s:g} s.",
-        "cpu_time": f"Execution stopped: the code used more than {limits.cpu_time_s} s of CPU time.",
-        "memory": f"Execution stopped: the code tried to use more than {limits.memory_bytes >> 20} MiB of memory.",
-        "file_size": (f"Execution stopped: the code wrote more than {limits.max_file_bytes >> 20} MiB of output "
-                      "or files."),
-        "signal": "Execution stopped: the process was killed by a signal.",
-    }.get(result.killed_reason or "")
-    if reason:
-        parts.append(reason)
-    elif result.exit_status not in (0, None):
-        parts.append(f"The code exited with status {result.exit_status}.")
-    if not parts:
-        return "The code ran without errors and printed nothing. Use print() to show values."
-    return "\n".join(parts)
-
-
-class PythonTool:
-    """The ``python`` tool: runs the given code in a fresh sandbox and returns what it printed.
-
-    Failures (an exception, a refused operation, a limit) raise ``ToolError`` whose message is the
-    full observation, so the agent sees the traceback or the limit that stopped the code.
-    """
-
-    def __init__(self, sandbox: Sandbox | None = None):
-        self.sandbox = sandbox or Sandbox()
-        limits = self.sandbox.limits
-        self.spec = ToolSpec("python", (
-            "Run Python 3 code in a fresh, isolated process and return what it prints (use print()). "
-            f"No network, no subprocesses; limits: {limits.wall_time_s:g} s, "
-            f"{limits.memory_bytes >> 20} MiB of memory; the standard library"
-            f"{' and numpy' if _has_numpy(self.sandbox.python) else ''} are available. State is not kept "
-            "between calls."
-        ), {"type": "object", "properties": {"code": {"type": "string", "description": "The Python code to run."}},
-            "required": ["code"]})
-
-    def __call__(self, arguments: Mapping[str, Any]) -> str:
-        code = require_str(arguments, "code", "python")
-        fenced = _FENCE.match(code)
-        if fenced:
-            code = fenced.group("body")
-        result = self.sandbox.run(code)
-        text = observation(result, self.sandbox.limits)
-        if not result.ok:
-            raise ToolError(text)
-        return text
-
-
-@functools.cache
-def _has_numpy(python: str) -> bool:
-    if python == sys.executable:
-        import importlib.util
-
-        return importlib.util.find_spec("numpy") is not None
-    probe = subprocess.run([python, "-I", "-c", "import numpy"], capture_output=True, timeout=60)
-    return probe.returncode == 0

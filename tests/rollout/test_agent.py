@@ -468,7 +468,8 @@ def test_the_backends_token_counter_is_used_when_it_has_one():
 
 
 def test_failing_python_code_becomes_an_observation_and_the_agent_goes_on():
-    from expint_jax.rollout.sandbox import PythonTool, Sandbox, SandboxLimits
+    from expint_jax.rollout.python_tool import PythonTool
+    from expint_jax.rollout.sandbox import Sandbox, SandboxLimits
 
     tool = PythonTool(Sandbox(SandboxLimits(wall_time_s=20.0, cpu_time_s=1)))
     backend = replies(

@@ -7,12 +7,13 @@ import time
 
 import pytest
 
+from expint_jax.rollout import sandbox_child
+from expint_jax.rollout.python_tool import PythonTool, observation
 from expint_jax.rollout.sandbox import (
+    _SIGNAL_LINE,
     Isolation,
-    PythonTool,
     Sandbox,
     SandboxLimits,
-    observation,
     probe_isolation,
     truncate_middle,
 )
@@ -272,3 +273,37 @@ def test_limits_are_validated():
         SandboxLimits(wall_time_s=0)
     with pytest.raises(TypeError, match="code must be str"):
         Sandbox(LIMITS).run(b"print(1)")
+
+
+def test_child_path_containment_check():
+    scratch = "/tmp/expint-sandbox-x/scratch"
+    for inside in (None, scratch, scratch + "/a.txt", scratch + "/sub/b", "/dev/null"):
+        assert sandbox_child.is_inside(inside, scratch), inside
+    for outside in ("/tmp/expint-sandbox-x", scratch + "-evil/a", "/tmp/expint-sandbox-x/scratchy", "/etc/passwd",
+                    "/dev/nullx", "/"):
+        assert not sandbox_child.is_inside(outside, scratch), outside
+
+
+def test_child_proc_and_sqlite_checks():
+    assert sandbox_child.is_other_process("/proc/1/environ", "42")
+    assert sandbox_child.is_other_process("/proc/7", "42")
+    assert sandbox_child.is_other_process("/proc/self/environ", "42")  # any environ file
+    assert sandbox_child.is_other_process("/proc/42/task/42/environ", "42")
+    assert not sandbox_child.is_other_process("/proc/42/status", "42")
+    assert not sandbox_child.is_other_process("/proc/self/status", "42")
+    assert not sandbox_child.is_other_process("/proc/cpuinfo", "42")
+    assert not sandbox_child.is_other_process(None, "42")
+    assert sandbox_child.database_paths(":memory:") == [] and sandbox_child.database_paths(b"") == []
+    assert sandbox_child.database_paths("file:x?mode=memory&cache=shared") == []
+    assert sandbox_child.database_paths("db.sqlite") == ["db.sqlite"]
+    assert sandbox_child.database_paths("file:/etc/a%20b.db?mode=ro#frag") == ["file:/etc/a%20b.db?mode=ro#frag",
+                                                                               "/etc/a b.db"]
+    assert sandbox_child.database_paths("file://localhost/etc/x.db") == ["file://localhost/etc/x.db", "/etc/x.db"]
+
+
+def test_child_signal_report_is_what_the_parent_parses():
+    stderr = "partial output\n" + sandbox_child.signal_report(9)
+    line = _SIGNAL_LINE.search(stderr)
+    assert line is not None and int(line.group(1)) == 9 and stderr[: line.start()] == "partial output\n"
+    assert sandbox_child.EXIT_SIGNAL not in (0, 1, sandbox_child.EXIT_MEMORY, sandbox_child.EXIT_FILE_SIZE,
+                                              sandbox_child.EXIT_SETUP)

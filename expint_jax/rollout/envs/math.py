@@ -27,7 +27,8 @@ from fractions import Fraction
 from expint_jax.models.chat import parse_answer
 from expint_jax.rollout.envs.base import Task
 from expint_jax.rollout.judge import numbers_close, parse_number
-from expint_jax.rollout.sandbox import PythonTool, Sandbox
+from expint_jax.rollout.python_tool import PythonTool
+from expint_jax.rollout.sandbox import Sandbox
 from expint_jax.rollout.tools import Tool
 
 LEVELS = ("easy", "medium", "hard")
