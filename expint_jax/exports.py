@@ -3,8 +3,8 @@
 Contract: a package ``__init__`` calls ``public_api(__name__, {name: "submodule", ...})`` and
 assigns the result to ``__getattr__, __dir__, __all__``. ``from expint_jax.models import Qwen3``
 then imports ``expint_jax.models.qwen3`` on first use (PEP 562), so ``import expint_jax.rollout``
-stays cheap (the sandbox child and ``expint --help`` import package ``__init__``s and must not
-pull in JAX), and a package ``__init__`` never closes an import circle with its own modules.
+stays cheap (a command such as ``expint granularity`` imports package ``__init__``s and must
+not pay for JAX), and a package ``__init__`` never closes an import circle with its own modules.
 An unknown name is the usual ``AttributeError``. An exported name must not be a submodule's name
 (importing the submodule would set the package attribute to the module).
 """

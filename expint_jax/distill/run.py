@@ -243,7 +243,7 @@ def run(config: DistillRunConfig):
     mesh = make_mesh(MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
     student = initial_model(config, mesh, remat=config.model.remat)
     step = train_config.step
-    teacher = initial_model(config, mesh) if step.divergence.needs_teacher or step.tracks_kl else None
+    teacher = initial_model(config, mesh) if step.needs_teacher else None
     result = train(train_config, student, teacher, data["train"], data["eval"], mesh=mesh)
     if config.export_student:
         save_checkpoint(student, out / "student", tokenizer=tokenizer)

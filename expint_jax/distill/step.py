@@ -66,6 +66,11 @@ class StepConfig:
     def tracks_kl(self) -> bool:
         return self.track_kl and not self.kl_is_loss and self.divergence.kind != "nll"
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the step runs the teacher: its loss needs it, or it reports KL(teacher || student)."""
+        return self.divergence.needs_teacher or self.tracks_kl
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -114,7 +119,7 @@ def _micro_losses(
 
     teacher_hidden = teacher_unembed = None
     spec = config.divergence
-    if spec.needs_teacher or config.tracks_kl:
+    if config.needs_teacher:
         teacher = nnx.merge(teacher_graphdef, teacher_params)
         mask = tree_attention_mask(batch.teacher_branch, batch.teacher_attach, batch.teacher_valid)
         t_hidden = teacher.hidden_states(batch.teacher_ids, batch.teacher_positions, attention_mask=mask)

@@ -161,9 +161,17 @@ def train(
 ) -> TrainResult:
     """Trains ``student`` toward ``teacher`` (frozen; ``None`` only for the ``nll`` loss); see the module docstring.
 
-    ``on_step(step)`` is called on the host after each step is dispatched (progress hooks).
+    Args:
+      config: the run (steps, loss, optimizer, batching, checkpoints, metrics, output directory).
+      student: the model to train; updated in place and returned in the result.
+      teacher: the frozen model whose experience-conditioned distribution is the target.
+      train_data: the training examples (teacher and student views of each trajectory).
+      eval_data: held-out examples scored before training, at each eval interval and at the end.
+      mesh: device mesh for the sharded step (required with several processes).
+      rules: logical-axis rules placing parameters and batch rows on the mesh.
+      on_step: called on the host with the step number after each step is dispatched (progress hooks).
     """
-    needs_teacher = config.step.divergence.needs_teacher or config.step.tracks_kl
+    needs_teacher = config.step.needs_teacher
     if needs_teacher and teacher is None:
         raise ValueError(f"divergence {config.step.divergence.kind!r} needs a teacher model, got teacher=None")
     if jax.process_count() > 1 and mesh is None:

@@ -53,6 +53,20 @@ def extract_experience(
     iteration: int | None = None,
     on_stage_done: StageHook | None = None,
 ) -> ExperiencePool:
+    """Updates ``pool`` from the lessons of ``groups`` through the LLM stages; resumable in ``workdir``.
+
+    Args:
+      groups: the judged rollouts, one group per task (task ids unique).
+      pool: the pool before this run (not modified).
+      backend: the experience LLM.
+      config: granularity, pool cap, sampling and retry settings.
+      workdir: where each stage's output is stored; a rerun skips the stages already there.
+      iteration: recorded in the run's claim, so a directory is never reused for another iteration.
+      on_stage_done: called after each stage with its name (progress hooks).
+
+    Returns:
+      The new pool (also written to ``workdir/pool.jsonl``).
+    """
     workdir = Path(workdir)
     task_ids = [g.task_id for g in groups]
     repeated = sorted({t for t in task_ids if task_ids.count(t) > 1})
