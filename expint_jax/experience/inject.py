@@ -124,7 +124,13 @@ InjectionSpec = NoInjection | GlobalInjection | StepwiseInjection
 def make_injection(
     kind: str, pool: Mapping[str, str] | None = None, selector: Selector | None = None
 ) -> InjectionSpec:
-    """Builds the spec for a configured injection ``kind`` (``none`` | ``global`` | ``stepwise``)."""
+    """Builds the spec for a configured injection ``kind`` (``none`` | ``global`` | ``stepwise``).
+
+    Args:
+      kind: the injection pattern.
+      pool: the experience items by display id (``{"G0": text, ...}``); required unless ``none``.
+      selector: picks each turn's items; required for ``stepwise``.
+    """
     if kind == "none":
         return NoInjection()
     if pool is None:

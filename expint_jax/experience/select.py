@@ -322,7 +322,13 @@ class LLMSelector(_OneFromBatch):
 
 
 def make_selector(name: str, *, backend: ChatBackend | None = None, **options: Any) -> Selector:
-    """Builds a selector by its configured name; ``options`` go to its constructor."""
+    """Builds a selector by its configured name.
+
+    Args:
+      name: ``all`` | ``bm25`` | ``embedding`` | ``llm``.
+      backend: the chat backend the ``llm`` selector asks.
+      **options: passed to the selector's constructor (e.g. ``k``, the number of items).
+    """
     if name == "all":
         return AllSelector(**options)
     if name == "bm25":

@@ -254,7 +254,15 @@ def load_checkpoint(
     policy: DTypePolicy | None = None,
     remat: str = "none",
 ) -> Qwen3:
-    """Loads a Hugging Face Qwen3 directory into a (sharded, when ``mesh`` is given) ``Qwen3``."""
+    """Loads a Hugging Face Qwen3 directory into a (sharded, when ``mesh`` is given) ``Qwen3``.
+
+    Args:
+      path: the directory (``config.json`` and safetensors shards, with or without an index).
+      mesh: place each tensor directly into its sharding on this mesh; ``None`` for one device.
+      rules: logical-axis rules mapping parameter axes to mesh axes.
+      policy: parameter and compute dtypes (default ``DTypePolicy()``); tensors are cast to its parameter dtype.
+      remat: the decoder layers' rematerialization mode.
+    """
     path = Path(path)
     config = Qwen3Config.from_json_file(path / "config.json")
     policy = policy or DTypePolicy()
