@@ -59,6 +59,3 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(command.module)
     return int(module.main(rest) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

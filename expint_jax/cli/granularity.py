@@ -33,4 +33,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         write_report(args.out, rows[0][1])
     return 0
-

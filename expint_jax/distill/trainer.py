@@ -54,9 +54,9 @@ from tqdm.auto import tqdm
 
 from expint_jax import storage
 from expint_jax.distill.batch import DistillBatch
-from expint_jax.distill.pipeline import BatchingConfig, BatchIterator, ExampleCounts, ExampleSet, HostBatch
 from expint_jax.distill.metrics_log import MetricsLog
 from expint_jax.distill.optim import OptimizerConfig, make_optimizer, needs_master_weights
+from expint_jax.distill.pipeline import BatchingConfig, BatchIterator, ExampleCounts, ExampleSet, HostBatch
 from expint_jax.distill.step import StepConfig, TrainState, init_train_state, make_eval_step, make_train_step
 from expint_jax.parallel.placement import shard_batch, shard_model
 from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules

@@ -19,7 +19,7 @@ Contract:
     row's output does not depend on which rows share its batch (up to floating-point
     reassociation).
   * Sharding: under ``jax.set_mesh``, the batch follows the ``batch`` logical axis and the cache
-    ``CACHE_AXES``; parameters keep the placement they were given (``parallel.shard_model``).
+    ``CACHE_AXES``; parameters keep the placement they were given (``parallel.placement.shard_model``).
 """
 
 from __future__ import annotations
