@@ -30,6 +30,11 @@ TERMINATIONS: tuple[str, ...] = (
 )
 
 
+# ``Trajectory.metadata`` keys that more than one stage reads.
+FORCED_ANSWER_TURN = "forced_answer_turn"  # index of the assistant turn that answered a forced-answer request
+EXP_SELECTIONS = "exp_selections"  # step-wise: [{"round", "selected_ids", "rationale"}], as the release logs it
+
+
 class RecordError(ValueError):
     """A record could not be parsed; the message names the field and the source."""
 
@@ -90,7 +95,14 @@ def messages_from_json(items: Sequence[Any], where: str | None = None) -> tuple[
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one completion. ``temperature == 0`` means greedy."""
+    """How to sample one completion. ``temperature == 0`` means greedy.
+
+    ``presence_penalty`` and ``frequency_penalty`` follow the OpenAI / vLLM definition: before
+    temperature and filtering, token j's logit becomes
+    ``logit_j - frequency_penalty * c_j - presence_penalty * (c_j > 0)``, where ``c_j`` counts
+    how often j occurs among the tokens generated so far in this completion (prompt tokens do not
+    count). Both lie in [-2, 2]; 0 is off. The release's agent samples with presence 1.1.
+    """
 
     temperature: float = 0.7
     top_p: float = 1.0
@@ -98,8 +110,14 @@ class SamplingParams:
     max_tokens: int = 1024
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"SamplingParams.{name} must be in [-2, 2], got {value}")
         if self.temperature < 0:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -136,6 +154,10 @@ class Trajectory:
     system prompt ("" if none). ``step_injections[k]`` is the text appended to the last user
     message before the k-th assistant turn ("" if none); it has one entry per assistant turn
     whenever ``injection == "stepwise"``. ``step_experience_ids[k]`` are the pool ids behind it.
+    Under step-wise injection ``global_injection`` holds the teacher-only system note announcing
+    the per-step experiences (``experience.inject.STEPWISE_SYSTEM_NOTE``), "" when it is off.
+    ``metadata[FORCED_ANSWER_TURN]`` is the index of the turn that answered a forced-answer
+    request (no step-wise block, no selection), when there was one.
     """
 
     task_id: str

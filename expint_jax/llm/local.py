@@ -2,7 +2,7 @@
 
 Contract:
   * ``chat(conversations, params)`` encodes each conversation with ``ChatFormat.encode_prompt``
-    (the generation prompt appended), groups them by sampling strategy and stop strings, sorts
+    (the generation prompt appended), groups them by sampling strategy, penalties and stop strings, sorts
     each group by prompt length, cuts it into micro-batches of at most ``max_batch_size``, and
     returns one ``Completion`` per conversation in input order.
     Each micro-batch is left-padded to bucketed widths and to a batch size that the mesh's batch
@@ -49,7 +49,7 @@ from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_sp
 from expint_jax.records import Completion, Message, SamplingParams
 from expint_jax.llm.base import BackendError, SamplingSpec, per_conversation
 from expint_jax.llm.sampler.generation import Generation, generate
-from expint_jax.llm.sampler.sampling import from_params
+from expint_jax.llm.sampler.sampling import from_params, penalties_from_params
 from expint_jax.llm.sampler.stops import TokenBytes
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class LocalEngine:
         each = per_conversation(params, len(conversations))
         call_seed = int(self._seeds.integers(2**31))
         results: list[Completion | None] = [None] * len(conversations)
-        groups: dict[tuple[Any, tuple[str, ...]], list[_Request]] = {}
+        groups: dict[tuple[Any, Any, tuple[str, ...]], list[_Request]] = {}
         for i, (messages, p) in enumerate(zip(conversations, each)):
             prompt = self._prompt(i, messages)
             if isinstance(prompt, Completion):
@@ -148,9 +148,9 @@ class LocalEngine:
                 seed, stream = (int(self._seeds.integers(2**31)) if p.seed is None else p.seed), 0
             budget = min(p.max_tokens, self.max_context - len(prompt))
             request = _Request(index=i, prompt=prompt, budget=budget, seed=seed, stream=stream)
-            groups.setdefault((from_params(p), tuple(p.stop)), []).append(request)
+            groups.setdefault((from_params(p), penalties_from_params(p), tuple(p.stop)), []).append(request)
 
-        for (strategy, stops), requests in groups.items():
+        for (strategy, penalties, stops), requests in groups.items():
             requests.sort(key=lambda r: len(r.prompt))
             for start in range(0, len(requests), self.max_batch_size):
                 batch = requests[start : start + self.max_batch_size]
@@ -161,6 +161,7 @@ class LocalEngine:
                         eos_ids=self.chat_format.eos_ids, stops=stops, token_bytes=self.token_bytes,
                         seed=[r.seed for r in batch], row_ids=[r.stream for r in batch],
                         batch_size=self._batch_size(len(batch)), pad_id=self.chat_format.pad_id,
+                        penalties=penalties,
                     )
                 for request, generation in zip(batch, generations):
                     results[request.index] = _completion(generation)

@@ -13,7 +13,8 @@ Works with vLLM, SGLang, DeepSeek, OpenAI and anything else speaking that protoc
     from their errors and logs) and never appears in ``repr``, errors or log lines.
 
 ``SamplingParams`` mapping: ``temperature``, ``top_p``, ``max_tokens``, ``stop`` (when non-empty),
-``seed`` (when set). ``top_k`` is not part of the OpenAI API; it is sent only when > 0, which
+``seed`` (when set), ``presence_penalty`` and ``frequency_penalty`` (when non-zero; the OpenAI
+API's own fields, which vLLM and SGLang implement with the same definition). ``top_k`` is not part of the OpenAI API; it is sent only when > 0, which
 vLLM and SGLang accept and the OpenAI service rejects. With ``logprobs=True`` the request asks
 for per-token log-probabilities and ``Completion.logprobs`` carries them when the server returns
 them.
@@ -110,6 +111,10 @@ class OpenAICompatible:
             payload["seed"] = params.seed
         if params.top_k > 0:
             payload["top_k"] = params.top_k
+        if params.presence_penalty:
+            payload["presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            payload["frequency_penalty"] = params.frequency_penalty
         if self.logprobs:
             payload["logprobs"] = True
         payload.update(self.extra_body)

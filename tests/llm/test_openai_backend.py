@@ -205,3 +205,15 @@ def test_each_conversation_can_carry_its_own_sampling_params():
         assert sent == {"a": (1, 0.5), "b": (2, 0.0)}
         with pytest.raises(ValueError, match="1 SamplingParams for 2 conversations"):
             backend.chat([[Message("user", "a")], [Message("user", "b")]], params[:1])
+
+
+def test_presence_and_frequency_penalties_are_sent_when_set():
+    # The release's agent sends presence_penalty=1.1 with every request (evaluation/react_agent.py).
+    params = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=64, presence_penalty=1.1, frequency_penalty=-0.5)
+    with ScriptedServer(sequence([], then=chat_reply("hi"))) as server:
+        llm = backend(server)
+        llm.chat([HELLO], params)
+        llm.chat([HELLO], GREEDY)
+        body, minimal = server.requests[0].json, server.requests[1].json
+    assert (body["presence_penalty"], body["frequency_penalty"]) == (1.1, -0.5)
+    assert not {"presence_penalty", "frequency_penalty"} & minimal.keys()

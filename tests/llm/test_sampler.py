@@ -27,6 +27,7 @@ from expint_jax.parallel.mesh import MeshConfig, make_mesh
 from expint_jax.records import SamplingParams
 from expint_jax.llm.sampler import (
     Greedy,
+    Penalties,
     Session,
     Temperature,
     TokenBytes,
@@ -37,6 +38,7 @@ from expint_jax.llm.sampler import (
     cut_at_stop,
     from_params,
     generate,
+    penalties_from_params,
 )
 from expint_jax.llm.sampler.sampling import first_argmax, token_log_probs
 from expint_jax.llm.sampler.stops import MATCHED, StopTable
@@ -451,3 +453,60 @@ def test_stop_table_validation():
         StopTable.build(("a", ""), SMALL_VOCAB)
     assert StopTable.build(("ab",), SMALL_VOCAB).transitions.shape == (32, len(SMALL_VOCAB))
     assert dataclasses.is_dataclass(StopTable.never(5)) and not StopTable.never(5).transitions.any()
+
+
+# --- presence / frequency penalties ----------------------------------------------------------
+
+PENALTIES = Penalties(presence=1.1, frequency=0.4)
+
+
+def _penalized_numpy(logits: np.ndarray, generated: np.ndarray, penalties: Penalties) -> np.ndarray:
+    """The OpenAI / vLLM definition on one row: counts of the generated tokens only."""
+    counts = np.bincount(generated.astype(np.int64), minlength=logits.shape[-1]).astype(np.float32)
+    return logits - penalties.frequency * counts - penalties.presence * (counts > 0)
+
+
+def test_penalties_apply_equals_numpy_in_both_layouts():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((3, 40)).astype(np.float32)
+    generated = [rng.integers(0, 40, n) for n in (0, 5, 30)]
+    counts = np.stack([np.bincount(g, minlength=40) for g in generated]).astype(np.int32)
+    expected = np.stack([_penalized_numpy(l, g, PENALTIES) for l, g in zip(logits, generated)])
+    np.testing.assert_allclose(PENALTIES.apply(jnp.asarray(logits), jnp.asarray(counts)), expected, atol=1e-6)
+    np.testing.assert_allclose(PENALTIES.apply(jnp.asarray(logits.T), jnp.asarray(counts.T)), expected.T, atol=1e-6)
+    assert penalties_from_params(SamplingParams()) is None
+    assert penalties_from_params(SamplingParams(presence_penalty=1.1)) == Penalties(1.1, 0.0)
+    with pytest.raises(ValueError, match="presence_penalty must be in"):
+        SamplingParams(presence_penalty=2.5)
+
+
+def test_greedy_with_penalties_equals_a_numpy_greedy_loop_on_transformers_logits(parity):
+    ours = generate(parity["graphdef"], parity["state"], parity["prompts"], strategy=Greedy(),
+                    max_new_tokens=NEW_TOKENS, penalties=PENALTIES)
+    for prompt, out in zip(parity["prompts"], ours):
+        sequence = list(prompt)
+        for _ in range(NEW_TOKENS):
+            with torch.no_grad():
+                logits = parity["hf"](torch.as_tensor([sequence])).logits[0, -1].numpy()
+            sequence.append(int(np.argmax(_penalized_numpy(logits, np.asarray(sequence[len(prompt):]), PENALTIES))))
+        assert list(out.token_ids) == sequence[len(prompt):]
+    # The penalties changed something: without them greedy repeats tokens these rows do not.
+    plain = generate(parity["graphdef"], parity["state"], parity["prompts"], strategy=Greedy(),
+                     max_new_tokens=NEW_TOKENS)
+    assert [o.token_ids for o in plain] != [o.token_ids for o in ours]
+
+
+def test_sampling_logprobs_are_under_the_penalized_distribution(parity):
+    outputs = _sampled(parity, penalties=PENALTIES)
+    model = nnx.merge(parity["graphdef"], parity["state"])
+    for prompt, out in zip(parity["prompts"], outputs):
+        full = np.concatenate([prompt, out.token_ids])
+        logits = np.asarray(model(jnp.asarray(full[None]), jnp.arange(len(full))[None]))[0]
+        generated = np.asarray(out.token_ids)
+        for t, token in enumerate(generated):
+            raw = logits[len(prompt) - 1 + t]
+            scaled = _penalized_numpy(raw, generated[:t], PENALTIES) / SAMPLED.temperature
+            kth = np.sort(scaled)[-SAMPLED.k]
+            expected = _log_softmax(np.where(scaled >= kth, scaled, -np.inf))[token]
+            np.testing.assert_allclose(out.sampling_logprobs[t], expected, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(out.logprobs[t], _log_softmax(raw)[token], atol=1e-5, rtol=0)

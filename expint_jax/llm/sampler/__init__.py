@@ -2,10 +2,13 @@
 
 from expint_jax.llm.sampler.generation import Generation, PromptBatch, bucket, decode, generate, prefill
 from expint_jax.llm.sampler.session import Session
-from expint_jax.llm.sampler.sampling import Greedy, Strategy, Temperature, TopK, TopKTopP, TopP, from_params
+from expint_jax.llm.sampler.sampling import (
+    Greedy, Penalties, Strategy, Temperature, TopK, TopKTopP, TopP, from_params, penalties_from_params,
+)
 from expint_jax.llm.sampler.stops import StopTable, TokenBytes, cut_at_stop
 
 __all__ = [
-    "Generation", "Greedy", "PromptBatch", "Session", "StopTable", "Strategy", "Temperature", "TokenBytes", "TopK",
-    "TopKTopP", "TopP", "bucket", "cut_at_stop", "decode", "from_params", "generate", "prefill",
+    "Generation", "Greedy", "Penalties", "PromptBatch", "Session", "StopTable", "Strategy", "Temperature",
+    "TokenBytes", "TopK", "TopKTopP", "TopP", "bucket", "cut_at_stop", "decode", "from_params", "generate",
+    "penalties_from_params", "prefill",
 ]

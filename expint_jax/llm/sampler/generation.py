@@ -14,7 +14,10 @@ Contract:
   * Per row and generated token: ``logprobs`` is the log-probability under the model's
     unmodified distribution (softmax of the fp32 logits, no temperature or filtering), the one a
     teacher-forced forward gives; ``sampling_logprobs`` is under the distribution actually
-    sampled (temperature, top-k, top-p applied; 0 for greedy).
+    sampled (penalties, temperature, top-k, top-p applied; 0 for greedy).
+  * Penalties (``sampling.Penalties``, optional): the loop keeps per row the counts of the tokens
+    it generated ([V, B], vocabulary-major like the logits; prompt tokens are not counted) and
+    subtracts the presence and frequency penalties from the logits before the strategy draws.
   * Randomness: row r draws with ``fold_in(fold_in(key(seeds[r]), row_ids[r]), step)``, so a
     row's output does not depend on which rows share its batch (up to floating-point
     reassociation).
@@ -35,7 +38,7 @@ from flax import nnx
 
 from expint_jax.models.qwen3 import CACHE_AXES, KVCache
 from expint_jax.parallel.rules import constrain
-from expint_jax.llm.sampler.sampling import Strategy, token_log_probs
+from expint_jax.llm.sampler.sampling import Penalties, Strategy, token_log_probs
 from expint_jax.llm.sampler.stops import MATCHED, StopTable, TokenBytes, cut_at_stop
 
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
@@ -115,6 +118,7 @@ class _Loop:
     stop_state: jax.Array  # [B] stop-string automaton state
     done: jax.Array
     out: DecodeOutput
+    counts: jax.Array | None = None  # [V, B] generated-token counts, only when penalties are on
 
 
 def _constrain_cache(cache: KVCache, rules) -> KVCache:
@@ -149,7 +153,8 @@ def extend(graphdef, state, cache: KVCache, ids, positions, valid) -> tuple[KVCa
     return _extend_last_logits(nnx.merge(graphdef, state), cache, ids, positions, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "penalties"),
+                   donate_argnames=("cache",))
 def decode(
     graphdef,
     state,
@@ -163,13 +168,14 @@ def decode(
     *,
     strategy: Strategy,
     max_new: int,
+    penalties: Penalties | None = None,
 ) -> tuple[DecodeOutput, KVCache]:
     """Samples up to ``max_new`` tokens per row from ``logits`` [B, V] onwards, in one while loop.
 
     ``positions`` [B]: position id of each row's first new token; ``row_keys`` [B]: PRNG keys;
     ``limits`` [B]: each row's token budget (<= ``max_new``; 0 = inactive row); ``eos_ids`` [E]
     (-1 entries are ignored); ``stop_transitions`` [S, V] from ``StopTable``. The cache needs
-    ``max_new - 1`` free slots.
+    ``max_new - 1`` free slots. ``penalties``: presence/frequency penalties (None = off).
     """
     model = nnx.merge(graphdef, state)
     rules = model.rules
@@ -178,9 +184,14 @@ def decode(
 
     def record(loop: _Loop, logits: jax.Array) -> _Loop:  # logits [V, B]
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, loop.step)
-        token, sampling_logprob = strategy.sample(logits, keys)
+        drawn_from = logits if loop.counts is None else penalties.apply(logits, loop.counts)
+        token, sampling_logprob = strategy.sample(drawn_from, keys)
         active = ~loop.done
         out = loop.out
+        counts = loop.counts
+        if counts is not None:
+            counts = counts.at[token, jnp.arange(batch)].add(active.astype(counts.dtype))
+            counts = constrain(counts, ("act_vocab", "batch"), rules)
 
         def put(buffer, values):
             column = jnp.where(active, values, 0).astype(buffer.dtype)
@@ -210,6 +221,7 @@ def decode(
             stop_state=jnp.maximum(next_state, 0),
             done=loop.done | (finish != RUNNING),
             out=out,
+            counts=counts,
         )
 
     def keep_going(loop: _Loop) -> jax.Array:
@@ -241,6 +253,8 @@ def decode(
             finish=jnp.zeros(batch, jnp.int32),
             next_positions=positions.astype(jnp.int32),
         ),
+        counts=None if penalties is None else constrain(
+            jnp.zeros((logits.shape[1], batch), jnp.int32), ("act_vocab", "batch"), rules),
     )
     last = jax.lax.while_loop(keep_going, step, record(first, logits.T))
     return last.out, last.cache
@@ -376,12 +390,14 @@ def generate(
     row_ids: Sequence[int] | None = None,
     batch_size: int | None = None,
     pad_id: int = 0,
+    penalties: Penalties | None = None,
 ) -> list[Generation]:
     """Generates for every prompt (token id sequences) in one batch; see the module docstring.
 
     ``max_new_tokens`` is one limit or one per prompt; ``seed`` (one or one per prompt) and
     ``row_ids`` (default 0..n-1) select each row's random stream; ``batch_size`` pads the batch
-    with inactive rows (for fixed shapes or a batch that the mesh divides).
+    with inactive rows (for fixed shapes or a batch that the mesh divides); ``penalties`` are the
+    presence/frequency penalties (None = off).
     """
     vocab_size = vocab_size_of(state)
     prompts = check_prompts(prompts, vocab_size)
@@ -406,7 +422,7 @@ def generate(
     cache, logits = prefill(graphdef, state, batch.ids, batch.positions, batch.valid, num_slots=bucket(width + max_new))
     out, _ = decode(
         graphdef, state, cache, logits, batch.lengths, row_keys(all_seeds, all_row_ids), all_limits,
-        padded_eos(eos_ids), table.transitions, strategy=strategy, max_new=max_new,
+        padded_eos(eos_ids), table.transitions, strategy=strategy, max_new=max_new, penalties=penalties,
     )
     return finish_rows(out, range(len(prompts)), stops=stops, token_bytes=token_bytes)
 

@@ -15,6 +15,12 @@ decode loop) with
 Filters apply in the order of Hugging Face and vLLM: temperature, then top-k, then top-p (on the
 distribution that top-k left). Ties at a top-k or top-p threshold are all kept.
 ``from_params(SamplingParams)`` picks the strategy; temperature 0 is ``Greedy``.
+
+``Penalties`` (presence and frequency, the OpenAI / vLLM definition) are not a strategy: they
+need the counts of the tokens a row has generated so far, which the decode loop keeps, and they
+apply to the raw logits before any strategy (so also before greedy's argmax).
+``penalties_from_params(SamplingParams)`` gives ``None`` when both are 0, so unpenalized decoding
+keeps no counts at all.
 """
 
 from __future__ import annotations
@@ -164,3 +170,26 @@ def from_params(params: SamplingParams) -> Strategy:
     if params.top_p < 1:
         return TopP(float(params.top_p), t)
     return Temperature(t)
+
+
+@dataclasses.dataclass(frozen=True)
+class Penalties:
+    """``logits - frequency * counts - presence * (counts > 0)``, counts of the row's generated tokens.
+
+    Static (hashable) like a strategy; ``apply`` works on any layout as long as ``counts`` has the
+    layout of ``logits`` ([B, V] or vocabulary-major [V, B]).
+    """
+
+    presence: float = 0.0
+    frequency: float = 0.0
+
+    def apply(self, logits: jax.Array, counts: jax.Array) -> jax.Array:
+        counts = counts.astype(jnp.float32)
+        return logits - jnp.float32(self.frequency) * counts - jnp.float32(self.presence) * (counts > 0)
+
+
+def penalties_from_params(params: SamplingParams) -> Penalties | None:
+    """The penalties of ``params``; ``None`` when both are 0 (the decode loop then keeps no counts)."""
+    if not (params.presence_penalty or params.frequency_penalty):
+        return None
+    return Penalties(float(params.presence_penalty), float(params.frequency_penalty))

@@ -31,7 +31,7 @@ from flax import nnx
 
 from expint_jax.models.qwen3 import KVCache
 from expint_jax.llm.sampler import generation as gen
-from expint_jax.llm.sampler.sampling import Strategy
+from expint_jax.llm.sampler.sampling import Penalties, Strategy
 from expint_jax.llm.sampler.stops import TokenBytes
 
 
@@ -96,6 +96,7 @@ class Session:
         stops: Sequence[str] = (),
         seed: int | Sequence[int] = 0,
         row_ids: Sequence[int] | None = None,
+        penalties: Penalties | None = None,
     ) -> list[gen.Generation | None]:
         """Continues every given row; returns a ``Generation`` per row (None for rows left out).
 
@@ -142,7 +143,7 @@ class Session:
             raise ValueError(f"Session.generate: {len(all_row_ids)} row_ids for a batch of {self.batch_size}")
         out, self._cache = gen.decode(
             self.graphdef, self.state, cache, logits, next_positions, gen.row_keys(seed, all_row_ids), limits,
-            gen.padded_eos(eos_ids), table.transitions, strategy=strategy, max_new=max_new,
+            gen.padded_eos(eos_ids), table.transitions, strategy=strategy, max_new=max_new, penalties=penalties,
         )
 
         out = jax.device_get(out)
