@@ -30,9 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ()  # trajectory JSONL files; empty = build the offline SimWeb demo data
     c.data.eval = ()
-    c.data.max_student_tokens = 4096
-    c.data.max_teacher_tokens = 8192
-    c.data.overflow = "truncate"
+    c.data.budget = dict(max_student_tokens=4096, max_teacher_tokens=8192, overflow="truncate")
     c.data.demo = dict(seed=0, train_tasks_per_level=4, eval_tasks_per_level=2, levels=("easy", "medium"),
                        rollouts_per_task=4, mistake_rate=0.3, max_pool_size=50, injection="stepwise",
                        selector="bm25", selector_k=4)

@@ -11,6 +11,9 @@ Experiments are Python files (``configs/<name>.py``) whose ``get_config()`` retu
     no default must be present;
   * each dataclass's own ``__post_init__`` validation runs, and its error is prefixed with the path.
 ``to_dict`` turns a bound config back into plain data (stored beside every run for provenance).
+``parse_command_line`` reads ``--config=FILE`` and its ``--config.<key>=value`` overrides into a
+``ConfigDict``; every mistake it meets (unknown flag, bad override, missing file) is a
+``ConfigError`` whose one-line message names the flag or key.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import dataclasses
 import importlib.util
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -127,3 +130,37 @@ def load_config_file(path: str | Path) -> Any:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config()")
     return module.get_config()
+
+
+def parse_command_line(command: str, argv: Sequence[str], default_config: str | Path) -> Any:
+    """The ``ConfigDict`` of ``--config=FILE`` (default ``default_config``) with the command line's
+    ``--config.<key>=value`` overrides applied; the file's ``get_config()`` must lock its dict so
+    that an override of a key it does not define is refused.
+
+    Raises ``ConfigError`` with a one-line message (an unknown flag, an override of a missing key,
+    a value that does not parse, a missing file); ``command`` names the program in flag errors."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = list(argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = [f"--config={default_config}", *argv]
+    command_line = [command, *argv]
+    flag_values = flags.FlagValues()
+    # config_flags reads the --config.<field> overrides from sys_argv, not from the parsed list.
+    config_flags.DEFINE_config_file("config", str(default_config), "experiment config file", flag_values=flag_values,
+                                    lock_config=True, sys_argv=command_line)
+    try:
+        flag_values(command_line)
+        return flag_values.config
+    except flags.Error as e:
+        raise ConfigError(_one_line(e)) from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections rejecting an override
+        detail: object = e
+        while isinstance(detail, BaseException) and detail.args:  # unwrap AttributeError(KeyError(text))
+            detail = detail.args[0]
+        raise ConfigError(f"bad configuration override: {_one_line(detail)}") from None
+
+
+def _one_line(detail: object) -> str:
+    return " ".join(str(detail).split())

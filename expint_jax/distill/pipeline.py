@@ -124,7 +124,7 @@ def load_examples(paths: Sequence[str | Path], chat: ChatFormat, budget: ViewBud
 
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig:
-    rows: int  # global rows per batch (all processes together)
+    rows: int = 8  # global rows per batch (all processes together)
     seed: int = 0
     sort_window: int = 16  # batches per length-sorted window; 1 keeps the shuffled order
     min_bucket: int = 128  # smallest padded length of every dimension

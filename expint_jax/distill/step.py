@@ -45,7 +45,7 @@ _ZERO_SUMS = LossSums(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    divergence: Divergence
+    divergence: Divergence = Divergence("forward_kl")
     reduction: Reduction = "token_mean"
     chunk_size: int = 1024
     micro_batches: int = 1

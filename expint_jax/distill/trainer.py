@@ -1,12 +1,12 @@
 """The distillation trainer: one loop over the batches, jitted steps, evaluation, checkpoints, resume.
 
-Contract of ``train(config, student, teacher, train_data, eval_data)``:
+Contract of ``train(config, student, teacher, train_data, eval_data, output_dir=...)``:
   * Trains ``student`` on ``config.epochs`` epochs of ``BatchIterator`` batches with the jitted,
     state-donating step of ``step.make_train_step`` (on ``mesh`` when given: parameters placed by
     the logical-axis ``rules``, batch rows on the ``batch`` axis). The learning-rate schedule
     spans the whole run: ``optimizer.total_steps`` is set to the number of batches.
     On return ``student`` holds the trained parameters (its own buffers were donated).
-  * Run directory ``config.output_dir``: ``checkpoints/<step>/`` (orbax: ``state`` = parameters,
+  * Run directory ``output_dir``: ``checkpoints/<step>/`` (orbax: ``state`` = parameters,
     optimizer state and step; ``data`` = the data iterator's JSON state), ``metrics/train.jsonl``,
     ``metrics/eval.jsonl``, ``metrics/tensorboard/`` and ``data_counts.json``.
   * Checkpoints every ``checkpoint_every`` steps and at the end, keeping the last
@@ -70,9 +70,8 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
-    output_dir: str
-    step: StepConfig  # divergence, reduction, micro_batches
-    batching: BatchingConfig  # rows per batch, seed, length buckets
+    step: StepConfig = StepConfig()  # divergence, reduction, micro_batches
+    batching: BatchingConfig = BatchingConfig()  # rows per batch, seed, length buckets
     optimizer: OptimizerConfig = OptimizerConfig()  # total_steps is replaced by the run's length
     epochs: int = 1
     max_steps: int | None = None  # stop early; the schedule still spans every epoch
@@ -84,8 +83,6 @@ class TrainerConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        if not str(self.output_dir):
-            raise ValueError("TrainerConfig.output_dir must name a directory")
         for name in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainerConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -155,6 +152,7 @@ def train(
     train_data: ExampleSet,
     eval_data: ExampleSet | None = None,
     *,
+    output_dir: str | Path,
     mesh: jax.sharding.Mesh | None = None,
     rules: LogicalRules = DEFAULT_RULES,
     on_step: Callable[[int], None] | None = None,
@@ -162,11 +160,12 @@ def train(
     """Trains ``student`` toward ``teacher`` (frozen; ``None`` only for the ``nll`` loss); see the module docstring.
 
     Args:
-      config: the run (steps, loss, optimizer, batching, checkpoints, metrics, output directory).
+      config: the run (steps, loss, optimizer, batching, checkpoints, metrics).
       student: the model to train; updated in place and returned in the result.
       teacher: the frozen model whose experience-conditioned distribution is the target.
       train_data: the training examples (teacher and student views of each trajectory).
       eval_data: held-out examples scored before training, at each eval interval and at the end.
+      output_dir: the run directory (checkpoints, metrics); a checkpoint there is resumed from.
       mesh: device mesh for the sharded step (required with several processes).
       rules: logical-axis rules placing parameters and batch rows on the mesh.
       on_step: called on the host with the step number after each step is dispatched (progress hooks).
@@ -179,7 +178,9 @@ def train(
     if eval_data is not None and not eval_data.examples:
         raise ValueError(f"the eval set holds no example (counts: {eval_data.counts.to_json()}): every eval record "
                          "was dropped or skipped; fix the eval data or its length budget, or pass eval_data=None")
-    out = Path(config.output_dir)
+    if not str(output_dir):
+        raise ValueError("train: output_dir must name a directory")
+    out = Path(output_dir)
     batches = BatchIterator(train_data, config.batching, config.epochs)
     total = len(batches) if config.max_steps is None else min(config.max_steps, len(batches))
     tx, schedule = make_optimizer(_optimizer_for_run(config.optimizer, len(batches)),

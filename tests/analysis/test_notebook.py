@@ -9,6 +9,7 @@ import pytest
 from expint_jax import storage
 from expint_jax.distill import run as distill_run
 from expint_jax.distill.metrics_log import read_metrics
+from expint_jax.rollout.envs.simweb.demo import DemoData, demo_trajectories
 
 matplotlib = pytest.importorskip("matplotlib")  # the `notebooks` extra
 
@@ -54,8 +55,8 @@ def test_notebook_runs_on_a_run_with_eval_data(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # a second tiny run and notebook (~1 min on a shared 2-core CPU)
 def test_notebook_runs_on_an_nll_run_without_eval_data(tmp_path, monkeypatch):
-    trajectories, _, _ = distill_run.demo_trajectories(
-        distill_run.DemoData(train_tasks_per_level=1, eval_tasks_per_level=1, levels=("easy",), rollouts_per_task=2),
+    trajectories, _, _ = demo_trajectories(
+        DemoData(train_tasks_per_level=1, eval_tasks_per_level=1, levels=("easy",), rollouts_per_task=2),
         tmp_path / "demo")
     train_file = tmp_path / "train.jsonl"  # user data, with no eval file
     storage.write_jsonl(train_file, [t.to_json() for t in trajectories])

@@ -63,7 +63,8 @@ def test_eval_files_that_give_no_example_are_refused_naming_the_files(chat, tmp_
     storage.write_jsonl(eval_path, [make_trajectory(4, task_id=f"e{i}").to_json() for i in range(2)])
     config = bind(distill_run.DistillRunConfig, {
         "output_dir": str(tmp_path / "run"), "trainer": {},
-        "data": {"train": [str(train)], "eval": [str(eval_path)], "max_student_tokens": 20, "overflow": "drop"}})
+        "data": {"train": [str(train)], "eval": [str(eval_path)],
+                                                         "budget": {"max_student_tokens": 20, "overflow": "drop"}}})
     with pytest.raises(ValueError, match=rf"config\.data\.eval=\['{eval_path}'\]: none of its 2 trajectories gives "
                                          r"a usable example \(counts: .*'dropped_too_long': 2"):
         distill_run.run_examples(config, chat, splits=("eval",))

@@ -57,8 +57,8 @@ def data(chat):
     return _small_vocab(build_examples(train_set, chat)), _small_vocab(build_examples(eval_set, chat))
 
 
-def _config(output_dir, **overrides) -> TrainerConfig:
-    base = dict(output_dir=str(output_dir), step=StepConfig(Divergence("forward_kl"), chunk_size=256, micro_batches=2),
+def _config(**overrides) -> TrainerConfig:
+    base = dict(step=StepConfig(Divergence("forward_kl"), chunk_size=256, micro_batches=2),
                 # one bucket (512) holds every example: one compiled train program, one eval program
                 batching=BatchingConfig(rows=4, seed=3, min_bucket=512),
                 # checkpoints at steps 2, 4, 6, 8, 9: three of them mid-epoch (3 batches per epoch)
@@ -85,7 +85,7 @@ def runs(data, tmp_path_factory):
     it), then resumed: the resumed run must restore a data iterator stopped inside an epoch."""
     root = tmp_path_factory.mktemp("kill_resume")
     spec = root / "spec.pkl"
-    spec.write_bytes(pickle.dumps({"config": _config(root), "model": MODEL, "train": data[0], "eval": data[1]}))
+    spec.write_bytes(pickle.dumps({"config": _config(), "model": MODEL, "train": data[0], "eval": data[1]}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     command = [sys.executable, "-m", "tests.distill.trainer_subprocess", str(spec)]
@@ -195,7 +195,7 @@ def test_eval_loss_is_exact_over_all_eval_examples(runs, data):
     params = jax.tree_util.tree_map_with_path(lambda p, x: trained[jax.tree_util.keystr(p)], params)
     examples = data[1].examples
     one_batch = collate(examples, batch_shape(examples, rows=len(examples), min_bucket=512))
-    metrics = make_eval_step(graphdef, _config("unused").step)(params, nnx.state(teacher, nnx.Param),
+    metrics = make_eval_step(graphdef, _config().step)(params, nnx.state(teacher, nnx.Param),
                                                                 shard_batch(one_batch, None))
     assert final_eval["tokens"] == float(metrics["tokens"]) and final_eval["sequences"] == 6
     np.testing.assert_allclose(final_eval["loss"], float(metrics["loss"]), rtol=1e-5)
@@ -205,7 +205,7 @@ def test_eval_loss_is_exact_over_all_eval_examples(runs, data):
 def test_calling_train_on_a_finished_run_restores_it_without_training(runs, data):
     reference, _, _, _ = runs
     student = Qwen3(MODEL, rngs=nnx.Rngs(0))
-    result = train(_config(reference), student, Qwen3(MODEL, rngs=nnx.Rngs(1)), data[0], data[1])
+    result = train(_config(), student, Qwen3(MODEL, rngs=nnx.Rngs(1)), data[0], data[1], output_dir=reference)
     assert (result.resumed_from, result.steps, result.stop_reason) == (STEPS, STEPS, "completed")
     assert result.train_metrics == {} and result.data_counts.kept == 12
     expected = _params(reference)
@@ -218,10 +218,11 @@ def test_calling_train_on_a_finished_run_restores_it_without_training(runs, data
 def test_training_on_a_mesh_matches_the_single_device_run_and_restores_sharded(runs, data, tmp_path):
     reference, _, _, _ = runs
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    config = _config(tmp_path, max_steps=6)  # the schedule still spans 9 steps, as in the reference run
+    config = _config(max_steps=6)  # the schedule still spans 9 steps, as in the reference run
 
     def run():
-        return train(config, Qwen3(MODEL, rngs=nnx.Rngs(0)), Qwen3(MODEL, rngs=nnx.Rngs(1)), data[0], mesh=mesh)
+        return train(config, Qwen3(MODEL, rngs=nnx.Rngs(0)), Qwen3(MODEL, rngs=nnx.Rngs(1)), data[0],
+                     output_dir=tmp_path, mesh=mesh)
 
     result = run()
     assert (result.steps, result.stop_reason) == (6, "max_steps")
@@ -241,10 +242,11 @@ def test_training_on_a_mesh_matches_the_single_device_run_and_restores_sharded(r
 
 def test_bfloat16_parameters_train_with_float32_master_weights_that_checkpoint_and_restore(data, tmp_path):
     bf16 = DTypePolicy("bfloat16", "float32")
-    config = _config(tmp_path, epochs=1, eval_every=0, checkpoint_every=1, max_steps=2)
+    config = _config(epochs=1, eval_every=0, checkpoint_every=1, max_steps=2)
 
     def run():
-        return train(config, Qwen3(MODEL, policy=bf16, rngs=nnx.Rngs(0)), Qwen3(MODEL, rngs=nnx.Rngs(1)), data[0])
+        return train(config, Qwen3(MODEL, policy=bf16, rngs=nnx.Rngs(0)), Qwen3(MODEL, rngs=nnx.Rngs(1)), data[0],
+                     output_dir=tmp_path)
 
     first = run()
     master = first.state.opt_state.master
@@ -261,11 +263,10 @@ def test_bfloat16_parameters_train_with_float32_master_weights_that_checkpoint_a
 
 
 def test_non_finite_loss_stops_naming_step_and_tasks_and_keeps_the_last_good_checkpoint(data, tmp_path):
-    config = _config(tmp_path, optimizer=OptimizerConfig(learning_rate=1e30), epochs=1, checkpoint_every=1,
-                     eval_every=0)
+    config = _config(optimizer=OptimizerConfig(learning_rate=1e30), epochs=1, checkpoint_every=1, eval_every=0)
     second_batch = list(BatchIterator(data[0], config.batching, 1, process_index=0, process_count=1))[1]
     with pytest.raises(TrainingDiverged) as caught:  # step 1 moves every weight by ~1e30; step 2 overflows
-        train(config, Qwen3(MODEL, rngs=nnx.Rngs(0)), Qwen3(MODEL, rngs=nnx.Rngs(1)), data[0])
+        train(config, Qwen3(MODEL, rngs=nnx.Rngs(0)), Qwen3(MODEL, rngs=nnx.Rngs(1)), data[0], output_dir=tmp_path)
     message = str(caught.value)
     assert message.startswith("step 2 (epoch 0, batch 1): non-finite loss=")
     assert all(task in message for task in second_batch.task_ids) and "last checkpoint on disk is step 1" in message
@@ -275,19 +276,20 @@ def test_non_finite_loss_stops_naming_step_and_tasks_and_keeps_the_last_good_che
 
 def test_config_and_input_errors_are_named(data, tmp_path):
     with pytest.raises(ValueError, match="TrainerConfig.checkpoint_every"):
-        _config(tmp_path, checkpoint_every=0)
+        _config(checkpoint_every=0)
     with pytest.raises(ValueError, match="rows=4 does not split into step.micro_batches=3"):
-        _config(tmp_path, step=StepConfig(Divergence("forward_kl"), micro_batches=3))
+        _config(step=StepConfig(Divergence("forward_kl"), micro_batches=3))
     with pytest.raises(ValueError, match="TrainerConfig.max_steps"):
-        _config(tmp_path, max_steps=0)
+        _config(max_steps=0)
     student = Qwen3(MODEL, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="'forward_kl' needs a teacher"):
-        train(_config(tmp_path), student, None, data[0])
+        train(_config(), student, None, data[0], output_dir=tmp_path)
     with pytest.raises(ValueError, match="warmup_steps=50 exceeds the run's 9 steps"):
-        train(_config(tmp_path, optimizer=OptimizerConfig(warmup_steps=50, total_steps=100)), student, student, data[0])
+        train(_config(optimizer=OptimizerConfig(warmup_steps=50, total_steps=100)), student, student, data[0],
+              output_dir=tmp_path)
     no_eval = ExampleSet((), dataclasses.replace(data[1].counts, kept=0, dropped_too_long=6))
     with pytest.raises(ValueError, match=r"eval set holds no example \(counts: .*'dropped_too_long': 6"):
-        train(_config(tmp_path / "empty_eval"), student, student, data[0], no_eval)
+        train(_config(), student, student, data[0], no_eval, output_dir=tmp_path / "empty_eval")
     assert not (tmp_path / "empty_eval").exists()  # refused before any work
 
 
