@@ -19,8 +19,8 @@ Contract:
   * Files: our JSONL (one item object per line, ``*.jsonl``) keeps everything; the release's flat
     ``{"G0": "text", ...}`` JSON (``*.json``, see ``release_format``) keeps ids and texts only.
     Both are written atomically; reading either validates it and names the file, line and key.
-  * ``PoolStore`` keeps one pool per iteration with its granularity report; a save killed midway
-    leaves that iteration incomplete, never a mix of old and new files (see ``PoolStore.save``).
+  * ``write_pool_files`` writes a pool in both formats with its granularity report; where the
+    files of each iteration live is the loop's business (``expint_jax.loop.layout``).
 """
 
 from __future__ import annotations
@@ -326,48 +326,16 @@ def _read_text(path: Path) -> str:
         raise PoolError(f"{path}: pool file does not exist") from None
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolStore:
-    """One pool per iteration under ``root``: ``iter_<k>/pool.jsonl``, the flat ``pool.json`` and the
-    pool's granularity report ``granularity.json`` (``granularity.analyze_pool``)."""
+POOL_FILES = ("pool.jsonl", "pool.json", "granularity.json")
 
-    root: Path
 
-    def directory(self, iteration: int) -> Path:
-        if iteration < 0:
-            raise PoolError(f"iteration must be >= 0, got {iteration}")
-        return Path(self.root) / f"iter_{iteration:03d}"
-
-    def save(self, iteration: int, pool: ExperiencePool) -> Path:
-        """Writes (or replaces) the iteration's files, each atomically; returns the ``pool.jsonl`` path.
-
-        ``pool.jsonl`` marks a complete save: it is removed first and written last, so a save that
-        dies midway leaves the iteration incomplete (not listed, not loadable) instead of a new
-        ``pool.json`` or report beside the old pool. The directory is not swapped for a staged
-        copy because it also holds the iteration's other artefacts (rollouts, checkpoints).
-        """
-        directory = self.directory(iteration)
-        marker = directory / "pool.jsonl"
-        # The removal is made durable by the directory fsync that ends the next atomic write.
-        marker.unlink(missing_ok=True)
-        write_pool(directory / "pool.json", pool)
-        granularity.write_report(directory / "granularity.json", granularity.analyze_pool(pool))
-        write_pool(marker, pool)
-        return marker
-
-    def load(self, iteration: int) -> ExperiencePool:
-        return read_pool(self.directory(iteration) / "pool.jsonl")
-
-    def granularity_report(self, iteration: int) -> granularity.GranularityReport:
-        path = self.directory(iteration) / "granularity.json"
-        if not (self.directory(iteration) / "pool.jsonl").exists():
-            raise PoolError(f"{path}: iteration {iteration} has no complete save")
-        return granularity.read_report(path)
-
-    def iterations(self) -> list[int]:
-        root = Path(self.root)
-        found = (re.fullmatch(r"iter_(\d+)", p.name) for p in root.iterdir()) if root.is_dir() else ()
-        return sorted(int(m.group(1)) for m in found if m and (root / m.group(0) / "pool.jsonl").exists())
-
-    def diff(self, before: int, after: int) -> PoolDiff:
-        return diff_pools(self.load(before), self.load(after))
+def write_pool_files(directory: str | Path, pool: ExperiencePool) -> Path:
+    """Writes ``pool.jsonl`` (ours), ``pool.json`` (the release's flat format) and the pool's
+    ``granularity.json`` report into ``directory``, each atomically; returns the ``pool.jsonl`` path.
+    Each file is whole, but the set is not swapped as one: callers that need all-or-nothing write
+    into a staging directory they publish afterwards (the loop's stages do)."""
+    directory = Path(directory)
+    write_pool(directory / "pool.json", pool)
+    granularity.write_report(directory / "granularity.json", granularity.analyze_pool(pool))
+    write_pool(directory / "pool.jsonl", pool)
+    return directory / "pool.jsonl"

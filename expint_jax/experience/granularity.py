@@ -29,9 +29,9 @@ Heuristics (an item may have several features):
     If, Once, Before, After, While, Unless, Upon, In case, As soon as -- followed later by a
     comma: the "When [condition], [strategy]" shape.
 
-Where reports go: ``expint granularity POOL...`` prints them; ``bank.PoolStore.save`` stores each
-iteration's as ``iter_<k>/granularity.json``; the extraction pipeline adds the final pool's to
-its ``stats.json``.
+Where reports go: ``expint granularity POOL...`` prints them; ``bank.write_pool_files`` stores a
+pool's as ``granularity.json`` beside it (the loop: ``iter_<k>/extract/``); the extraction
+pipeline adds the final pool's to its ``stats.json``.
 """
 
 from __future__ import annotations

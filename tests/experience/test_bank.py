@@ -1,23 +1,21 @@
 """The experience bank: identity across edits, diffs, files in both formats, validation."""
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
-from expint_jax import storage
 from expint_jax.experience.bank import (
     DEFAULT_MAX_POOL_SIZE,
     ExperienceItem,
     ExperiencePool,
     PoolError,
-    PoolStore,
     diff_pools,
     read_pool,
     write_pool,
+    write_pool_files,
 )
 from expint_jax.experience.extract import ExtractionConfig
+from expint_jax.experience import granularity
 from expint_jax.experience.granularity import analyze_pool
 from expint_jax.rollout.envs.simweb.writer import OfflineWriterConfig
 
@@ -177,63 +175,11 @@ def test_item_validation():
         pool_of("a").get("G9")
 
 
-def test_store_keeps_one_pool_per_iteration(tmp_path):
-    store = PoolStore(tmp_path / "pools")
-    assert store.iterations() == []
-    first = pool_of("a", "b")
-    second = first.update("G1", "b2", iteration=2).add("c", granularity="principle", iteration=2)
-    store.save(0, first)
-    store.save(2, second)
-    (tmp_path / "pools" / "iter_001").mkdir()  # an interrupted save: no pool.jsonl, not listed
-    assert store.iterations() == [0, 2]
-    assert store.load(2) == second
-    assert json.loads((store.directory(2) / "pool.json").read_text()) == second.as_mapping()
-    assert store.diff(0, 2).summary() == "+1 added, ~1 updated, -0 deleted, 1 unchanged"
-    shutil.rmtree(store.directory(0))
-    with pytest.raises(PoolError, match="does not exist"):
-        store.load(0)
-
-
-def test_store_keeps_each_iterations_granularity_report(tmp_path):
-    store = PoolStore(tmp_path)
+def test_pool_files_hold_both_formats_and_the_granularity_report(tmp_path):
     pool = ExperiencePool.from_mapping({"G0": "When a page fails, go back.", "G1": "The answer is on ciga.me."},
                                        granularity="instance", iteration=1)
-    store.save(1, pool)
-    assert store.granularity_report(1) == analyze_pool(pool)
-    assert json.loads((store.directory(1) / "granularity.json").read_text())["url_share"] == 0.5
-    store.save(1, pool.delete("G1"))  # a new save of the iteration replaces the report too
-    assert store.granularity_report(1).url_share == 0.0
-
-
-class Killed(Exception):
-    pass
-
-
-@pytest.mark.parametrize("dies_writing", ["pool.json", "granularity.json", "pool.jsonl"])
-def test_a_save_killed_midway_never_mixes_old_and_new_files(tmp_path, monkeypatch, dies_writing):
-    store = PoolStore(tmp_path)
-    old, new = pool_of("old lesson"), pool_of("new lesson", "another")
-    store.save(0, old)
-
-    def dying(real):
-        def write(path, *args, **kwargs):
-            if Path(path).name == dies_writing:
-                raise Killed(path)
-            return real(path, *args, **kwargs)
-        return write
-
-    # Every file of a save goes through one of these (write_json through write_text).
-    for name in ("write_text", "write_jsonl"):
-        monkeypatch.setattr(storage, name, dying(getattr(storage, name)))
-    with pytest.raises(Killed):
-        store.save(0, new)
-    # The old pool is gone with its marker: the iteration is incomplete, not old-and-new.
-    assert store.iterations() == []
-    with pytest.raises(PoolError, match="does not exist"):
-        store.load(0)
-    with pytest.raises(PoolError, match="no complete save"):
-        store.granularity_report(0)
-    monkeypatch.undo()
-    store.save(0, new)  # saving again completes it
-    assert store.load(0) == new and read_pool(store.directory(0) / "pool.json").as_mapping() == new.as_mapping()
-    assert store.granularity_report(0) == analyze_pool(new)
+    path = write_pool_files(tmp_path / "extract", pool)
+    assert path == tmp_path / "extract" / "pool.jsonl" and read_pool(path) == pool
+    assert json.loads((tmp_path / "extract" / "pool.json").read_text()) == pool.as_mapping()
+    assert granularity.read_report(tmp_path / "extract" / "granularity.json") == analyze_pool(pool)
+    assert json.loads((tmp_path / "extract" / "granularity.json").read_text())["url_share"] == 0.5
