@@ -47,6 +47,7 @@ def test_principles_from_hand_written_groups():
     lessons = principle_lessons(group_rollouts(simweb_rollouts()))
     assert lessons == [
         (LESSON["answered_from_snippets"], ("founding", "director")),
+        (LESSON["answer_promptly"], ("founding", "director")),
         (LESSON["answered_without_tools"], ("founding",)),
         (LESSON["gave_up"], ("director",)),
         (LESSON["followed_directory"], ("director",)),
@@ -73,13 +74,13 @@ def test_pool_update_keeps_old_items_dedupes_and_caps():
     groups = group_rollouts(simweb_rollouts())
     seed = ExperiencePool().add(LESSON["gave_up"].upper(), granularity="principle", iteration=0)
     pool = write_offline(groups, seed, OfflineWriterConfig(), iteration=1)
-    assert pool.items[0] == seed.items[0] and len(pool) == 5  # the seeded lesson is not written twice
-    assert pool.ids == tuple(f"G{k}" for k in range(5))
+    assert pool.items[0] == seed.items[0] and len(pool) == 6  # the seeded lesson is not written twice
+    assert pool.ids == tuple(f"G{k}" for k in range(6))
     assert all(item.iteration == 1 and item.writer == WRITER for item in pool.items[1:])
     assert pool.items[0].writer is None  # the seed was not written here
     # Over the cap, this batch's most supported lessons win over the (internalized) seed.
     capped = write_offline(groups, seed, OfflineWriterConfig(max_pool_size=2), iteration=1)
-    assert [i.text for i in capped] == [LESSON["answered_from_snippets"], LESSON["answered_without_tools"]]
+    assert [i.text for i in capped] == [LESSON["answered_from_snippets"], LESSON["answer_promptly"]]
     assert capped.ids == ("G0", "G1")
     uninformative = [g for g in groups if g.task_id == "capital"]
     assert write_offline(uninformative, seed, OfflineWriterConfig(granularity="instance")) == seed.renumbered()

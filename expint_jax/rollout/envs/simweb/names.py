@@ -123,3 +123,9 @@ def swap_one_word(rng: random.Random, name: str, position: int, choices: tuple[s
     alternatives = [c for c in choices if c != words[position]]
     words[position] = rng.choice(alternatives)
     return " ".join(words)
+
+
+def is_near_miss(candidate: str, name: str) -> bool:
+    """Same number of words as ``name`` and exactly one of them different."""
+    a, b = candidate.split(), name.split()
+    return len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) == 1

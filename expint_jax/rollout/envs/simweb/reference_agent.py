@@ -22,6 +22,15 @@ task can have 0 < mean reward < 1:
                         entity, or the first of two values).
 Every rollout's random stream is ``random.Random(f"{seed}:{task_id}:{member}")``.
 
+Experience sensitivity (opt-in, ``ReferenceAgentConfig.sensitivity``): with a ``Sensitivity``,
+the lessons in the current request's context move these rates -- each mistake falls when the
+lesson preventing it is shown, a long block dilutes every lesson, and the finishing lesson shown
+before any page is read makes the agent answer prematurely. The designed effects are written down
+in ``sensitivity.py`` (``designed_effects()``). They act through requests, so only
+``ReferencePolicy`` (inside ``ReActAgent`` with an injection) sees experience; the standalone
+``ReferenceAgent`` has none in its context. With ``sensitivity=None`` (the default) experience is
+ignored and every rollout is what it was before sensitivity existed.
+
 ``ReferencePolicy`` is the same agent as a ``ChatBackend``: it lets the real ``ReActAgent`` (and
 everything built on it) run offline on SimWeb with a deterministic, partly successful "model".
 """
@@ -41,8 +50,18 @@ from expint_jax.records import Completion, Message, Trajectory
 from expint_jax.rollout import prompts
 from expint_jax.rollout.agent import observe
 from expint_jax.rollout.envs.base import Environment, Task
+from expint_jax.rollout.envs.simweb.names import is_near_miss
+from expint_jax.rollout.envs.simweb.sensitivity import (
+    BLOCK_HEADER,
+    EMPTY,
+    Context,
+    Sensitivity,
+    mistake_rate,
+    premature_rate,
+    request_context,
+)
 from expint_jax.rollout.envs.simweb.site import RELATIONS, SECTION_TITLES, format_number
-from expint_jax.rollout.envs.simweb.tasks import ParsedQuestion, parse_question
+from expint_jax.rollout.envs.simweb.tasks import ParsedQuestion, find_question, parse_question
 from expint_jax.rollout.envs.simweb.tools import VisitedPage, parse_page
 from expint_jax.rollout.envs.web import SearchHit, parse_search_results
 from expint_jax.llm.base import SamplingSpec, per_conversation
@@ -80,17 +99,12 @@ class ReferenceAgentConfig:
     think: bool = True  # write a <think> block before every action
     max_tool_calls: int = 20  # give up ("unknown") after this many calls
     instructions: str = prompts.DEFAULT_INSTRUCTIONS
+    sensitivity: Sensitivity | None = None  # None: injected experience is ignored (sensitivity.py)
 
 
 def read_facts(page_text: str) -> dict[str, str]:
     """The ``- Label: value`` facts of a page text."""
     return {m.group("label").strip(): m.group("value").strip() for m in _FACT.finditer(page_text)}
-
-
-def is_near_miss(candidate: str, name: str) -> bool:
-    """Same number of words as ``name`` and exactly one of them different."""
-    a, b = candidate.split(), name.split()
-    return len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) == 1
 
 
 class _GiveUp(Exception):
@@ -110,11 +124,16 @@ class _Episode:
 
     ``perform(reply) -> observation`` runs the tool call written in ``reply`` (the standalone agent
     calls the tools; ``ReferencePolicy`` replays observations the ReAct agent already recorded).
+    ``context_at(k)`` is the experience context of the request behind assistant turn ``k``; a
+    mistake drawn before the k-th tool call decides turn k, so it uses ``context_at(tool_calls)``.
     """
 
     def __init__(self, system: str, question: str, config: ReferenceAgentConfig, rng: random.Random,
-                 perform: Callable[[str], str]):
+                 perform: Callable[[str], str], context_at: Callable[[int], Context] = lambda turn: EMPTY,
+                 side_seed: str = ""):
         self.config, self.rng, self.perform = config, rng, perform
+        self.context_at, self.side_seed = context_at, side_seed
+        self.pages_read = False
         self.messages = [Message("system", system), Message("user", question)]
         self.tool_calls = 0
         self.mistakes: list[str] = []
@@ -136,6 +155,7 @@ class _Episode:
     def visit(self, thought: str, url: str) -> VisitedPage | None:
         page = parse_page(self.call(thought, "visit", {"url": url}))
         if page is not None:
+            self.pages_read = True
             self.known_links.update({link.title: link.url for link in page.links})
         return page
 
@@ -145,8 +165,22 @@ class _Episode:
 
     def slip(self, kind: str) -> bool:
         """Draws whether the mistake ``kind`` happens now, and records it when it does."""
-        if self.rng.random() < getattr(self.config.mistakes, kind):
+        rate = getattr(self.config.mistakes, kind)
+        if self.config.sensitivity is not None:
+            rate = mistake_rate(kind, rate, self.context_at(self.tool_calls), self.config.sensitivity,
+                                pages_read=self.pages_read)
+        if self.rng.random() < rate:  # one draw whatever the rate, so context never shifts the stream
             self.mistakes.append(kind)
+            return True
+        return False
+
+    def premature(self) -> bool:
+        """Whether the finishing lesson in the first request makes the agent answer with no tool call.
+
+        Drawn from a stream of its own, so the main stream is the same with and without it."""
+        p = premature_rate(self.context_at(0), self.config.sensitivity)
+        if p > 0.0 and random.Random(f"{self.side_seed}:premature").random() < p:
+            self.mistakes.append("premature")
             return True
         return False
 
@@ -163,8 +197,9 @@ class ReferenceAgent:
             if needed not in tools:
                 raise ValueError(f"task {task.task_id!r}: the reference agent needs a {needed!r} tool")
         system = prompts.system_prompt([t.spec for t in tools.values()], self.config.instructions)
-        episode = _Episode(system, task.question, self.config, random.Random(f"{seed}:{task.task_id}:{member}"),
-                           lambda reply: observe(reply, tools)[0])
+        stream = f"{seed}:{task.task_id}:{member}"
+        episode = _Episode(system, task.question, self.config, random.Random(stream),
+                           lambda reply: observe(reply, tools)[0], side_seed=stream)
         prediction = _play(episode, task.question)
         return Trajectory(
             task_id=task.task_id,
@@ -213,6 +248,13 @@ class _Replay:
 
 
 _TOOL_RESPONSE = re.compile(r"<tool_response>\n(.*)\n</tool_response>", re.S)
+
+
+def _without_experience(content: str) -> str:
+    """A tool-response message without a step-wise block appended after the response."""
+    end = content.find("\n</tool_response>")
+    header = BLOCK_HEADER.search(content, end) if end >= 0 else None
+    return content[: header.start()] if header is not None else content
 _GIVE_UP_REPLY = "<answer>unknown</answer>"
 
 
@@ -223,17 +265,22 @@ class ReferencePolicy:
     tool execution, limits) runs unchanged, and with ``Mistakes`` the rollouts of a group differ.
     Each request is answered by replaying the episode from its start against the conversation:
     the policy's earlier replies must equal the recorded assistant turns and the recorded tool
-    responses are fed back as observations; the next reply answers the request. Only the first
-    line of the question and the text inside ``<tool_response>`` are read, so injected experience
-    is ignored. A conversation it did not write, a nudge or a forced-answer request gets
-    ``<answer>unknown</answer>``. A rollout's random stream is seeded by its first request's
+    responses are fed back as observations; the next reply answers the request. Only the question
+    (found by ``tasks.find_question`` whatever text surrounds it) and the text inside
+    ``<tool_response>`` are read as the task. Experience text is ignored unless
+    ``config.sensitivity`` is set; then the request's context (``sensitivity.request_context``)
+    sets the rates of the mistake that decides this reply, and each earlier turn keeps the context
+    its own request had (remembered with the rollout's stream; when not remembered, the request's
+    global block stands in). A conversation it did not write, a nudge or a forced-answer request
+    gets ``<answer>unknown</answer>``. A rollout's random stream is seeded by its first request's
     ``SamplingParams.seed`` (a call counter when that is None) and carried to its later requests,
     keyed by the conversation so far.
     """
 
     def __init__(self, config: ReferenceAgentConfig = ReferenceAgentConfig()):
         self.config = config
-        self._seeds: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        # (question, replies so far) -> rollouts waiting there: (stream, context of each turn)
+        self._seeds: dict[tuple[str, tuple[str, ...]], list[tuple[int, tuple[Context, ...]]]] = {}
         self._lock = threading.Lock()
         self._counter = itertools.count()
 
@@ -245,38 +292,53 @@ class ReferencePolicy:
         users = [i for i, m in enumerate(messages) if m.role == "user"]
         if not users:
             return _GIVE_UP_REPLY
-        question = messages[users[0]].content.split("\n\n", 1)[0]
+        first = messages[users[0]].content
+        question = find_question(first) or first.split("\n\n", 1)[0]
         replies, observations = [], []
         for message in messages[users[0] + 1:]:
             if message.role == "assistant":
                 replies.append(message.content)
                 continue
-            response = _TOOL_RESPONSE.search(message.content)
+            response = _TOOL_RESPONSE.search(_without_experience(message.content))
             if response is None:  # a nudge or a forced-answer request
                 return _GIVE_UP_REPLY
             observations.append(response.group(1))
         if len(observations) != len(replies):
             return _GIVE_UP_REPLY
-        stream = self._stream(question, replies, seed)
+        stream, earlier = self._stream(question, replies, seed)
+        contexts = self._contexts(messages, question, earlier, len(replies))
         replay = _Replay(replies, observations)
-        episode = _Episode("", question, self.config, random.Random(f"{stream}:{question}"), replay)
+        episode = _Episode("", question, self.config, random.Random(f"{stream}:{question}"), replay,
+                           context_at=lambda turn: contexts[min(turn, len(contexts) - 1)],
+                           side_seed=f"{stream}:{question}")
         try:
             _play(episode, question)
         except _Emit as step:
             with self._lock:
-                self._seeds.setdefault((question, (*replies, step.reply)), []).append(stream)
+                self._seeds.setdefault((question, (*replies, step.reply)), []).append((stream, contexts))
             return step.reply
         except _Diverged:
             return _GIVE_UP_REPLY
         return episode.messages[-1].content if replay.index == len(replies) else _GIVE_UP_REPLY
 
-    def _stream(self, question: str, replies: list[str], seed: int | None) -> int:
+    def _contexts(self, messages: list[Message], question: str, earlier: tuple[Context, ...],
+                  turns: int) -> tuple[Context, ...]:
+        """The experience context of each turn so far and of the one asked for now (the last)."""
+        if self.config.sensitivity is None:
+            return (EMPTY,)
+        parsed = parse_question(question)
+        names = parsed.names if parsed is not None else ()
+        if len(earlier) != turns:  # not remembered: the global block is all the request still shows
+            earlier = (request_context(messages, names, step=False),) * turns
+        return (*earlier, request_context(messages, names))
+
+    def _stream(self, question: str, replies: list[str], seed: int | None) -> tuple[int, tuple[Context, ...]]:
         with self._lock:
             if not replies:
-                return seed if seed is not None else next(self._counter)
+                return (seed if seed is not None else next(self._counter)), ()
             waiting = self._seeds.get((question, tuple(replies)))
             if not waiting:
-                return 0
+                return 0, ()
             stream = waiting.pop(0)
             if not waiting:
                 del self._seeds[(question, tuple(replies))]
@@ -288,6 +350,9 @@ def _play(ep: _Episode, question: str) -> str:
     parsed = parse_question(question)
     if parsed is None:
         return ep.answer("I cannot tell what this question asks for.", UNKNOWN)
+    if ep.premature():
+        guess = parsed.names[0] if parsed.form.style == "compare" else UNKNOWN
+        return ep.answer(f"I should answer at once; my answer is {guess}.", guess)
     try:
         return _solve(ep, parsed)
     except _AnswerNow as early:

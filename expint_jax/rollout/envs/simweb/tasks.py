@@ -151,6 +151,19 @@ def parse_question(question: str) -> ParsedQuestion | None:
     return None
 
 
+def find_question(text: str) -> str | None:
+    """The SimWeb question in a message that may carry any other text (injected experience, notes).
+
+    Tried in order, the first that ``parse_question`` accepts wins: the whole text, each line
+    (injection appends blocks on lines of their own, so the question's line comes first), then
+    each line cut after each ``?`` (text appended on the question's own line). None when no part
+    of ``text`` is a SimWeb question.
+    """
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    candidates = [text.strip(), *lines, *(line[: m.end()] for line in lines for m in re.finditer(r"\?", line))]
+    return next((c for c in candidates if parse_question(c) is not None), None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Answers
 # ---------------------------------------------------------------------------------------------
