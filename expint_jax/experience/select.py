@@ -5,19 +5,29 @@ Contract (every selector):
     (same results as one-by-one; the LLM selector sends each round of a batch as one backend call).
   * ``history`` is the stored conversation (no experience text); ``pool`` maps id -> text in order.
   * ``Selection.ids`` are ids of ``pool``, unique, in the selector's order of preference.
-    ``Selection.fallback`` names the fallback that produced them, or ``None``.
+    ``Selection.fallback`` names the fallback that produced them, or ``None``;
+    ``Selection.rationale`` is the LLM selector's stated reason (``None`` for the others).
   * A pool with at most ``k_min`` items is returned whole. Results are deterministic: lexical and
     embedding rankings break ties by pool order, the LLM selector passes a seed to the backend.
 
 Selectors: ``all`` (every item), ``bm25`` (lexical, query = task question + latest assistant and
-tool text), ``embedding`` (MiniLM cosine similarity, optional ``embedding`` extra) and ``llm`` (a
-model reads the conversation and the numbered pool and answers a JSON list of ``k_min``-``k_max``
-(3-8) ids). The LLM selector drops ids not in the pool and keeps at most ``k_max``; an answer with
-fewer than ``k_min`` valid ids (no JSON list, unknown ids, too few) is retried with the model's
+tool text), ``embedding`` (MiniLM cosine similarity, optional ``embedding`` extra) and ``llm``.
+
+The LLM selector follows the release's retrieval prompt (evaluation/prompt_step_wise.py), in our
+words: the model reads the library and the conversation, works out the core question, what has
+been done and found so far, and what comes next (search, visit, verify or synthesize), then
+chooses ``k_min``-``k_max`` (3-8) items and answers ``{"selected_ids": [...], "rationale": "..."}``
+(sampled at temperature 0.3, top_p 0.9, at most 1,000 tokens, as the release does). It drops ids
+not in the pool and keeps at most ``k_max``. Like the release it accepts any answer with at least
+``min_accepted`` valid ids (default 1: a short valid list is used as it is; ``min_accepted=k_min``
+is our stricter variant). An answer with fewer (no JSON, unknown ids) is retried with the model's
 answer and the reason appended to the conversation, a failed request is resent as it was, up to
-``max_tries`` requests in total. Fallback after that, ``Selection.fallback == "bm25"``: the most
-valid ids one answer gave, padded to ``k_min`` with the ``bm25`` selector's ranking, or the
-``bm25`` selection alone when no answer gave a valid id.
+``max_tries`` (5, as the release) requests in total. Fallback after that,
+``Selection.fallback == "bm25"``: the most valid ids one answer gave, padded to ``k_min`` with the
+``bm25`` selector's ranking, or the ``bm25`` selection alone when no answer gave a valid id. (The
+release falls back to a fixed list of five ids; a fixed list means nothing for another pool, so
+this is a deliberate deviation.) The conversation is shown whole, as in the release;
+``max_message_chars`` clips each message for a selector with a small context.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from expint_jax.llm.base import ChatBackend
 class Selection:
     ids: tuple[str, ...]
     fallback: str | None = None
+    rationale: str | None = None
 
 
 @runtime_checkable
@@ -179,22 +190,34 @@ class EmbeddingSelector(_OneFromBatch):
         return [Selection(_top_ids(ids, row, self.k, self.k_min, positive_only=False)) for row in similarity]
 
 
-_SELECTOR_SYSTEM = "You choose lessons from an experience library for an AI agent. Reply with JSON only."
+_SELECTOR_SYSTEM = "You pick experiences from a library for a research agent. Answer with valid JSON only."
 
-_SELECTOR_PROMPT = """## Experience library
+_SELECTOR_PROMPT = """You help a deep-research agent by choosing, from a library of experiences, the ones that \
+will best guide the next step of its ongoing multi-turn research conversation.
+
+## Experience library
 {library}
 
-## The agent's conversation so far
+## The research conversation so far
 {conversation}
 
 ## What to do
-Work out what the agent will most likely do next (search, open a page, check a fact, compute, or \
-write the final answer) and which lessons from the library would help most with that next step. \
-Choose between {k_min} and {k_max} lessons. Reply with a JSON list of their ids and nothing else, \
-for example ["G2", "G5", "G9"]."""
+First work out:
+1. the core question being researched;
+2. what has been done so far, and what information has been found;
+3. what the agent will most likely do next (search, visit a page, verify, or synthesize an answer);
+4. which experiences in the library would best guide that next step.
+
+Then choose the {k_min} to {k_max} most relevant experiences, taking into account the phase of the \
+research (first exploration, verification or synthesis), any difficulty or ambiguity met so far, the \
+kind of information sought, and the mistakes the experiences can help to avoid.
+
+## Answer format
+Valid JSON only, nothing else:
+{{"selected_ids": ["G1", "G5", ...], "rationale": "a short reason why these experiences fit this step"}}"""
 
 
-def render_conversation(history: Sequence[Message], max_message_chars: int) -> str:
+def render_conversation(history: Sequence[Message], max_message_chars: int | None = None) -> str:
     """The conversation as plain text for the selector; the system prompt is only mentioned."""
     parts = []
     for message in history:
@@ -202,7 +225,7 @@ def render_conversation(history: Sequence[Message], max_message_chars: int) -> s
             parts.append("[system prompt with the tool definitions]")
             continue
         content = message.content
-        if len(content) > max_message_chars:
+        if max_message_chars is not None and len(content) > max_message_chars:
             content = content[:max_message_chars] + f" ... [{len(content) - max_message_chars} more characters]"
         parts.append(f"{message.role.capitalize()}: {content}")
     return "\n\n".join(parts)
@@ -211,10 +234,9 @@ def render_conversation(history: Sequence[Message], max_message_chars: int) -> s
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
-def parse_id_list(text: str) -> list[str] | None:
-    """The first JSON list in ``text`` (or an object's ``selected_ids``/``ids`` list), as strings.
-
-    ``None`` when no such JSON value is found; non-string entries are dropped.
+def parse_selection(text: str) -> tuple[list[str] | None, str | None]:
+    """``(ids, rationale)`` from the first JSON object with a ``selected_ids`` (or ``ids``) list, or
+    the first JSON list, in ``text``; ids are the string entries. ``(None, None)`` when there is none.
     """
     text = _THINK.sub("", text)
     decoder = json.JSONDecoder()
@@ -223,11 +245,19 @@ def parse_id_list(text: str) -> list[str] | None:
             value, _ = decoder.raw_decode(text, match.start())
         except json.JSONDecodeError:
             continue
+        rationale = None
         if isinstance(value, dict):
+            rationale = value.get("rationale")
+            rationale = rationale.strip() if isinstance(rationale, str) else None
             value = value.get("selected_ids", value.get("ids"))
         if isinstance(value, list):
-            return [v for v in value if isinstance(v, str)]
-    return None
+            return [v for v in value if isinstance(v, str)], rationale
+    return None, None
+
+
+def parse_id_list(text: str) -> list[str] | None:
+    """The ids of ``parse_selection(text)``."""
+    return parse_selection(text)[0]
 
 
 def _valid_ids(candidates: Sequence[str], pool: Mapping[str, str], k_max: int) -> tuple[str, ...]:
@@ -244,6 +274,9 @@ class LLMSelector(_OneFromBatch):
 
     Round ``t`` (0-based) of a batch sends every still-unanswered history in one ``backend.chat``
     call with ``seed + t`` as the sampling seed (``None`` keeps the backend's own randomness).
+    ``min_accepted``: the fewest valid ids an answer may give and still be used (release: 1).
+    ``max_message_chars``: clip each conversation message to this many characters (None: the
+    release's whole conversation).
     """
 
     backend: ChatBackend
@@ -252,7 +285,8 @@ class LLMSelector(_OneFromBatch):
     max_tries: int = 5
     seed: int | None = 0
     params: SamplingParams = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=1000)
-    max_message_chars: int = 4000
+    max_message_chars: int | None = None
+    min_accepted: int = 1
     fallback: Selector = dataclasses.field(default_factory=lambda: BM25Selector(k=5, k_min=3))
     name: str = dataclasses.field(default="llm", init=False)
 
@@ -260,9 +294,11 @@ class LLMSelector(_OneFromBatch):
         _check_sizes(self.k_min, self.k_max, "LLMSelector")
         if self.max_tries < 1:
             raise ValueError(f"LLMSelector: max_tries must be >= 1, got {self.max_tries}")
+        if not 1 <= self.min_accepted <= self.k_max:
+            raise ValueError(f"LLMSelector: need 1 <= min_accepted <= k_max, got {self.min_accepted}")
 
     def prompt(self, history: Sequence[Message], pool: Mapping[str, str]) -> tuple[Message, ...]:
-        library = "\n".join(f"[{item_id}]. {text}" for item_id, text in pool.items())
+        library = "\n".join(f"{item_id}: {text}" for item_id, text in pool.items())
         user = _SELECTOR_PROMPT.format(
             library=library,
             conversation=render_conversation(history, self.max_message_chars),
@@ -288,10 +324,10 @@ class LLMSelector(_OneFromBatch):
             still_pending = []
             for i, completion in zip(pending, completions, strict=True):
                 if completion.finish_reason != "error":  # a failed request is resent as it was
-                    candidates = parse_id_list(completion.text)
+                    candidates, rationale = parse_selection(completion.text)
                     ids = _valid_ids(candidates or [], pool, self.k_max)
-                    if len(ids) >= self.k_min:
-                        results[i] = Selection(ids)
+                    if len(ids) >= self.min_accepted:
+                        results[i] = Selection(ids, rationale=rationale)
                         continue
                     best[i] = max(best.get(i, ()), ids, key=len)
                     reason = self._rejection(candidates, ids, pool)
@@ -310,15 +346,16 @@ class LLMSelector(_OneFromBatch):
     def _rejection(self, candidates: list[str] | None, ids: tuple[str, ...], pool: Mapping[str, str]) -> str:
         """Why an answer was not accepted, and what to answer instead."""
         if candidates is None:
-            problem = "Your reply did not contain a JSON list of ids."
+            problem = "Your reply did not contain a JSON object with a selected_ids list."
         else:
             unknown = [c for c in candidates if c.strip() not in pool]
             problem = f"Your reply gave {len(ids)} valid id{'' if len(ids) == 1 else 's'}"
             problem += f" ({', '.join(ids)})." if ids else "."
             if unknown:
                 problem += f" Not in the library: {', '.join(unknown[:10])}."
-        return (f"{problem} Choose between {self.k_min} and {self.k_max} lessons from the library and reply "
-                f'with a JSON list of their ids and nothing else, for example ["G2", "G5", "G9"].')
+        return (f"{problem} Choose between {self.k_min} and {self.k_max} experiences from the library and "
+                'answer with valid JSON only, for example {"selected_ids": ["G2", "G5", "G9"], '
+                '"rationale": "why they fit this step"}.')
 
 
 def make_selector(name: str, *, backend: ChatBackend | None = None, **options: Any) -> Selector:

@@ -3,9 +3,12 @@
 Contract of one rollout:
   * History starts as [system prompt with the tool schemas, the task question]. Each step sends
     one request: the history with the experience of the injection spec (``inject`` from
-    ``expint_jax.experience.inject``; global: the pool block in the system prompt of every call;
-    stepwise: the selector's block in the last user message of this call only). The stored
-    history never contains experience text; what was injected is recorded beside it.
+    ``expint_jax.experience.inject``; the spec's ``system_block`` in the system prompt of every
+    call: the pool block for global, the release's note announcing per-step experiences for
+    stepwise; stepwise also puts the selector's block in the last user message of this call only).
+    The stored history never contains experience text; what was injected is recorded beside it
+    (``global_injection`` holds the ``system_block``). Step-wise selections are logged per turn in
+    ``metadata["exp_selections"]`` (``{"round", "selected_ids", "rationale"}``, as the release does).
   * Sampling stops at ``<tool_response>`` (the model must not invent tool results) and at
     ``</tool_call>`` (one call per turn). The reply is cut before any ``<tool_response>`` and after
     the first ``</tool_call>``; a ``</tool_call>`` removed by the backend as a stop string is put
@@ -22,7 +25,8 @@ Contract of one rollout:
     (``count_tokens``, injected text included) exceeds ``max_context_tokens`` is replaced by ONE
     forced-answer request: as in the paper, the last observation (what overflowed the context) is
     replaced in the stored history by the forced-answer instruction (appended to the question when
-    there is no observation yet); no step-wise block is added. It ends with ``max_context`` and
+    there is no observation yet); no step-wise block is added and no selection is made, and
+    ``metadata["forced_answer_turn"]`` records its turn. It ends with ``max_context`` and
     the prediction is its ``<answer>`` (``None`` when it has none). ``count_tokens`` is the
     backend's own ``count_tokens`` when it has one (the local engine's counts the exact prompt
     it would generate from), else the deliberately high ``estimate_tokens``.
@@ -55,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from expint_jax.experience.inject import InjectionSpec, NoInjection, StepwiseInjection, inject
+from expint_jax.experience.inject import InjectionSpec, NoInjection, StepwiseInjection, inject, selection_log
 from expint_jax.experience.select import Selection
 from expint_jax.models.chat import (
     TOOL_CALL_END,
@@ -66,7 +70,7 @@ from expint_jax.models.chat import (
     parse_answer,
     parse_tool_call,
 )
-from expint_jax.records import Completion, Message, SamplingParams, Trajectory
+from expint_jax.records import EXP_SELECTIONS, FORCED_ANSWER_TURN, Completion, Message, SamplingParams, Trajectory
 from expint_jax.rollout import prompts
 from expint_jax.rollout.envs.base import Environment, Task
 from expint_jax.llm.base import ChatBackend
@@ -87,15 +91,23 @@ def estimate_tokens(messages: Sequence[Message]) -> int:
     return sum(math.ceil(len(m.content) / 3) + 5 for m in messages) + 3
 
 
+# The release's agent samples with top_p 0.95 and presence_penalty 1.1 (evaluation/react_agent.py);
+# temperature 0.7 is the paper's. The release allows 10,000 new tokens and a ~110K-token context
+# (max_tokens=10000, max_context_tokens=110 * 1024); the paper trains and evaluates at 32K, so the
+# defaults below budget for a 32K context instead.
+RELEASE_SAMPLING = SamplingParams(temperature=0.7, top_p=0.95, presence_penalty=1.1, max_tokens=4096)
+
+
 @dataclasses.dataclass(frozen=True)
 class AgentConfig:
-    """Limits and sampling of the agent. Defaults follow the paper (≤ 100 calls, T = 0.7, 32K context)."""
+    """Limits and sampling of the agent. Defaults follow the paper (≤ 100 calls, T = 0.7, 32K context)
+    and the release's sampling (top_p 0.95, presence penalty 1.1), see ``RELEASE_SAMPLING``."""
 
     max_llm_calls: int = 100
     max_context_tokens: int = 28 * 1024  # prompt budget; leaves room for max_tokens in a 32K context
     max_backend_retries: int = 3
     max_no_action_turns: int = 3
-    sampling: SamplingParams = SamplingParams(temperature=0.7, max_tokens=4096)
+    sampling: SamplingParams = RELEASE_SAMPLING
     stop: tuple[str, ...] = (TOOL_RESPONSE_START, TOOL_CALL_END)
     instructions: str = prompts.DEFAULT_INSTRUCTIONS
     tool_workers: int = 8
@@ -114,6 +126,7 @@ class _Request:
     step_block: str = ""
     experience_ids: tuple[str, ...] = ()
     selector_fallback: str | None = None
+    rationale: str | None = None
     forced: bool = False
 
 
@@ -127,6 +140,8 @@ class _Rollout:
     messages: list[Message]
     step_blocks: list[str] = dataclasses.field(default_factory=list)
     step_ids: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
+    selections: list[tuple[int, Selection]] = dataclasses.field(default_factory=list)  # (turn, selection)
+    forced_turn: int | None = None
     request: _Request | None = None
     llm_calls: int = 0
     tool_calls: int = 0
@@ -242,7 +257,7 @@ class ReActAgent:
     ):
         self.backend, self.config, self.injection = backend, config, injection
         self.count_tokens: TokenCounter = count_tokens or getattr(backend, "count_tokens", None) or estimate_tokens
-        self._global_block = getattr(injection, "block", "")
+        self._global_block = injection.system_block
         stop = dict.fromkeys(config.sampling.stop + config.stop)
         self._sampling = dataclasses.replace(config.sampling, stop=tuple(stop))
 
@@ -292,7 +307,11 @@ class ReActAgent:
             selections = stepwise.selector.select_batch([r.messages for r in rollouts], stepwise.pool)
         for r, selection in zip(rollouts, selections, strict=True):
             block = stepwise.block_for(selection.ids) if stepwise is not None else ""
-            request = _Request(inject(r.messages, self._global_block, block), block, selection.ids, selection.fallback)
+            if stepwise is not None:
+                logger.info("task %s member %d turn %d: experiences %s (%s)", r.task.task_id, r.member,
+                            len(r.step_blocks) + 1, list(selection.ids), selection.rationale or selection.fallback)
+            request = _Request(inject(r.messages, self._global_block, block), block, selection.ids,
+                               selection.fallback, selection.rationale)
             tokens = self.count_tokens(request.messages)
             if tokens > self.config.max_context_tokens:
                 self._force_answer(r)
@@ -337,9 +356,14 @@ class ReActAgent:
             r.completion_tokens = (r.completion_tokens or 0) + len(completion.token_ids)
         text = assistant_text(completion, self._sampling.stop)
         r.messages.append(Message("assistant", text))
+        turn = len(r.step_blocks)
         r.step_blocks.append(request.step_block)
         r.step_ids.append(request.experience_ids)
         r.selector_fallbacks += request.selector_fallback is not None
+        if request.forced:
+            r.forced_turn = turn
+        elif isinstance(self.injection, StepwiseInjection):
+            r.selections.append((turn, Selection(request.experience_ids, request.selector_fallback, request.rationale)))
         answer = parse_answer(text)
         if request.forced:
             r.finish("max_context", started, answer)
@@ -374,6 +398,10 @@ class ReActAgent:
             metadata["completion_tokens"] = r.completion_tokens
         if r.last_backend_error is not None:
             metadata["last_backend_error"] = r.last_backend_error
+        if r.forced_turn is not None:
+            metadata[FORCED_ANSWER_TURN] = r.forced_turn
+        if stepwise:
+            metadata[EXP_SELECTIONS] = selection_log(r.selections)
         return Trajectory(
             task_id=r.task.task_id,
             messages=tuple(r.messages),

@@ -1,9 +1,15 @@
 """Injection: the block format, pure placement into system / last user message, specs, rebuilding contexts."""
 
+import dataclasses
+
 import pytest
 
 from expint_jax.experience.inject import (
     EXPERIENCE_HEADER,
+    GLOBAL_HEADER,
+    GLOBAL_INSTRUCTION,
+    STEP_HEADER,
+    STEPWISE_SYSTEM_NOTE,
     GlobalInjection,
     NoInjection,
     StepwiseInjection,
@@ -12,11 +18,12 @@ from expint_jax.experience.inject import (
     apply_stepwise,
     context_before_turn,
     format_experience_block,
+    format_global_block,
     inject,
     make_injection,
 )
 from expint_jax.experience.select import AllSelector, BM25Selector
-from expint_jax.records import Message, Trajectory
+from expint_jax.records import EXP_SELECTIONS, FORCED_ANSWER_TURN, Message, Trajectory
 
 POOL = {"G0": "When a search fails, rephrase it.", "G3": "When numbers matter, compute them."}
 
@@ -31,7 +38,7 @@ HISTORY = (
 def test_block_text_and_concatenation():
     block = format_experience_block(POOL)
     assert block == (
-        f"\n\n{EXPERIENCE_HEADER}\n[G0]. When a search fails, rephrase it.\n[G3]. When numbers matter, compute them."
+        f"\n\n{EXPERIENCE_HEADER}\nG0: When a search fails, rephrase it.\nG3: When numbers matter, compute them."
     )
     assert format_experience_block({}) == ""
     assert format_experience_block({"G7": "x"}).startswith("\n\n")
@@ -75,7 +82,7 @@ def test_specs_have_kinds_and_freeze_their_pool():
     pool = dict(POOL)
     spec = GlobalInjection(pool)
     pool["G9"] = "added later"
-    assert "G9" not in spec.pool and spec.block == format_experience_block(POOL)
+    assert "G9" not in spec.pool and spec.block == spec.system_block == format_global_block(POOL)
     with pytest.raises(TypeError):
         spec.pool["G1"] = "x"  # type: ignore[index]
     assert (NoInjection().kind, spec.kind, StepwiseInjection(POOL, AllSelector()).kind) == ("none", "global", "stepwise")
@@ -142,6 +149,56 @@ def test_annotate_injections_matches_what_the_agent_would_select():
         assert annotated.step_injections[k] == spec.block_for(expected.ids)
         assert context_before_turn(annotated, k)[-1].content.endswith(spec.block_for(expected.ids))
     [global_view] = annotate_injections([annotated], GlobalInjection(pool))
-    assert global_view.global_injection == format_experience_block(pool) and global_view.step_injections == ()
+    assert global_view.global_injection == format_global_block(pool) and global_view.step_injections == ()
+    assert EXP_SELECTIONS not in global_view.metadata
     [none] = annotate_injections([annotated], NoInjection())
     assert none.injection == "none" and context_before_turn(none, 1) == messages[:4]
+
+
+def test_global_block_tells_the_agent_to_use_its_experiences_then_lists_them():
+    # The release's global agent: an instruction to solve the problem with the accumulated
+    # experiences, a header, then one "G0: text" line per item (evaluation/run_multi_react.py).
+    block = format_global_block(POOL)
+    assert block == (f"\n\n{GLOBAL_INSTRUCTION}\n\n{GLOBAL_HEADER}\n"
+                     "G0: When a search fails, rephrase it.\nG3: When numbers matter, compute them.")
+    assert "accumulated experiences" in GLOBAL_INSTRUCTION and format_global_block({}) == ""
+    assert "this step" in STEP_HEADER  # the step-wise block names its items as this step's
+
+
+def test_stepwise_spec_carries_the_system_note_and_make_injection_can_switch_it_off():
+    spec = make_injection("stepwise", POOL, AllSelector())
+    assert spec.system_block == "\n\n" + STEPWISE_SYSTEM_NOTE
+    for topic in ("before each of your replies", "tools", "verify", "answer"):
+        assert topic in STEPWISE_SYSTEM_NOTE.lower()
+    assert make_injection("stepwise", POOL, AllSelector(), stepwise_system_note=False).system_block == ""
+    assert NoInjection().system_block == ""
+
+
+def test_annotate_stepwise_puts_the_system_note_in_the_teacher_context_only():
+    [annotated] = annotate_injections([_two_turn_trajectory()], StepwiseInjection(POOL, AllSelector()))
+    assert annotated.global_injection == "\n\n" + STEPWISE_SYSTEM_NOTE
+    assert annotated.messages == _two_turn_trajectory().messages  # the student's view is unchanged
+    for k in range(2):
+        assert context_before_turn(annotated, k)[0].content == HISTORY[0].content + "\n\n" + STEPWISE_SYSTEM_NOTE
+    assert [e["round"] for e in annotated.metadata[EXP_SELECTIONS]] == [1, 2]
+
+
+class _CountingSelector(AllSelector):
+    def __init__(self):
+        object.__setattr__(self, "histories", [])
+
+    def select_batch(self, histories, pool):
+        self.histories.extend(histories)
+        return super().select_batch(histories, pool)
+
+
+def test_annotate_gives_a_forced_answer_turn_no_block_and_no_selection():
+    # The agent's forced-answer request carries no step-wise block; annotating must agree.
+    forced = dataclasses.replace(_two_turn_trajectory(), termination="max_context",
+                                 metadata={FORCED_ANSWER_TURN: 1})
+    selector = _CountingSelector()
+    [annotated] = annotate_injections([forced], StepwiseInjection(POOL, selector))
+    assert annotated.step_injections[0] != "" and annotated.step_injections[1] == ""
+    assert annotated.step_experience_ids[1] == () and len(selector.histories) == 1
+    assert context_before_turn(annotated, 1)[-1] == HISTORY[-1]
+    assert [e["round"] for e in annotated.metadata[EXP_SELECTIONS]] == [1]

@@ -144,25 +144,46 @@ def test_llm_selector_prompt_shows_pool_and_conversation():
     LLMSelector(backend, k_min=3, k_max=8).select(history("Find the CEO", "<tool_call>x</tool_call>"), POOL)
     conversations, params = backend.calls[0]
     prompt = conversations[0][-1].content
-    assert all(f"[{i}]. {text}" in prompt for i, text in POOL.items())
+    assert all(f"{i}: {text}" in prompt for i, text in POOL.items())
     assert "User: Find the CEO" in prompt and "Assistant: <tool_call>x</tool_call>" in prompt
-    assert "tools..." not in prompt and "between 3 and 8" in prompt
-    assert params.temperature == 0.3 and params.seed == 0
+    assert "tools..." not in prompt.split("## Answer format")[0] and "3 to 8" in prompt
+    assert (params.temperature, params.top_p, params.max_tokens, params.seed) == (0.3, 0.9, 1000, 0)
+
+
+def test_llm_selector_prompt_asks_for_the_release_analysis_and_a_rationale():
+    # The release's retrieval prompt: core question, what was done, the likely next step
+    # (search / visit / verify / synthesize), then ids with a rationale as one JSON object.
+    prompt = LLMSelector(ScriptedBackend(lambda k, a: "")).prompt(history("q"), POOL)[-1].content
+    for phrase in ("core question", "done so far", "search, visit a page, verify, or synthesize",
+                   '"selected_ids"', '"rationale"'):
+        assert phrase in prompt
+
+
+def test_llm_selector_accepts_a_short_valid_list_and_keeps_the_rationale():
+    answer = '{"selected_ids": ["G3", "G42"], "rationale": "The agent must now verify a date."}'
+    backend = ScriptedBackend(lambda key, attempt: answer)
+    selection = LLMSelector(backend).select(history("q"), POOL)
+    assert selection == Selection(("G3",), rationale="The agent must now verify a date.")
+    assert len(backend.calls) == 1  # one valid id is enough, as in the release
+    strict = LLMSelector(ScriptedBackend(lambda key, attempt: answer), min_accepted=3, max_tries=2)
+    assert strict.select(history("q"), POOL).fallback == "bm25"  # our stricter variant pads from bm25
+    with pytest.raises(ValueError, match="min_accepted"):
+        LLMSelector(backend, min_accepted=0)
 
 
 def test_llm_selector_retries_with_the_reason_until_enough_valid_ids():
     script = ["no idea", '["G77", "G99"]', Completion("", finish_reason="error", error="boom"), '["G3"]',
               '["G3", "G0", "G5"]']
     backend = ScriptedBackend(lambda key, attempt: script[attempt])
-    assert LLMSelector(backend, seed=10).select(history("q"), POOL) == Selection(("G3", "G0", "G5"))
+    assert LLMSelector(backend, seed=10, min_accepted=3).select(history("q"), POOL) == Selection(("G3", "G0", "G5"))
     assert [params.seed for _, params in backend.calls] == [10, 11, 12, 13, 14]
     requests = [conversations[0] for conversations, _ in backend.calls]
     assert len(requests[0]) == 2  # the prompt alone
     for request, answer in zip(requests[1:], ["no idea", '["G77", "G99"]', '["G77", "G99"]', '["G3"]']):
         assert request[:2] == requests[0] and [m.role for m in request[2:]] == ["assistant", "user"]
         assert request[2].content == answer  # the rejected answer, then why
-        assert "Choose between 3 and 8 lessons" in request[3].content
-    assert requests[1][3].content.startswith("Your reply did not contain a JSON list of ids.")
+        assert "Choose between 3 and 8 experiences" in request[3].content
+    assert requests[1][3].content.startswith("Your reply did not contain a JSON object with a selected_ids list.")
     assert requests[2][3].content.startswith("Your reply gave 0 valid ids. Not in the library: G77, G99.")
     assert requests[3] == requests[2]  # the failed request is resent as it was
     assert requests[4][3].content.startswith("Your reply gave 1 valid id (G3).")
@@ -171,7 +192,7 @@ def test_llm_selector_retries_with_the_reason_until_enough_valid_ids():
 def test_llm_selector_pads_too_few_ids_from_bm25_after_max_tries():
     backend = ScriptedBackend(lambda key, attempt: ["nothing", '["G4"]', '["G1", "G42"]', '["G1", "G1"]'][attempt])
     h = history("Use python to compute the product of 12 and 34")
-    selection = LLMSelector(backend, max_tries=4).select(h, POOL)
+    selection = LLMSelector(backend, max_tries=4, min_accepted=3).select(h, POOL)
     assert len(backend.calls) == 4 and selection.fallback == "bm25"
     bm25 = BM25Selector(k=5, k_min=3).select(h, POOL).ids
     assert selection.ids == ("G4", *[i for i in bm25 if i != "G4"][:2])  # the first best answer, then bm25's
@@ -194,7 +215,7 @@ def test_llm_selector_batches_each_round():
 
     backend = ScriptedBackend(reply)
     histories = [history("a"), history("b"), history("c")]
-    selections = LLMSelector(backend, max_tries=4).select_batch(histories, POOL)
+    selections = LLMSelector(backend, max_tries=4, min_accepted=3).select_batch(histories, POOL)
     assert [len(conversations) for conversations, _ in backend.calls] == [3, 2, 2, 1]
     assert [s.ids[0] for s in selections[:2]] == ["G0", "G2"]
     assert [s.fallback for s in selections] == [None, None, "bm25"]

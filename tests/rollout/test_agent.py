@@ -1,5 +1,6 @@
 """The ReAct agent on scripted model outputs: parsing, error observations, limits, injection, batching."""
 
+import dataclasses
 import json
 import threading
 
@@ -7,15 +8,19 @@ import pytest
 
 from expint_jax.experience.inject import (
     EXPERIENCE_HEADER,
+    GLOBAL_HEADER,
+    STEPWISE_SYSTEM_NOTE,
     GlobalInjection,
     StepwiseInjection,
+    annotate_injections,
     context_before_turn,
     format_experience_block,
+    format_global_block,
 )
 from expint_jax.experience.select import BM25Selector, Selection
 from expint_jax.models.chat import format_tool_call, format_tool_response
 from expint_jax.llm.base import per_conversation
-from expint_jax.records import Completion, Message, SamplingParams, Trajectory
+from expint_jax.records import EXP_SELECTIONS, FORCED_ANSWER_TURN, Completion, Message, SamplingParams, Trajectory
 from expint_jax.rollout import prompts
 from expint_jax.rollout.agent import AgentConfig, ReActAgent, assistant_text, estimate_tokens
 from expint_jax.rollout.envs.base import Task
@@ -280,7 +285,7 @@ def three_turns(question, turn, conversation):
 
 def test_stepwise_injection_only_in_the_last_user_message_of_each_call():
     backend, selector = ScriptedBackend(three_turns), TurnSelector()
-    traj = run(backend, injection=StepwiseInjection(POOL, selector))
+    traj = run(backend, injection=StepwiseInjection(POOL, selector, system_note=""))
     assert traj.injection == "stepwise" and traj.global_injection == ""
     assert traj.step_experience_ids == (("G0",), ("G1",), ("G2",))
     assert len(backend.requests) == 3
@@ -309,12 +314,12 @@ def test_stepwise_with_the_bm25_selector():
 def test_global_injection_in_the_system_prompt_of_every_call():
     backend = ScriptedBackend(three_turns)
     traj = run(backend, injection=GlobalInjection(POOL))
-    block = format_experience_block(POOL)
+    block = format_global_block(POOL)
     assert traj.global_injection == block and traj.step_injections == ()
     assert not traj.messages[0].content.endswith(block)
     for k, request in enumerate(backend.requests):
         assert request[0].content == traj.messages[0].content + block
-        assert sum(EXPERIENCE_HEADER in m.content for m in request) == 1
+        assert sum(GLOBAL_HEADER in m.content for m in request) == 1
         assert context_before_turn(traj, k) == request
 
 
@@ -485,3 +490,59 @@ def test_failing_python_code_becomes_an_observation_and_the_agent_goes_on():
     assert fine == format_tool_response("42")
     assert (traj.termination, traj.prediction, traj.num_tool_calls) == ("answer", "42", 3)
     assert traj.metadata["tool_errors"] == 2
+
+
+def test_stepwise_calls_carry_the_system_note_which_stays_out_of_the_stored_history():
+    # The release's step-wise system prompt tells the agent that experiences chosen for the current
+    # step come before each reply; teacher-only, like the blocks (issue 12, item 1).
+    backend = ScriptedBackend(three_turns)
+    traj = run(backend, injection=StepwiseInjection(POOL, TurnSelector()))
+    note = "\n\n" + STEPWISE_SYSTEM_NOTE
+    assert traj.global_injection == note
+    assert all(request[0].content == traj.messages[0].content + note for request in backend.requests)
+    assert not any(STEPWISE_SYSTEM_NOTE in m.content for m in traj.messages)
+    assert [context_before_turn(traj, k) for k in range(3)] == backend.requests
+
+
+class RationaleSelector(TurnSelector):
+    def select_batch(self, histories, pool):
+        return [dataclasses.replace(s, rationale=f"turn {turn_of(h)}")
+                for s, h in zip(super().select_batch(histories, pool), histories)]
+
+
+def test_stepwise_selections_and_their_rationale_are_logged_per_turn():
+    traj = run(ScriptedBackend(three_turns), injection=StepwiseInjection(POOL, RationaleSelector()))
+    assert traj.metadata[EXP_SELECTIONS] == [
+        {"round": 1, "selected_ids": ["G0"], "rationale": "turn 0"},
+        {"round": 2, "selected_ids": ["G1"], "rationale": "turn 1", "fallback": "bm25"},
+        {"round": 3, "selected_ids": ["G2"], "rationale": "turn 2"},
+    ]
+    assert EXP_SELECTIONS not in run(ScriptedBackend(three_turns)).metadata
+
+
+def test_the_forced_answer_turn_is_marked_and_annotation_gives_it_no_block():
+    # issue 12, item 9: the forced-answer request carries no step-wise block; annotate_injections,
+    # which rebuilds teacher contexts for recorded rollouts, must give that turn none either.
+    backend = replies(call("echo", text="a"), call("big", text="b"), "<answer>echo: hi</answer>", "unused")
+    selector = TurnSelector()
+    traj = run(backend, config=AgentConfig(max_context_tokens=2500), count_tokens=chars,
+               injection=StepwiseInjection(POOL, selector))
+    assert traj.termination == "max_context" and traj.metadata[FORCED_ANSWER_TURN] == 2
+    assert traj.step_injections[2] == "" and traj.step_experience_ids[2] == ()
+    assert EXPERIENCE_HEADER not in backend.requests[-1][-1].content
+    assert [e["round"] for e in traj.metadata[EXP_SELECTIONS]] == [1, 2]
+    plain = dataclasses.replace(traj, injection="none", global_injection="", step_injections=(),
+                                step_experience_ids=())
+    [annotated] = annotate_injections([plain], StepwiseInjection(POOL, TurnSelector()))
+    assert annotated.step_injections == traj.step_injections
+    assert [context_before_turn(annotated, k) for k in range(3)] == backend.requests
+
+
+def test_default_sampling_is_the_releases():
+    # evaluation/react_agent.py: top_p 0.95, presence_penalty 1.1 (temperature 0.7 is the paper's).
+    sampling = AgentConfig().sampling
+    assert (sampling.temperature, sampling.top_p, sampling.presence_penalty) == (0.7, 0.95, 1.1)
+    backend = replies("<answer>a</answer>")
+    run(backend)
+    [(_, [params])] = backend.calls
+    assert params.presence_penalty == 1.1 and params.top_p == 0.95

@@ -73,7 +73,7 @@ def probe_first_request_tokens(agent, tasks, env):
         tools = {t.spec.name: t for t in env.tools(task)}
         history = [Message("system", agent.system_prompt(tools)), Message("user", task.question)]
         block = agent.injection.block_for(agent.injection.selector.select(history, agent.injection.pool).ids)
-        out.append(agent.count_tokens(inject(history, "", block)))
+        out.append(agent.count_tokens(inject(history, agent.injection.system_block, block)))
     return out
 
 
