@@ -19,9 +19,9 @@ links followed). Within each informative group (0 < mean reward < 1 when judged)
     answer_early -> answered_from_snippets, wrong_link -> picked_lookalike, skip_hop ->
     read_every_entity. A rule is written once however many groups show it; rules are ordered by
     the number of groups that show them, then by their order in ``PRINCIPLES``.
-  * instance lessons: concrete notes from the group's first success, tied to that task: the
-    question (which names the site and its root URL), its answer and the URL of the page stating
-    it; the query whose results listed that page, or the page linking to it; the look-alike page a
+  * instance lessons: concrete notes from the group's first success, tied to that task (each
+    quotes the question, which names the site, its root URL and the entities): its answer and the
+    URL of the page stating it; the query whose results listed that page, or the page linking to it; the look-alike page a
     failure read instead of the target's ("Look-alike"); the pages a multi-part question needs when
     a failure read fewer ("Every part"); and a wrong answer a failure gave, if any.
 
@@ -251,9 +251,11 @@ def principle_lessons(groups: Sequence[RolloutGroup]) -> list[tuple[str, tuple[s
 
 
 def _answer_page(trace: RolloutTrace) -> VisitedPage | None:
+    """The entity page stating the answer (its own page when the answer is a name), else the last page read."""
     answer = (trace.prediction or "").strip().lower()
-    stating = [p for p in trace.pages if answer and answer in p.text.lower()]
-    return (stating or list(trace.pages) or [None])[-1]
+    stating = [p for p in trace.fact_pages if answer and answer in p.text.lower()]
+    titled = [p for p in stating if p.title.strip().lower() == answer]
+    return (titled or stating or list(trace.fact_pages) or list(trace.pages) or [None])[-1]
 
 
 def instance_lessons(group: RolloutGroup) -> list[str]:
@@ -269,9 +271,11 @@ def instance_lessons(group: RolloutGroup) -> list[str]:
     query = next((q for q, hit in best.hits if hit.url == page.url and q), None)
     parent = next((p for child, p in best.linked_pages if child.url == page.url), None)
     if query is not None:
-        lessons.append(f'Useful query: Searching "{query}" lists {page.url} ({page.title}) among the results.')
+        lessons.append(f'Useful query: For "{question}", searching "{query}" lists {page.url} ({page.title}) among '
+                       "the results.")
     elif parent is not None:
-        lessons.append(f"Navigation: {page.title} ({page.url}) is linked from {parent.title} ({parent.url}).")
+        lessons.append(f'Navigation: For "{question}", {page.title} ({page.url}) is linked from {parent.title} '
+                       f"({parent.url}).")
     for twin, target in _lookalikes([best], failures)[:1]:
         lessons.append(f'Look-alike: For "{question}", {twin.title} ({twin.url}) is a different entity; the page '
                        f"of {target.title} is {target.url}.")
