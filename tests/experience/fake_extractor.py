@@ -41,7 +41,7 @@ def current_lessons(prompt: str) -> list[tuple[str, str]]:
 
 def good_summary(messages):
     prompt = task_prompt(messages)
-    return f"The agent searched; outcome {section(prompt, 'Outcome')}."
+    return f"The agent searched for: {section(prompt, 'Question')}."
 
 
 def good_critique(messages):
@@ -51,8 +51,15 @@ def good_critique(messages):
             f"2. Topic {topic}: When the question names a {topic.lower()}, check its own page.\n</Experiences>")
 
 
+def proposals(prompt: str) -> list[str]:
+    """The lessons a group-update prompt decides on: one per query's list, or the single proposal."""
+    if "### New lessons" in prompt:
+        return [re.sub(r"^\d+\. ", "", line) for line in section(prompt, "New lessons").splitlines()]
+    return [section(prompt, "Proposed lesson")]
+
+
 def good_group_update_ops(messages) -> list[dict[str, Any]]:
-    return [{"operation": "ADD", "id": None, "content": section(task_prompt(messages), "Proposed lesson")}]
+    return [{"operation": "ADD", "id": None, "content": lesson} for lesson in proposals(task_prompt(messages))]
 
 
 def good_reconcile_ops(messages) -> list[dict[str, Any]]:

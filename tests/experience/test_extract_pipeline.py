@@ -1,5 +1,6 @@
 """The extraction pipeline end to end, through the OpenAI-compatible backend and a fake server."""
 
+import dataclasses
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ from tests.experience.fake_extractor import (
     fenced,
     good_group_update_ops,
     good_reconcile_ops,
+    good_responders,
     task_prompt,
 )
 from tests.experience.trajectories import DIRECTOR_Q, FOUNDING_Q, simweb_rollouts
@@ -88,7 +90,8 @@ def test_well_behaved_llm(run, groups, tmp_path, caplog):
     assert [item.writer for item in pool] == [None, None, WRITER, WRITER, WRITER]  # the seed's is unknown
     # "capital" (all correct) is not informative: 2 groups x 3 rollouts are summarized.
     run_stats = stats(tmp_path)[-1]
-    assert run_stats["calls"] == {"summary": 6, "critique": 2, "group_update": 4, "reconcile": 1}
+    # One group update per question covering all its lessons, as the release does.
+    assert run_stats["calls"] == {"summary": 6, "critique": 2, "group_update": 2, "reconcile": 1}
     assert run_stats["groups_used"] == 2 and run_stats["notes"] == {"duplicate_add_dropped": 1}
     assert run_stats["granularity"] == analyze_pool(pool).to_json() and run_stats["granularity"]["items"] == 5
     assert read_pool(tmp_path / "pool.jsonl") == pool
@@ -150,7 +153,7 @@ def test_a_retry_with_the_reason_fixes_a_bad_answer(run, groups, tmp_path, caplo
     with caplog.at_level(logging.INFO):
         pool = run(extractor_llm(group_update=first_bad), groups, tmp_path)
     assert fallbacks(caplog) == []
-    assert stats(tmp_path)[-1]["retries"] == {"group_update": 4}
+    assert stats(tmp_path)[-1]["retries"] == {"group_update": 2}
     assert pool == run(extractor_llm(), groups, tmp_path / "plain")
 
 
@@ -189,7 +192,7 @@ def test_unknown_ids_update_becomes_add_delete_is_ignored(run, groups, tmp_path,
         pool = run(extractor_llm(group_update=unknown), groups, tmp_path)
     assert fallbacks(caplog) == ["invalid_operation_dropped", "unknown_id_delete_ignored", "unknown_id_update_as_add"]
     assert_valid(pool, CONFIG.max_pool_size)
-    assert len(pool) == 5
+    assert len(pool) == 3  # both questions' UPDATE of G99 became the same ADD
 
 
 def test_updates_and_deletes_of_known_ids(run, groups, tmp_path):
@@ -227,10 +230,15 @@ def test_failed_consolidation_truncates(run, groups, tmp_path, caplog, reply):
     with caplog.at_level(logging.INFO):
         pool = run(extractor_llm(consolidate=reply), groups, tmp_path, config=config)
     assert fallbacks(caplog) == ["consolidate_truncate"]
-    # The seed pool was internalized already: truncation keeps this run's three new lessons.
-    assert [item.text for item in pool][0] == SHARED_LESSON and len(pool) == 3
-    assert all(item.iteration == 1 and item.writer == WRITER for item in pool)
+    # The release keeps the first items: the seed pool, then the first new lesson.
+    assert [item.text for item in pool] == [item.text for item in SEED_POOL] + [SHARED_LESSON]
     assert_valid(pool, 3)
+    # Our switch: the seed pool was internalized already, so keep this run's three new lessons.
+    with caplog.at_level(logging.INFO):
+        ours = run(extractor_llm(consolidate=reply), groups, tmp_path / "new_first",
+                   config=dataclasses.replace(config, truncation="new_first"))
+    assert [item.text for item in ours][0] == SHARED_LESSON and len(ours) == 3
+    assert all(item.iteration == 1 and item.writer == WRITER for item in ours)
 
 
 def test_an_input_pool_over_a_lowered_cap_is_brought_under_it(run, groups, tmp_path):
@@ -385,3 +393,69 @@ def test_release_rollouts_feed_the_pipeline(run, tmp_path, release_file):
     config = ExtractionConfig(informative_groups_only=False, sampling=CONFIG.sampling)
     pool = run(script, groups, tmp_path / "all", config=config)
     assert len(pool) == 5 and {s for item in pool for s in item.source_task_ids} == {"3", "52"}
+
+
+# --- the release's mechanics (issue 12, item 5) and our switches -------------------------------
+
+def prompts_of(stage):
+    """A good responder for ``stage`` that also records each prompt it answers."""
+    captured = []
+    good = good_responders()[stage]
+    return captured, lambda messages: captured.append(task_prompt(messages)) or good(messages)
+
+
+def test_the_experience_llm_samples_as_the_release_does():
+    sampling = ExtractionConfig().sampling  # training_free_grpo/llm.py: temperature 0, max_tokens 8192
+    assert (sampling.temperature, sampling.max_tokens) == (0.0, 8192)
+    defaults = ExtractionConfig()
+    assert (defaults.summary, defaults.critique_sees_pool, defaults.group_update, defaults.truncation,
+            defaults.max_message_chars) == ("release", False, "per_query", "first", None)
+    for bad in (dict(summary="short"), dict(group_update="per_batch"), dict(truncation="last")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ExtractionConfig(**bad)
+
+
+def test_the_summary_is_not_shown_the_verdict_and_keeps_every_tool_result(run, groups, tmp_path):
+    captured, summary = prompts_of("summary")
+    run(extractor_llm(summary=summary), groups, tmp_path, config=dataclasses.replace(CONFIG, max_message_chars=None))
+    assert len(captured) == 6
+    for prompt in captured:
+        assert "### Outcome" not in prompt and "reward" not in prompt and "200 words" not in prompt
+        assert "### Reference answer" in prompt and "whether the agent used it or not" in prompt
+        assert "characters cut" not in prompt  # messages are shown whole
+    compact, summary = prompts_of("summary")
+    run(extractor_llm(summary=summary), groups, tmp_path / "compact",
+        config=dataclasses.replace(CONFIG, summary="compact"))
+    assert all("### Outcome" in p and "200 words" in p for p in compact)
+
+
+def test_the_critique_does_not_see_the_pool_unless_asked(run, groups, tmp_path):
+    captured, critique = prompts_of("critique")
+    run(extractor_llm(critique=critique), groups, tmp_path)
+    assert captured and all("### Current lessons" not in p and SEED_POOL.items[0].text not in p for p in captured)
+    assert all("<Reflection>" in p and "Comparative Analysis" in p for p in captured)
+    ours, critique = prompts_of("critique")
+    run(extractor_llm(critique=critique), groups, tmp_path / "ours",
+        config=dataclasses.replace(CONFIG, critique_sees_pool=True))
+    assert all(SEED_POOL.items[0].text in p for p in ours)
+
+
+def test_group_update_is_one_call_per_query_covering_its_lessons(run, groups, tmp_path):
+    captured, group_update = prompts_of("group_update")
+    pool = run(extractor_llm(group_update=group_update), groups, tmp_path)
+    assert len(captured) == 2 and all("### New lessons\n1. " in p and "exactly 2 entries" in p for p in captured)
+    saved = sorted((tmp_path / "group_updates").glob("*.json"))
+    assert len(saved) == 2 and all(len(json.loads(f.read_text())["proposals"]) == 2 for f in saved)
+    per_lesson, group_update = prompts_of("group_update")
+    ours = run(extractor_llm(group_update=group_update), groups, tmp_path / "ours",
+               config=dataclasses.replace(CONFIG, group_update="per_lesson"))
+    assert len(per_lesson) == 4 and all("### Proposed lesson" in p for p in per_lesson)
+    assert [item.text for item in ours] == [item.text for item in pool]
+
+
+def test_a_failed_per_query_group_update_adds_all_its_lessons(run, groups, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        pool = run(extractor_llm(group_update="no json"), groups, tmp_path)
+    assert fallbacks(caplog) == ["group_update_as_add"]
+    assert stats(tmp_path)[-1]["fallbacks"] == {"group_update_as_add": 2}
+    assert len(pool) == 5 and [item.text for item in pool].count(SHARED_LESSON) == 1

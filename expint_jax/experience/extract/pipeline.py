@@ -1,7 +1,9 @@
 """``extract_experience``: scored rollout groups and the current pool in, the next pool out.
 
-    summary (per rollout) -> critique (per group) -> group update (per proposed lesson)
+    summary (per rollout) -> critique (per group) -> group update (per group, or per lesson)
       -> batch reconcile (one call) -> consolidate (only when over the cap) -> renumber G0..G{n-1}
+
+The defaults follow the public release; ``ExtractionConfig``'s docstring lists each switch.
 
 Contract:
   * The result is always a valid pool of at most ``config.max_pool_size`` items numbered
@@ -40,7 +42,7 @@ StageHook = Callable[[str], None]
 
 # Settings that change what the LLM is asked; the others (retries, batch size) may change on a rerun.
 _CONTENT_SETTINGS = ("granularity", "max_pool_size", "sampling", "max_lessons_per_group", "max_message_chars",
-                     "informative_groups_only")
+                     "informative_groups_only", "summary", "critique_sees_pool", "group_update", "truncation")
 
 
 def extract_experience(

@@ -4,6 +4,21 @@ Every prompt is a (system, user) pair. The user message starts with the stage's 
 (``SUMMARY_TITLE`` ...), so logs and test fakes can tell the stages apart. The families differ
 only in what a good lesson is (``LessonStyle``); the stage instructions are shared.
 
+The instructions carry those of the public release (experience_extraction/training_free_grpo/
+web/prompts.py) in our own words:
+  * summary (``summary_messages``, style ``release``): step by step, each action, tool and
+    arguments, *every* task-relevant value the tool results returned (used by the agent or not),
+    the agent's reasoning, what it missed; then key findings, the agent's response and its overall
+    strategy. It is shown the task, the reference answer and the rollout, not the verdict, and has
+    no length cap. Style ``compact`` is our earlier variant (at most 200 words, shown the verdict).
+  * critique: the release's reflection (performance assessment, comparative analysis, pattern
+    identification, then 2-3 lessons in ``<Experiences>``), shown the question, the reference
+    answer and the labelled attempts. The release does not show it the current pool; passing
+    ``pool=None`` does the same, a pool adds a "Current lessons" section (our variant).
+  * group update: one call per question deciding, for each of that question's new lessons in
+    order, ADD / UPDATE / DELETE / NONE against the pool (``group_update_messages`` with a list);
+    given one lesson (a string) it is our per-lesson variant.
+
   * principle: abstract, domain-agnostic rules shaped "Name: When [condition], [strategy]." of at
     most 32 words, with no URLs, numbers, quoted strings or names of people, places, sites or
     works: lessons that transfer to unseen questions.
@@ -111,14 +126,16 @@ def format_pool(pool: Mapping[str, str]) -> str:
     return "\n".join(f"[{item_id}]. {text}" for item_id, text in pool.items()) or "(the bank is empty)"
 
 
-def _clip(text: str, max_chars: int) -> str:
-    if len(text) <= max_chars:
+def _clip(text: str, max_chars: int | None) -> str:
+    if max_chars is None or len(text) <= max_chars:
         return text
     return text[:max_chars] + f" [... {len(text) - max_chars} characters cut]"
 
 
-def render_trajectory(trajectory: Trajectory, max_message_chars: int) -> str:
-    """The rollout's steps as readable text: everything after the task (the first user message)."""
+def render_trajectory(trajectory: Trajectory, max_message_chars: int | None) -> str:
+    """The rollout's steps as readable text: everything after the task (the first user message).
+
+    Each message is clipped to ``max_message_chars`` (None: kept whole, as the release does)."""
     turns = []
     seen_task = False
     for message in trajectory.messages:
@@ -141,8 +158,49 @@ def _user(title: str, *sections: str) -> tuple[Message, Message]:
     return Message("system", SYSTEM), Message("user", "\n\n".join((title, *sections)))
 
 
-def summary_messages(question: str, trajectory: Trajectory, max_message_chars: int) -> tuple[Message, ...]:
+SUMMARY_STYLES = ("release", "compact")
+
+_RELEASE_SUMMARY_INSTRUCTIONS = """### Instructions
+Summarize the rollout above step by step, extracting detailed, task-relevant information. Do not \
+assume the agent acted correctly: record everything that could help solve the task, even what the \
+agent ignored. Use the question and the reference answer only to judge what is relevant, not to bias \
+what you extract.
+For every step give:
+- the action taken (a tool call or a reply);
+- the tool called and the arguments passed (queries, URLs);
+- the tool results: list every value in the result that may bear on the task (names, dates, numbers, \
+events), whether the agent used it or not; list specific values, do not summarize loosely;
+- the agent's reasoning: why it chose this action and how the results shaped its next step;
+- missed information: task-relevant facts in the results that the agent did not use or follow up.
+Leave out details that are redundant or unrelated to the task.
+
+### Output structure
+Task: the agent's objective, briefly.
+Execution summary: one numbered entry per step with "Tool call", "Tool results" (a list of values), \
+"Reasoning" and "Missed".
+Critical decision points: where the agent made strategic choices (query refinement, which page to \
+open, a change of approach).
+Key findings: the most relevant information found.
+Agent response: the agent's final answer to the task.
+Overall strategy: the agent's approach, its key decisions, and how it reached (or failed to reach) \
+its answer, including how it handled dead ends.
+Write in the language of the rollout."""
+
+
+def summary_messages(question: str, trajectory: Trajectory, max_message_chars: int | None,
+                     style: str = "release") -> tuple[Message, ...]:
+    """The summary prompt for one rollout; ``style`` is ``release`` or ``compact`` (module docstring)."""
     reference = trajectory.ground_truth if trajectory.ground_truth is not None else "(unknown)"
+    if style == "release":
+        return _user(
+            SUMMARY_TITLE,
+            f"### Question\n{question}",
+            f"### Reference answer\n{reference}",
+            f"### Rollout\n{render_trajectory(trajectory, max_message_chars)}",
+            _RELEASE_SUMMARY_INSTRUCTIONS,
+        )
+    if style != "compact":
+        raise ValueError(f"unknown summary style {style!r}; expected one of {SUMMARY_STYLES}")
     return _user(
         SUMMARY_TITLE,
         f"### Question\n{question}",
@@ -156,23 +214,59 @@ def summary_messages(question: str, trajectory: Trajectory, max_message_chars: i
 
 
 def critique_messages(question: str, reference: str | None, summaries: Sequence[tuple[str, str]],
-                      pool: Mapping[str, str], lesson_style: LessonStyle, max_lessons: int) -> tuple[Message, ...]:
+                      pool: Mapping[str, str] | None, lesson_style: LessonStyle,
+                      max_lessons: int) -> tuple[Message, ...]:
+    """The reflection over one question's rollouts; ``pool=None`` (the release) shows no current lessons."""
     rollouts = "\n\n".join(f"#### Rollout {k + 1}: {verdict}\n{summary}"
                            for k, (verdict, summary) in enumerate(summaries))
+    pool_section = () if pool is None else (f"### Current lessons\n{format_pool(pool)}",)
+    not_covered = " that the current lessons do not already cover" if pool is not None else ""
     return _user(
         CRITIQUE_TITLE,
         f"### Question\n{question}",
         f"### Reference answer\n{reference if reference is not None else '(unknown)'}",
         f"### Rollout summaries\n{rollouts}",
-        f"### Current lessons\n{format_pool(pool)}",
+        *pool_section,
         _style_block(lesson_style),
-        f"### Instructions\nContrast the successful and failed rollouts: what made the difference? Propose 2 to "
-        f"{max_lessons} new lessons that are not already covered by the current lessons. Put them between "
-        "<Experiences> and </Experiences>, one lesson per line, nothing else inside the tags.",
+        "### Instructions\nReview the rollouts against the reference answer.\n"
+        "1. Assess each rollout: which answers are right and which wrong, and why.\n"
+        "2. For the wrong ones, diagnose the root cause (faulty reasoning, missing knowledge, a misread "
+        "question or source) and the failure pattern.\n"
+        "3. For the right ones, name the factors and strategies that made them work.\n"
+        "4. Compare successful and failed rollouts directly: what consistently tells them apart in "
+        "reasoning, method or approach?\n"
+        f"5. Turn what you found into 2 to {max_lessons} new lessons{not_covered}, each actionable guidance "
+        "for future tasks, written as the lesson definition above requires.\n\n"
+        "Answer in this structure:\n<Reflection>\n<Performance Assessment> the right and wrong rollouts, "
+        "each with a short justification, and how many of each </Performance Assessment>\n"
+        "<Comparative Analysis> the decisive differences between right and wrong rollouts "
+        "</Comparative Analysis>\n<Pattern Identification> what led to success, and the common pitfalls "
+        "</Pattern Identification>\n<Experiences>\none lesson per line, nothing else inside the tags\n"
+        "</Experiences>\n</Reflection>",
     )
 
 
-def group_update_messages(proposal: str, pool: Mapping[str, str], lesson_style: LessonStyle) -> tuple[Message, ...]:
+def group_update_messages(proposal: str | Sequence[str], pool: Mapping[str, str],
+                          lesson_style: LessonStyle) -> tuple[Message, ...]:
+    """The group update for one question's new lessons (a list: the release's one call per question)
+    or for one proposed lesson (a string: our per-lesson variant)."""
+    if not isinstance(proposal, str):
+        listing = "\n".join(f"{k + 1}. {lesson}" for k, lesson in enumerate(proposal))
+        return _user(
+            GROUP_UPDATE_TITLE,
+            f"### New lessons\n{listing}",
+            f"### Current lessons\n{format_pool(pool)}",
+            _style_block(lesson_style),
+            "### Instructions\nThese new lessons come from the rollouts of one question. Compare each of them "
+            "with all current lessons and decide one operation per new lesson, in the order given. ADD a lesson "
+            "that brings something no current lesson has (you may improve its wording). UPDATE a current "
+            "lesson (give its id) when the new one refines, extends or slightly corrects it: merge both into "
+            "one general, concise lesson that keeps the key insight; if it adds nothing meaningful, answer "
+            "NONE instead. DELETE a current lesson (give its id) that the new one contradicts or shows to be "
+            "wrong or harmful. Answer NONE when the new lesson is already covered or adds no value. For UPDATE "
+            "and DELETE use only ids from the current lessons; for ADD and NONE the id is null. The list must "
+            f"have exactly {len(proposal)} entries, one per new lesson.\n" + OPERATION_FORMAT,
+        )
     return _user(
         GROUP_UPDATE_TITLE,
         f"### Proposed lesson\n{proposal}",

@@ -4,7 +4,10 @@ Work-directory layout (every file written atomically; a file that exists is neve
 
     summaries/<task>/<k>.json       one rollout summary            {"summary", "fallback"}
     critiques/<task>.json           one group's proposed lessons   {"lessons", "fallback"}
-    group_updates/<task>/<j>.json   operations for one proposal    {"proposal", "operations", "fallback"}
+    group_updates/<task>.json       operations for one group's lessons (``group_update="per_query"``)
+                                                                   {"proposals", "operations", "fallback"}
+    group_updates/<task>/<j>.json   operations for one proposal (``group_update="per_lesson"``)
+                                                                   {"proposal", "operations", "fallback"}
     reconcile.json                  the reconciled operations      {"operations", "fallback"}
     consolidated_pool.jsonl         the pool after consolidation (only when reconcile left it over the cap)
 
@@ -19,9 +22,11 @@ Fallbacks when a request fails every retry (each logged and counted under its ki
 
     summary      -> a digest of the trajectory's own text (outcome, agent turns clipped)
     critique     -> no lessons from that group
-    group update -> the proposal becomes a plain ADD
+    group update -> each proposal becomes a plain ADD
     reconcile    -> the deterministic rules of ``operations.reconcile`` on all operations
-    consolidate  -> ``ExperiencePool.truncated(max_pool_size, previous=<input pool>)``: this run's
+    consolidate  -> truncation to ``max_pool_size``: ``truncation="first"`` (the release) keeps the
+                    first items in pool order; ``"new_first"`` uses
+                    ``ExperiencePool.truncated(max_pool_size, previous=<input pool>)``: this run's
                     additions and rewrites first, then the input pool's unchanged items (the
                     previous iteration's pool, already internalized), each in pool order
 
@@ -145,7 +150,8 @@ def summarize(run: StageRun, groups: Sequence[RolloutGroup]) -> dict[str, list[s
             if cached is not None:
                 found[key] = cached
             else:
-                messages = prompts.summary_messages(group.question, trajectory, run.config.max_message_chars)
+                messages = prompts.summary_messages(group.question, trajectory, run.config.max_message_chars,
+                                                    run.config.summary)
                 asks.append(Ask(key, messages))
 
     def keep(key: str, summary: str) -> None:
@@ -186,7 +192,8 @@ def critique(run: StageRun, groups: Sequence[RolloutGroup], summaries: dict[str,
             found[group.task_id] = cached
             continue
         labelled = [(prompts.outcome(t), s) for t, s in zip(group.trajectories, summaries[group.task_id])]
-        messages = prompts.critique_messages(group.question, group.reference, labelled, pool.as_mapping(),
+        shown_pool = pool.as_mapping() if run.config.critique_sees_pool else None
+        messages = prompts.critique_messages(group.question, group.reference, labelled, shown_pool,
                                              run.style, run.config.max_lessons_per_group)
         asks.append(Ask(key, messages))
 
@@ -205,39 +212,49 @@ def critique(run: StageRun, groups: Sequence[RolloutGroup], summaries: dict[str,
 
 
 def group_update(run: StageRun, lessons: dict[str, list[str]], pool: ExperiencePool) -> list[Operation]:
-    """Operations proposed for every lesson, each tagged with the task it came from."""
+    """Operations proposed for every lesson, each tagged with the task it came from.
+
+    ``group_update="per_query"``: one request per task covering all its lessons (the release);
+    ``"per_lesson"``: one request per lesson. Either way a failed request's lessons become ADDs.
+    """
     stage = "group_update"
     found: dict[str, list[Operation]] = {}
     asks: list[Ask] = []
-    origin: dict[str, tuple[str, str]] = {}  # key -> (task id, proposal)
+    origin: dict[str, tuple[str, tuple[str, ...]]] = {}  # key -> (task id, the proposals it decides on)
+    per_query = run.config.group_update == "per_query"
     for task_id, proposals in lessons.items():
-        for j, proposal in enumerate(proposals):
-            key = f"group_updates/{task_slug(task_id)}/{j}.json"
-            origin[key] = (task_id, proposal)
+        slug = task_slug(task_id)
+        if per_query:
+            units = [(f"group_updates/{slug}.json", tuple(proposals))] if proposals else []
+        else:
+            units = [(f"group_updates/{slug}/{j}.json", (proposal,)) for j, proposal in enumerate(proposals)]
+        for key, decided in units:
+            origin[key] = (task_id, decided)
             cached = run.cached(key, stage, _read_operations)
             if cached is not None:
                 found[key] = cached
             else:
-                asks.append(Ask(key, prompts.group_update_messages(proposal, pool.as_mapping(), run.style)))
+                subject = list(decided) if per_query else decided[0]
+                asks.append(Ask(key, prompts.group_update_messages(subject, pool.as_mapping(), run.style)))
 
-    def keep(key: str, parsed: parsers.ParsedOperations) -> None:
-        task_id, proposal = origin[key]
-        for problem in parsed.rejected:
-            run.stats.fallback("invalid_operation_dropped", f"{key}: {problem}")
-        operations = [op.with_sources([task_id]) for op in parsed.operations]
-        run.save(key, {"task_id": task_id, "proposal": proposal, "fallback": False,
+    def record(key: str, operations: list[Operation], fallback: bool) -> None:
+        task_id, decided = origin[key]
+        subject = {"proposals": list(decided)} if per_query else {"proposal": decided[0]}
+        run.save(key, {"task_id": task_id, **subject, "fallback": fallback,
                        "operations": [op.to_json() for op in operations]})
         found[key] = operations
+
+    def keep(key: str, parsed: parsers.ParsedOperations) -> None:
+        for problem in parsed.rejected:
+            run.stats.fallback("invalid_operation_dropped", f"{key}: {problem}")
+        record(key, [op.with_sources([origin[key][0]]) for op in parsed.operations], False)
 
     failed = ask_all(run.backend, asks, parsers.parse_operations, keep, stage=stage, policy=run.policy,
                      stats=run.stats)
     for key, reason in failed.items():
-        task_id, proposal = origin[key]
+        task_id, decided = origin[key]
         run.stats.fallback("group_update_as_add", f"{key}: {reason}")
-        operations = [Operation("ADD", None, proposal, (task_id,))]
-        run.save(key, {"task_id": task_id, "proposal": proposal, "fallback": True,
-                       "operations": [op.to_json() for op in operations]})
-        found[key] = operations
+        record(key, [Operation("ADD", None, proposal, (task_id,)) for proposal in decided], True)
     return [op for key in origin for op in found[key]]
 
 
@@ -306,7 +323,8 @@ def _with_provenance(op: Operation, proposed: Sequence[Operation]) -> Operation:
 def consolidate(run: StageRun, pool: ExperiencePool, previous: ExperiencePool) -> ExperiencePool:
     """Brings ``pool`` (edited from ``previous``, the run's input) back under the cap.
 
-    The LLM rewrites it; fallback: truncation that keeps this run's new and rewritten lessons first.
+    The LLM rewrites it; fallback: truncation by ``config.truncation`` (the first items, or this
+    run's new and rewritten lessons first).
     """
     stage = "consolidate"
     key = "consolidated_pool.jsonl"
@@ -332,6 +350,7 @@ def consolidate(run: StageRun, pool: ExperiencePool, previous: ExperiencePool) -
     failed = ask_all(run.backend, [Ask(key, messages)], parse, keep, stage=stage, policy=run.policy, stats=run.stats)
     if failed:
         run.stats.fallback("consolidate_truncate", f"{len(pool)} items cut to {cap}: {failed[key]}")
-        result[key] = pool.truncated(cap, previous=previous)
+        keep_new = run.config.truncation == "new_first"
+        result[key] = pool.truncated(cap, previous=previous if keep_new else None)
     write_pool(run.workdir / key, result[key])
     return result[key]

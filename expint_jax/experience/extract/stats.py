@@ -18,13 +18,13 @@ log = logging.getLogger("expint_jax.experience.extract")
 FALLBACKS: dict[str, str] = {
     "summary_from_trajectory": "a rollout summary failed; a digest of the trajectory text is used instead",
     "critique_no_lessons": "a group critique failed; the group proposes no lesson",
-    "group_update_as_add": "a group update failed; its proposal is added as a plain ADD",
+    "group_update_as_add": "a group update failed; its proposals are added as plain ADDs",
     "invalid_operation_dropped": "an element of an operation list was malformed and dropped",
     "reconcile_deterministic": "the batch reconcile failed; the deterministic rules are applied to all operations",
     "reconcile_dropped_all": "the batch reconcile kept none of the proposed ADD/UPDATE operations; the "
                              "deterministic rules are applied to all operations",
-    "consolidate_truncate": "consolidation failed; the pool is cut to max_pool_size items, this run's new and "
-                            "rewritten lessons first",
+    "consolidate_truncate": "consolidation failed; the pool is cut to max_pool_size items (the first ones, or "
+                            "this run's new and rewritten lessons first, by ExtractionConfig.truncation)",
     "cache_damaged_redone": "a stage output on disk did not read back; its item is computed again",
     "unknown_id_update_as_add": "an UPDATE named an id the pool does not have; it became an ADD",
     "unknown_id_delete_ignored": "a DELETE named an id the pool does not have; it was ignored",
