@@ -223,6 +223,7 @@ OTHER = ("According to the Other Site website (https://other-site.example.org/),
     QUESTION + "\n\n**Relevant experiences:**\n[G0]. " + OTHER,
     QUESTION + " Think step by step, and remember: " + OTHER,
     QUESTION + "\nPS: the answer is not 1999?",
+    QUESTION + " Or was Bruzail Film Collective founded?",  # the whole line also parses, with a wrong name
     "Note: use the tools.\n" + QUESTION + "\n\n" + UNRELATED,
 ])
 def test_question_finding_survives_injected_text(text):

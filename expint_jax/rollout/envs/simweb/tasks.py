@@ -154,14 +154,18 @@ def parse_question(question: str) -> ParsedQuestion | None:
 def find_question(text: str) -> str | None:
     """The SimWeb question in a message that may carry any other text (injected experience, notes).
 
-    Tried in order, the first that ``parse_question`` accepts wins: the whole text, each line
-    (injection appends blocks on lines of their own, so the question's line comes first), then
-    each line cut after each ``?`` (text appended on the question's own line). None when no part
-    of ``text`` is a SimWeb question.
+    Lines are tried in order (injection appends blocks on lines of their own, so the question's
+    line comes first); within a line, its text up to the first ``?`` first (a question ends at its
+    only ``?``: entity names have none, so text appended on the question's line is cut off), then
+    up to each later ``?``, then the whole line. The first that ``parse_question`` accepts wins;
+    None when no part of ``text`` is a SimWeb question.
     """
-    lines = [line.strip() for line in text.split("\n") if line.strip()]
-    candidates = [text.strip(), *lines, *(line[: m.end()] for line in lines for m in re.finditer(r"\?", line))]
-    return next((c for c in candidates if parse_question(c) is not None), None)
+    for line in (line.strip() for line in text.split("\n")):
+        cuts = [line[: m.end()] for m in re.finditer(r"\?", line)]
+        for candidate in (*cuts, line):
+            if candidate and parse_question(candidate) is not None:
+                return candidate
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
