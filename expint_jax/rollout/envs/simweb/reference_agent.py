@@ -248,6 +248,7 @@ class _Replay:
 
 
 _TOOL_RESPONSE = re.compile(r"<tool_response>\n(.*)\n</tool_response>", re.S)
+_GIVE_UP_REPLY = "<answer>unknown</answer>"
 
 
 def _without_experience(content: str) -> str:
@@ -255,7 +256,6 @@ def _without_experience(content: str) -> str:
     end = content.find("\n</tool_response>")
     header = BLOCK_HEADER.search(content, end) if end >= 0 else None
     return content[: header.start()] if header is not None else content
-_GIVE_UP_REPLY = "<answer>unknown</answer>"
 
 
 class ReferencePolicy:
