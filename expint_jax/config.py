@@ -164,3 +164,41 @@ def parse_command_line(command: str, argv: Sequence[str], default_config: str | 
 
 def _one_line(detail: object) -> str:
     return " ".join(str(detail).split())
+
+
+def config_dict(cls: type, **required: Any) -> Any:
+    """A locked ``ConfigDict`` holding the defaults of the dataclass schema ``cls`` (``required``
+    gives fields without a default), so config files start from the schema's own defaults and set
+    only what differs. Optional fields whose default is None become typed placeholders, so a
+    command-line override still parses to the right type."""
+    import ml_collections
+    from ml_collections import config_dict as cd
+
+    def build(schema: type, values: Mapping[str, Any]) -> Any:
+        hints = typing.get_type_hints(schema)
+        out = ml_collections.ConfigDict()
+        for field in dataclasses.fields(schema):
+            if not field.init:
+                continue
+            if field.name in values:
+                value = values[field.name]
+            elif field.default is not dataclasses.MISSING:
+                value = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                value = field.default_factory()
+            else:
+                raise ConfigError(f"config_dict({schema.__name__}): give the required field {field.name!r}")
+            hint = hints[field.name]
+            if dataclasses.is_dataclass(value):
+                out[field.name] = build(type(value), {f.name: getattr(value, f.name)
+                                                      for f in dataclasses.fields(value) if f.init})
+            elif value is None:
+                options = [a for a in typing.get_args(hint) if a is not type(None)]
+                out[field.name] = cd.placeholder(options[0] if len(options) == 1 else object)
+            else:
+                out[field.name] = value
+        return out
+
+    result = build(cls, required)
+    result.lock()
+    return result

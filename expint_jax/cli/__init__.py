@@ -29,6 +29,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "check-model": Command("expint_jax.cli.check_model", "load a Qwen3 checkpoint onto a mesh and check parity with transformers"),
     "distill": Command("expint_jax.distill.run", "context-distill a Qwen3 toward its experience-conditioned self (CPU demo by default)"),
+    "run": Command("expint_jax.cli.run", "run the self-evolution loop: rollouts, extraction, distillation, evaluation, report"),
     "granularity": Command("expint_jax.cli.granularity", "share of URLs, numbers, entities and strategy statements in a pool",
                            uses_devices=False),
 }

@@ -1,0 +1,127 @@
+"""Acting in the loop: the SimWeb worlds, the acting backend of a policy, resumable batched rollouts.
+
+  * ``Worlds``: the training world (extraction + distillation tasks) and the held-out world
+    (evaluation + held-out KL tasks) of a run, and ``pick(tasks, n)``: the first ``n`` tasks in
+    level-interleaved order (easy, medium, hard, easy, ...), so every level is represented.
+  * ``acting_backend(config, model, tokenizer, mesh)``: the ``ChatBackend`` that acts for π_k:
+    the local engine holding ``model``'s weights, or SimWeb's scripted ``ReferencePolicy``.
+  * ``rollouts(...)``: ``n`` rollouts per task with the ReAct agent under an injection spec, in
+    batches of tasks; each finished batch is written to ``<directory>/<prefix>_<b>.jsonl`` at once
+    and reused on a rerun, so a killed stage redoes at most one batch. Rollout seeds derive from
+    (seed, task, member, step) alone, so the batching never changes a rollout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from expint_jax import storage
+from expint_jax.experience.inject import InjectionSpec, NoInjection
+from expint_jax.llm.base import ChatBackend
+from expint_jax.loop.config import LoopConfig
+from expint_jax.records import SamplingParams, Trajectory, read_trajectories
+from expint_jax.rollout.agent import AgentConfig, ReActAgent
+from expint_jax.rollout.envs.base import Task
+from expint_jax.rollout.envs.simweb import SimWebConfig, SimWebEnv
+
+
+@dataclasses.dataclass(frozen=True)
+class Worlds:
+    train: SimWebEnv
+    test: SimWebEnv
+
+    @classmethod
+    def of(cls, config: LoopConfig) -> Worlds:
+        s = config.simweb
+        return cls(SimWebEnv(SimWebConfig(seed=s.seed, split="train", tasks_per_level=s.train_tasks_per_level,
+                                          levels=s.levels)),
+                   SimWebEnv(SimWebConfig(seed=s.seed, split="test", tasks_per_level=s.eval_tasks_per_level,
+                                          levels=s.levels)))
+
+
+def pick(tasks: Sequence[Task], n: int) -> list[Task]:
+    """The first ``n`` tasks (0: all) in level-interleaved order."""
+    by_level: dict[str, list[Task]] = {}
+    for task in tasks:
+        by_level.setdefault(str(task.metadata.get("level", "")), []).append(task)
+    lists = list(by_level.values())
+    longest = max((len(x) for x in lists), default=0)
+    interleaved = [x[i] for i in range(longest) for x in lists if i < len(x)]
+    return interleaved if n == 0 else interleaved[:n]
+
+
+def levels_of(tasks: Sequence[Task]) -> dict[str, str]:
+    return {t.task_id: str(t.metadata.get("level", "")) for t in tasks if t.metadata.get("level")}
+
+
+def acting_backend(config: LoopConfig, model: Any, tokenizer: Any, mesh: Any) -> ChatBackend:
+    """The backend that acts for the policy held by ``model`` (ignored by the reference backend)."""
+    if config.policy.backend == "reference":
+        from expint_jax.rollout.envs.simweb.reference_agent import Mistakes, ReferenceAgentConfig, ReferencePolicy
+
+        from expint_jax.rollout.envs.simweb.sensitivity import Sensitivity
+
+        rate = config.policy.reference_mistake_rate
+        return ReferencePolicy(ReferenceAgentConfig(
+            mistakes=Mistakes(answer_early=rate, wrong_link=rate, skip_hop=rate),
+            sensitivity=Sensitivity() if config.policy.reference_sensitive else None))
+    from expint_jax.llm.local import LocalEngine
+
+    return LocalEngine(model, tokenizer, mesh=mesh, max_batch_size=config.policy.max_batch_size,
+                       max_context=config.policy.max_context)
+
+
+def agent_config(config: LoopConfig) -> AgentConfig:
+    a = config.agent
+    return AgentConfig(max_llm_calls=a.max_llm_calls, max_context_tokens=a.max_context_tokens,
+                       sampling=SamplingParams(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens,
+                                               presence_penalty=a.presence_penalty))
+
+
+def rollouts(
+    backend: ChatBackend,
+    agent: AgentConfig,
+    env: SimWebEnv,
+    tasks: Sequence[Task],
+    *,
+    samples: int,
+    seed: int,
+    directory: Path,
+    prefix: str,
+    batch_tasks: int,
+    injection: InjectionSpec | Callable[[int], InjectionSpec] = NoInjection(),
+    after_batch: Callable[[int, list[Trajectory]], None] | None = None,
+    progress: bool = True,
+) -> list[Trajectory]:
+    """``samples`` rollouts per task, task-major, resumable per batch (see the module docstring).
+
+    ``injection`` may be a function of the batch index (the running pool of the extraction
+    rollouts); ``after_batch(b, trajectories)`` runs after batch ``b`` is on disk and after a
+    reused batch is read back, in batch order."""
+    spec_for = injection if callable(injection) else (lambda _b: injection)
+    count = math.ceil(len(tasks) / batch_tasks) if tasks else 0
+    found: list[Trajectory] = []
+    correct = 0
+    with tqdm(total=len(tasks), desc=prefix, unit="task", disable=not progress, leave=False) as bar:
+        for b in range(count):
+            path = directory / f"{prefix}_{b:04d}.jsonl"
+            batch = list(tasks[b * batch_tasks:(b + 1) * batch_tasks])
+            if path.exists():
+                done = read_trajectories(path)
+            else:
+                done = ReActAgent(backend, agent, spec_for(b)).run_batch(batch, env, n=samples, seed=seed)
+                storage.write_jsonl(path, (t.to_json() for t in done))
+            found.extend(done)
+            correct += sum((t.reward or 0.0) >= 0.5 for t in done)
+            bar.update(len(batch))
+            bar.set_postfix(accuracy=f"{correct / max(len(found), 1):.3f}")
+            if after_batch is not None:
+                after_batch(b, done)
+    return found
+

@@ -1,0 +1,147 @@
+"""``run_loop(config)``: the iterations of the paper, θ_{k+1} = Internalize(θ_k, E_k), stage by stage.
+
+The schedule is, for k = 0 .. iterations-1: ``rollouts, extract, [base_eval if k == 0], data,
+train, eval`` (``stages``). Before any work the driver computes every stage's key and checks it
+against what is on disk (``layout.StageDir.check``): a finished or partial stage made with another
+configuration stops the run at start-up with the stage and the differing keys, unless
+``restart_from`` names it or an earlier stage, in which case that stage and everything after it
+are removed first. Then finished stages are skipped (one line each) and the rest run in order;
+each published whole (``layout``). After every evaluation the report is rewritten. A stage with
+nothing to work with under ``on_empty="stop"`` ends the loop with one line and the report.
+
+Raising: a failing stage (e.g. an unreachable writer endpoint) propagates after its partial
+folder is left as it was (a rerun resumes it); completed stages are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from expint_jax import storage
+from expint_jax.config import ConfigError, to_dict
+from expint_jax.loop import acting, layout
+from expint_jax.loop.config import LoopConfig
+from expint_jax.loop.stages import STAGE_FUNCTIONS, EmptyStage, Run, stage_key
+
+log = logging.getLogger(__name__)
+
+
+def schedule(iterations: int) -> list[layout.StageId]:
+    order = []
+    for k in range(iterations):
+        names = ("rollouts", "extract", "base_eval", "data", "train", "eval") if k == 0 else (
+            "rollouts", "extract", "data", "train", "eval")
+        order.extend(layout.StageId(k, name) for name in names)
+    return order
+
+
+def parse_restart(value: str, order: list[layout.StageId]) -> int:
+    """Index in ``order`` of ``STAGE`` (its first occurrence) or ``iter_<k>/STAGE``."""
+    match = re.fullmatch(r"(?:iter_(\d+)/)?(\w+)", value.strip())
+    if match:
+        k, name = (int(match.group(1)) if match.group(1) else None), match.group(2)
+        for i, stage in enumerate(order):
+            if stage.name == name and (k is None or stage.iteration == k):
+                return i
+    names = sorted({s.name for s in order})
+    raise ConfigError(f"--restart-from {value!r}: not a stage of this run; give one of {', '.join(names)} "
+                      f"or iter_<k>/<stage> with k < {max(s.iteration for s in order) + 1}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+    run_dir: Path
+    ran: tuple[str, ...]  # stages run by this call
+    skipped: tuple[str, ...]  # stages found finished
+    stopped: str | None  # why the loop stopped early (on_empty="stop"), if it did
+    report: Path | None
+
+
+def open_run(config: LoopConfig) -> Run:
+    """The shared state of a run (tokenizer, mesh, worlds); nothing is written."""
+    from expint_jax.models.chat import ChatFormat
+    from expint_jax.models.tokenizer import load_tokenizer
+    from expint_jax.parallel.mesh import make_mesh
+
+    tokenizer = load_tokenizer(config.model.checkpoint or None)
+    return Run(config, Path(config.runs_dir) / config.name, tokenizer, ChatFormat(tokenizer), make_mesh(config.mesh),
+               acting.Worlds.of(config))
+
+
+def plan(run: Run, order: list[layout.StageId]) -> dict[str, dict]:
+    """Every stage's key, in order, checked against the disk (``StaleStageError`` on a mismatch)."""
+    keys = {}
+    for stage in order:
+        key = stage_key(run, stage.iteration, stage.name)
+        layout.StageDir(run.run_dir, stage).check(key)
+        keys[str(stage)] = key
+        run.stage_hashes[str(stage)] = layout.key_hash(key)
+    return keys
+
+
+def run_loop(config: LoopConfig, *, restart_from: str | None = None, echo: Callable[[str], None] = print,
+             run: Run | None = None) -> LoopResult:
+    """Runs (or resumes) the loop; see the module docstring."""
+    run = run or open_run(config)
+    order = schedule(config.iterations)
+    if restart_from is not None:
+        start = parse_restart(restart_from, order)
+        removed = layout.restart(run.run_dir, order[start:])
+        if removed:
+            echo(f"restart from {order[start]}: removed {', '.join(map(str, removed))}")
+    keys = plan(run, order)
+    storage.write_json(run.run_dir / "config.json", to_dict(config))
+    ran, skipped = [], []
+    report_path = None
+    for stage in order:
+        folder = layout.StageDir(run.run_dir, stage)
+        key = keys[str(stage)]
+        if folder.is_done():
+            skipped.append(str(stage))
+            echo(f"{stage}: done earlier ({_summary_line(folder.marker()['summary'])})")
+            continue
+        work = folder.begin(key)
+        started = time.monotonic()
+        try:
+            summary = STAGE_FUNCTIONS[stage.name](run, stage.iteration, work)
+        except EmptyStage as e:
+            message = f"{stage}: nothing to work with ({e}); on_empty=stop: the loop stops here"
+            echo(message)
+            storage.write_json(run.run_dir / "stopped.json", {"stage": str(stage), "reason": str(e)})
+            report_path = _report(run, echo)
+            return LoopResult(run.run_dir, tuple(ran), tuple(skipped), message, report_path)
+        summary = {**summary, "seconds": round(time.monotonic() - started, 2)}
+        folder.publish(key, summary)
+        ran.append(str(stage))
+        echo(f"{stage}: {_summary_line(summary)}")
+        if summary.get("empty") and stage.name in ("extract", "data"):
+            echo(f"{stage}: nothing to work with ({summary['empty']}); on_empty={config.on_empty}")
+        if stage.name in ("base_eval", "eval"):
+            report_path = _report(run, echo=None)
+    (run.run_dir / "stopped.json").unlink(missing_ok=True)
+    report_path = _report(run, echo)
+    return LoopResult(run.run_dir, tuple(ran), tuple(skipped), None, report_path)
+
+
+def _report(run: Run, echo: Callable[[str], None] | None) -> Path:
+    from expint_jax.loop.report import write_report
+
+    path = write_report(run.run_dir)
+    if echo is not None:
+        echo(f"report: {path}")
+    return path
+
+
+def _summary_line(summary: dict) -> str:
+    parts = []
+    for name, value in summary.items():
+        if isinstance(value, float):
+            parts.append(f"{name}={value:.4g}")
+        elif isinstance(value, (int, str)) or value is None:
+            parts.append(f"{name}={value}")
+    return ", ".join(parts)

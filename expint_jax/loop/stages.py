@@ -1,0 +1,425 @@
+"""The stages of one iteration k of the loop (π_k → E_k → data → π_{k+1} → evaluation).
+
+Each stage is a function ``(run, k, work) -> summary`` that writes its outputs into ``work`` (the
+stage's partial folder, see ``layout``) and returns a JSON-ready summary; the driver publishes the
+folder. Each stage also has a *key*: the configuration it depends on plus the keys of the stages
+it reads, so a changed setting is caught at the first stage it affects.
+
+  rollouts   π_k acts ``extract.samples`` times on each extraction task (optionally with the pool
+             built so far injected globally, batch by batch): ``rollouts_<b>.jsonl``.
+  extract    E_k from those rollouts by the configured writer (offline | llm | self), starting
+             from an empty pool or E_{k-1} (``extract.warm_start``): ``pool.jsonl``, ``pool.json``,
+             ``granularity.json``, ``diff.json``.
+  base_eval  (k = 0 only) π_0 evaluated in every mode with E_0: ``eval.json`` + rollouts.
+  data       the regime's data: off_policy / sft: the teacher (π_k with E_k) rolls out on the
+             distillation tasks and only judged-correct rollouts are kept (``accepted.jsonl``,
+             ``acceptance.json``); on_policy: none up front (the student samples during training).
+             Every regime: one teacher rollout per held-out task (``heldout.jsonl``), the fixed
+             set the held-out KL is measured on before and after training.
+  train      student = π_k, teacher = frozen π_k: the trainer on the regime's data (on_policy:
+             rounds of fresh student samples, ``round_<r>/``), then π_{k+1} exported as a Hugging
+             Face directory (``policy/``).
+  eval       π_{k+1} without experience and with E_k (global, stepwise): ``eval.json`` + rollouts.
+
+``on_empty``: when extraction finds no informative group (or the pool is empty) or no teacher
+rollout is accepted, the stage says so in its summary and ``keep_policy`` makes π_{k+1} = π_k
+(``policy/`` is π_k re-exported), while ``stop`` ends the loop after this stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from expint_jax import storage
+from expint_jax.config import to_dict
+from expint_jax.distill.pipeline import ExampleSet, build_examples
+from expint_jax.distill.trainer import TrainResult, train
+from expint_jax.experience.bank import ExperiencePool, diff_pools, read_pool, write_pool_files
+from expint_jax.experience.extract.groups import group_rollouts
+from expint_jax.experience.inject import InjectionSpec, annotate_injections, make_injection
+from expint_jax.experience.select import make_selector
+from expint_jax.loop import acting
+from expint_jax.loop.config import LoopConfig
+from expint_jax.loop.metrics import evaluate
+from expint_jax.loop.regimes import acceptance, make_regime, round_steps
+from expint_jax.models.hf import save_checkpoint
+from expint_jax.models.source import build_model, load_model
+from expint_jax.records import SamplingParams, Trajectory, read_trajectories
+
+log = logging.getLogger(__name__)
+
+STAGES = ("rollouts", "extract", "base_eval", "data", "train", "eval")
+
+
+class EmptyStage(Exception):
+    """Raised by a stage with nothing to work with under ``on_empty="stop"``; carries the reason."""
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage of a run shares: the configuration, its folder and the loaded tools."""
+
+    config: LoopConfig
+    run_dir: Path
+    tokenizer: Any
+    chat: Any
+    mesh: Any
+    worlds: acting.Worlds
+    stage_hashes: dict[str, str] = dataclasses.field(default_factory=dict)  # "iter_000/extract" -> hash
+
+    def stage_dir(self, k: int, name: str) -> Path:
+        return self.run_dir / f"iter_{k:03d}" / name
+
+    def upstream(self, k: int, name: str) -> str:
+        return self.stage_hashes.get(f"iter_{k:03d}/{name}", "")
+
+    # ----------------------------------------------------------------- policies and pools
+
+    def policy_dir(self, k: int) -> Path | None:
+        """Where π_k lives (None: π_0, the configured base model)."""
+        return None if k == 0 else self.stage_dir(k - 1, "train") / "policy"
+
+    def policy_key(self, k: int) -> str:
+        return "base" if k == 0 else self.upstream(k - 1, "train")
+
+    def load_policy(self, k: int, *, remat: str = "none"):
+        directory = self.policy_dir(k)
+        if directory is None:
+            return build_model(self.config.model, self.mesh, remat=remat)
+        return load_model(directory, self.config.model, self.mesh, remat=remat)
+
+    def pool(self, k: int) -> ExperiencePool:
+        return read_pool(self.stage_dir(k, "extract") / "pool.jsonl")
+
+    def injection(self, pool: ExperiencePool, mode: str) -> InjectionSpec:
+        inj = self.config.injection
+        selector = None
+        if mode == "stepwise":
+            backend = _endpoint(self.config) if inj.selector == "llm" else None
+            selector = make_selector(inj.selector, backend=backend, k=inj.k)
+        return make_injection(mode, pool.as_mapping(), selector, stepwise_system_note=inj.stepwise_system_note)
+
+    def seed(self, k: int, stage: str) -> int:
+        return self.config.seed * 1_000_003 + 1009 * k + STAGES.index(stage) * 101
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.chat.text_ids(text)) if text else 0
+
+
+def _endpoint(config: LoopConfig):
+    from expint_jax.llm.openai import OpenAICompatible
+
+    e = config.extract.endpoint
+    return OpenAICompatible(e.base_url, e.model, api_key_env=e.api_key_env or None, max_concurrency=e.max_concurrency)
+
+
+def _section(config: LoopConfig, *names: str) -> dict[str, Any]:
+    full = to_dict(config)
+    return {name: full[name] for name in names}
+
+
+# ---------------------------------------------------------------------- keys
+
+
+def stage_key(run: Run, k: int, name: str) -> dict[str, Any]:
+    """The configuration values and upstream stage hashes stage ``name`` of iteration ``k`` depends on."""
+    c = run.config
+    acting_keys = _section(c, "model", "policy", "simweb", "agent", "seed")
+    if name == "rollouts":
+        extract = to_dict(c.extract)
+        used = {key: extract[key] for key in ("tasks", "samples", "batch_tasks", "inject_running_pool")}
+        if c.extract.inject_running_pool:
+            used.update({key: extract[key] for key in ("granularity", "writer", "endpoint", "max_pool_size",
+                                                       "warm_start", "temperature", "max_tokens")})
+        return {**acting_keys, "extract": used, "policy_of": run.policy_key(k),
+                "previous_pool": run.upstream(k - 1, "extract") if c.extract.warm_start and k else ""}
+    if name == "extract":
+        return {"extract": to_dict(c.extract), "rollouts": run.upstream(k, "rollouts"),
+                "previous_pool": run.upstream(k - 1, "extract") if c.extract.warm_start and k else ""}
+    if name in ("base_eval", "eval"):
+        policy = run.policy_key(0) if name == "base_eval" else run.upstream(k, "train")
+        return {**acting_keys, **_section(c, "eval", "injection"), "policy_of": policy,
+                "pool": run.upstream(k, "extract")}
+    if name == "data":
+        return {**acting_keys, **_section(c, "distill", "injection"), "policy_of": run.policy_key(k),
+                "pool": run.upstream(k, "extract")}
+    if name == "train":
+        return {**_section(c, "model", "mesh", "trainer", "budget", "distill", "injection", "on_empty"),
+                "policy_of": run.policy_key(k), "data": run.upstream(k, "data"),
+                "pool": run.upstream(k, "extract")}
+    raise ValueError(f"unknown stage {name!r}")
+
+
+# ---------------------------------------------------------------------- writers
+
+
+def write_experience(run: Run, k: int, trajectories: list[Trajectory], start: ExperiencePool,
+                     workdir: Path) -> tuple[ExperiencePool, dict[str, Any]]:
+    """E from scored rollouts by the configured writer; ``(pool, facts)``."""
+    c = run.config.extract
+    groups = group_rollouts(trajectories)
+    informative = [g for g in groups if g.is_informative]
+    facts: dict[str, Any] = {"groups": len(groups), "informative_groups": len(informative)}
+    if not informative:
+        return start, facts
+    if c.writer == "offline":
+        from expint_jax.rollout.envs.simweb.writer import OfflineWriterConfig, write_offline
+
+        pool = write_offline(groups, start, OfflineWriterConfig(granularity=c.granularity,
+                                                                max_pool_size=c.max_pool_size), iteration=k)
+        return pool, facts
+    from expint_jax.experience.extract.config import ExtractionConfig
+    from expint_jax.experience.extract.pipeline import extract_experience
+
+    if c.writer == "llm":
+        backend = _endpoint(run.config)
+    else:  # "self": π_k writes its own experience through the local engine
+        backend = acting.acting_backend(run.config, run.load_policy(k), run.tokenizer, run.mesh)
+    settings = ExtractionConfig(granularity=c.granularity, max_pool_size=c.max_pool_size,
+                                sampling=SamplingParams(temperature=c.temperature, max_tokens=c.max_tokens))
+    pool = extract_experience(groups, start, backend, settings, workdir, iteration=k)
+    return pool, facts
+
+
+def _start_pool(run: Run, k: int) -> ExperiencePool:
+    return run.pool(k - 1) if run.config.extract.warm_start and k > 0 else ExperiencePool()
+
+
+# ---------------------------------------------------------------------- stages
+
+
+def rollouts_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
+    c = run.config
+    tasks = acting.pick(run.worlds.train.tasks(), c.extract.tasks)
+    backend = acting.acting_backend(c, run.load_policy(k), run.tokenizer, run.mesh)
+    injection: InjectionSpec | Callable[[int], InjectionSpec] = make_injection("none")
+    running: dict[int, ExperiencePool] = {}
+    after_batch = None
+    if c.extract.inject_running_pool:
+        injection, after_batch = _running_pool(run, k, work, running)
+    found = acting.rollouts(backend, acting.agent_config(c), run.worlds.train, tasks, samples=c.extract.samples,
+                            seed=run.seed(k, "rollouts"), directory=work, prefix="rollouts",
+                            batch_tasks=c.extract.batch_tasks, injection=injection, after_batch=after_batch,
+                            progress=c.progress_bar)
+    if running:
+        write_pool_files(work / "running_final", running[max(running)])
+    correct = sum((t.reward or 0.0) >= 0.5 for t in found)
+    return {"tasks": len(tasks), "rollouts": len(found), "accuracy": correct / max(len(found), 1)}
+
+
+def _running_pool(run: Run, k: int, work: Path, running: dict[int, ExperiencePool]):
+    """Batch b of the extraction rollouts sees, injected globally, the pool written from batches < b
+    (as the release does); each batch's pool is stored so a resumed stage rebuilds the same ones."""
+    running[0] = _start_pool(run, k)
+
+    def injection(b: int) -> InjectionSpec:
+        pool = running[b]
+        return make_injection("global", pool.as_mapping()) if len(pool) else make_injection("none")
+
+    def after_batch(b: int, done: list[Trajectory]) -> None:
+        folder = work / f"running_{b:04d}"
+        if (folder / "pool.jsonl").exists():
+            running[b + 1] = read_pool(folder / "pool.jsonl")
+            return
+        pool, _ = write_experience(run, k, done, running[b], work / f"writer_{b:04d}")
+        write_pool_files(folder, pool)
+        running[b + 1] = pool
+
+    return injection, after_batch
+
+
+def read_rollouts(directory: Path, prefix: str) -> list[Trajectory]:
+    return [t for path in sorted(directory.glob(f"{prefix}_[0-9]*.jsonl")) for t in read_trajectories(path)]
+
+
+def extract_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
+    c = run.config.extract
+    trajectories = read_rollouts(run.stage_dir(k, "rollouts"), "rollouts")
+    start = _start_pool(run, k)
+    running = run.stage_dir(k, "rollouts") / "running_final" / "pool.jsonl"
+    if c.inject_running_pool and running.exists():
+        groups = group_rollouts(trajectories)
+        pool, facts = read_pool(running), {"groups": len(groups),
+                                           "informative_groups": sum(g.is_informative for g in groups),
+                                           "from": "the running pool of the rollouts stage"}
+    else:
+        pool, facts = write_experience(run, k, trajectories, start, work / "pipeline")
+    write_pool_files(work, pool)
+    previous = run.pool(k - 1) if k > 0 else ExperiencePool()
+    diff = diff_pools(previous, pool)
+    storage.write_json(work / "diff.json", diff.to_json())
+    from expint_jax.experience.granularity import analyze_pool
+
+    summary = {**facts, "pool_size": len(pool), "writer": c.writer, "granularity": c.granularity,
+               "diff_vs_previous": diff.summary(), "granularity_report": analyze_pool(pool).to_json()}
+    if not facts["informative_groups"] or not len(pool):
+        summary["empty"] = ("no informative rollout group (every group all right or all wrong)"
+                            if not facts["informative_groups"] else "the pool is empty")
+    return summary
+
+
+def _evaluate_policy(run: Run, model, pool: ExperiencePool, k: int, stage: str, work: Path) -> dict[str, Any]:
+    c = run.config
+    tasks = acting.pick(run.worlds.test.tasks(), c.eval.tasks)
+    backend = acting.acting_backend(c, model, run.tokenizer, run.mesh)
+    levels = acting.levels_of(tasks)
+    result: dict[str, Any] = {"pool_size": len(pool)}
+    for mode in c.eval.modes:
+        if mode != "none" and not len(pool):
+            result[mode] = {"skipped": "the pool is empty"}
+            continue
+        found = acting.rollouts(backend, acting.agent_config(c), run.worlds.test, tasks, samples=c.eval.samples,
+                                seed=run.seed(k, stage), directory=work, prefix=mode, batch_tasks=c.extract.batch_tasks,
+                                injection=run.injection(pool, mode), progress=c.progress_bar)
+        result[mode] = evaluate(found, samples=c.eval.samples, levels=levels, count_tokens=run.count_tokens)
+    return result
+
+
+def base_eval_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
+    result = {"policy": 0, **_evaluate_policy(run, run.load_policy(0), run.pool(0), 0, "base_eval", work)}
+    storage.write_json(work / "eval.json", result)
+    return _eval_summary(result)
+
+
+def eval_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
+    train_dir = run.stage_dir(k, "train")
+    trained = storage.read_json(train_dir / "done.json")["summary"]
+    model = load_model(train_dir / "policy", run.config.model, run.mesh)
+    result = {"policy": k + 1, **_evaluate_policy(run, model, run.pool(k), k, "eval", work),
+              "heldout_kl": {"before": trained.get("kl_before"), "after": trained.get("kl_after")},
+              "train_status": trained.get("status")}
+    storage.write_json(work / "eval.json", result)
+    return _eval_summary(result)
+
+
+def _eval_summary(result: Mapping[str, Any]) -> dict[str, Any]:
+    return {mode: result[mode].get("accuracy") for mode in ("none", "global", "stepwise") if mode in result}
+
+
+def data_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
+    c = run.config
+    regime = make_regime(c)
+    pool = run.pool(k)
+    summary: dict[str, Any] = {"regime": regime.name}
+    if not len(pool):
+        summary["empty"] = "the pool is empty: no teacher context to distill"
+        return summary
+    teacher_spec = run.injection(pool, c.injection.mode)
+    backend = acting.acting_backend(c, run.load_policy(k), run.tokenizer, run.mesh)
+    agent = acting.agent_config(c)
+    heldout_tasks = acting.pick(run.worlds.test.tasks(), c.distill.heldout_tasks)
+    heldout = acting.rollouts(backend, agent, run.worlds.test, heldout_tasks, samples=1, seed=run.seed(k, "data") + 1,
+                              directory=work, prefix="heldout", batch_tasks=c.extract.batch_tasks,
+                              injection=teacher_spec, progress=c.progress_bar) if heldout_tasks else []
+    storage.write_jsonl(work / "heldout.jsonl", (t.to_json() for t in heldout))
+    summary["heldout"] = len(heldout)
+    if regime.teacher_acts:
+        tasks = acting.pick(run.worlds.train.tasks(), c.distill.tasks)
+        teacher = acting.rollouts(backend, agent, run.worlds.train, tasks, samples=c.distill.samples,
+                                  seed=run.seed(k, "data"), directory=work, prefix="teacher",
+                                  batch_tasks=c.extract.batch_tasks, injection=teacher_spec, progress=c.progress_bar)
+        kept = acceptance(teacher, c.distill.accept_reward)
+        storage.write_jsonl(work / "accepted.jsonl", (t.to_json() for t in kept.accepted))
+        storage.write_json(work / "acceptance.json", kept.to_json())
+        summary.update(teacher_rollouts=len(teacher), accepted=len(kept.accepted), acceptance_rate=kept.rate)
+        if not kept.accepted:
+            summary["empty"] = f"no teacher rollout was judged correct (0 of {len(teacher)})"
+    return summary
+
+
+def _examples(run: Run, trajectories: list[Trajectory], where: str) -> ExampleSet:
+    return build_examples([(f"{where}:{i + 1}", t) for i, t in enumerate(trajectories)], run.chat, run.config.budget)
+
+
+def keep_policy(run: Run, k: int, work: Path, reason: str) -> dict[str, Any]:
+    """π_{k+1} = π_k: re-exported as this iteration's policy."""
+    log.warning("iteration %d: %s; on_empty=keep_policy: the policy stays π_%d", k, reason, k)
+    save_checkpoint(run.load_policy(k), work / "policy", tokenizer=run.tokenizer)
+    return {"status": "kept_policy", "reason": reason, "steps": 0}
+
+
+def train_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
+    c = run.config
+    regime = make_regime(c)
+    data_dir = run.stage_dir(k, "data")
+    facts = storage.read_json(data_dir / "done.json")["summary"]
+    if facts.get("empty"):
+        return _on_empty(run, k, work, facts["empty"])
+    heldout = read_trajectories(data_dir / "heldout.jsonl")
+    eval_data = _examples(run, heldout, str(data_dir / "heldout.jsonl")) if heldout else None
+    if eval_data is not None and not eval_data.examples:
+        eval_data = None
+    trainer = dataclasses.replace(c.trainer, step=regime.step(c.trainer.step), eval_at_start=True,
+                                  progress_bar=c.progress_bar and c.trainer.progress_bar)
+    student = run.load_policy(k, remat=c.model.remat)
+    teacher = run.load_policy(k) if trainer.step.needs_teacher else None
+    if regime.teacher_acts:
+        accepted = read_trajectories(data_dir / "accepted.jsonl")
+        train_data = _examples(run, accepted, str(data_dir / "accepted.jsonl"))
+        if not train_data.examples:
+            return _on_empty(run, k, work, f"no accepted trajectory fits the length budget ({train_data.counts})")
+        result = train(trainer, student, teacher, train_data, eval_data, output_dir=work / "trainer", mesh=run.mesh)
+        first, last, steps = result, result, result.steps
+    else:
+        first, last, steps = _on_policy_rounds(run, k, work, trainer, student, teacher, eval_data)
+    save_checkpoint(student, work / "policy", tokenizer=run.tokenizer)
+    return {"status": "trained", "regime": regime.name, "steps": steps,
+            "kl_before": first.initial_eval_metrics.get("kl"), "kl_after": last.eval_metrics.get("kl"),
+            "loss_after": last.train_metrics.get("loss")}
+
+
+def _on_empty(run: Run, k: int, work: Path, reason: str) -> dict[str, Any]:
+    if run.config.on_empty == "stop":
+        raise EmptyStage(reason)
+    return keep_policy(run, k, work, reason)
+
+
+def _on_policy_rounds(run: Run, k: int, work: Path, trainer, student, teacher,
+                      eval_data: ExampleSet | None) -> tuple[TrainResult, TrainResult, int]:
+    """Rounds of (sample with the current student, no experience) -> (attach the teacher's contexts
+    to those very prefixes) -> (train ``refresh_every`` steps). Each round is its own trainer run
+    (``round_<r>/``; resumable), so the optimizer state and learning-rate schedule restart each
+    round; the student's weights carry over."""
+    c = run.config
+    regime = make_regime(c)
+    tasks = acting.pick(run.worlds.train.tasks(), c.distill.tasks)
+    spec = run.injection(run.pool(k), c.injection.mode)
+    plan: list[int] | None = None
+    results: list[TrainResult] = []
+    r = 0
+    while plan is None or r < len(plan):
+        round_dir = work / f"round_{r:03d}"
+        backend = acting.acting_backend(c, student, run.tokenizer, run.mesh)
+        samples = acting.rollouts(backend, acting.agent_config(c), run.worlds.train, tasks,
+                                  samples=c.distill.samples, seed=run.seed(k, "train") + r, directory=round_dir,
+                                  prefix="student", batch_tasks=c.extract.batch_tasks, progress=c.progress_bar)
+        annotated = annotate_injections(samples, spec)
+        storage.write_jsonl(round_dir / "annotated.jsonl", (t.to_json() for t in annotated))
+        data = _examples(run, annotated, str(round_dir / "annotated.jsonl"))
+        if not data.examples:
+            raise RuntimeError(f"{round_dir}: none of the student's {len(samples)} samples gives a training example "
+                               f"(counts: {data.counts.to_json()}); check the length budget (config.budget)")
+        batches = math.ceil(len(data.examples) / trainer.batching.rows)
+        if plan is None:
+            total = trainer.epochs * batches if trainer.max_steps is None else min(trainer.max_steps,
+                                                                                 trainer.epochs * batches)
+            plan = round_steps(total, regime.refresh_every or 0, batches)
+            storage.write_json(work / "rounds.json", {"steps_per_round": plan})
+        steps = plan[r]
+        round_config = dataclasses.replace(trainer, epochs=math.ceil(steps / batches), max_steps=steps)
+        results.append(train(round_config, student, teacher, data, eval_data, output_dir=round_dir / "trainer",
+                             mesh=run.mesh))
+        r += 1  # train() left the trained weights in ``student``: they act in the next round
+    return results[0], results[-1], sum(res.steps for res in results)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Run, int, Path], dict[str, Any]]] = {
+    "rollouts": rollouts_stage, "extract": extract_stage, "base_eval": base_eval_stage, "data": data_stage,
+    "train": train_stage, "eval": eval_stage,
+}
+
