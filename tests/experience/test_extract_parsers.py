@@ -217,3 +217,8 @@ def test_json_surrounded_by_prose_is_recovered(value, prose):
     if not isinstance(value, (list, dict)):
         value = [value]
     assert loads_lenient(f"{prose} {json.dumps(value)} {prose}") == value
+
+
+def test_prose_after_a_hash_is_not_a_python_comment():
+    # Found by the property test above: "0# [null] 0#" parsed as the literal 0 (the rest a comment).
+    assert loads_lenient("0# [null] 0#") == [None]

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import io
 import json
 import re
+import tokenize
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -126,10 +128,20 @@ def _decode(candidate: str) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid escape sequences such as JSON's "\/"
-            tree = ast.parse(candidate.replace("\\/", "/"), mode="eval")
+            source = candidate.replace("\\/", "/")
+            tree = ast.parse(source, mode="eval")
+        if _has_comment(source):  # "0 # [1]" parses as 0: prose after a '#' is not part of a value
+            raise ValueError("a comment in the literal")
         return _literal(tree.body)
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as e:
         raise ParseError(f"not a literal: {type(e).__name__}") from None
+
+
+def _has_comment(source: str) -> bool:
+    try:
+        return any(t.type == tokenize.COMMENT for t in tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return True
 
 
 def _bounded_int(digits: str) -> int:
