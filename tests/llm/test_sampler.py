@@ -480,7 +480,7 @@ def test_penalties_apply_equals_numpy_in_both_layouts():
         SamplingParams(presence_penalty=2.5)
 
 
-def test_greedy_with_penalties_equals_a_numpy_greedy_loop_on_transformers_logits(parity):
+def test_greedy_with_penalties_equals_a_numpy_greedy_loop_on_transformers_logits(parity, greedy):
     ours = generate(parity["graphdef"], parity["state"], parity["prompts"], strategy=Greedy(),
                     max_new_tokens=NEW_TOKENS, penalties=PENALTIES)
     for prompt, out in zip(parity["prompts"], ours):
@@ -490,23 +490,19 @@ def test_greedy_with_penalties_equals_a_numpy_greedy_loop_on_transformers_logits
                 logits = parity["hf"](torch.as_tensor([sequence])).logits[0, -1].numpy()
             sequence.append(int(np.argmax(_penalized_numpy(logits, np.asarray(sequence[len(prompt):]), PENALTIES))))
         assert list(out.token_ids) == sequence[len(prompt):]
-    # The penalties changed something: without them greedy repeats tokens these rows do not.
-    plain = generate(parity["graphdef"], parity["state"], parity["prompts"], strategy=Greedy(),
-                     max_new_tokens=NEW_TOKENS)
-    assert [o.token_ids for o in plain] != [o.token_ids for o in ours]
+    assert [o.token_ids for o in greedy] != [o.token_ids for o in ours]  # the penalties changed something
 
 
 def test_sampling_logprobs_are_under_the_penalized_distribution(parity):
     outputs = _sampled(parity, penalties=PENALTIES)
-    model = nnx.merge(parity["graphdef"], parity["state"])
     for prompt, out in zip(parity["prompts"], outputs):
-        full = np.concatenate([prompt, out.token_ids])
-        logits = np.asarray(model(jnp.asarray(full[None]), jnp.arange(len(full))[None]))[0]
+        with torch.no_grad():  # transformers' logits: no JAX forward to compile
+            logits = parity["hf"](torch.as_tensor(np.concatenate([prompt, out.token_ids])[None])).logits[0].numpy()
         generated = np.asarray(out.token_ids)
         for t, token in enumerate(generated):
             raw = logits[len(prompt) - 1 + t]
             scaled = _penalized_numpy(raw, generated[:t], PENALTIES) / SAMPLED.temperature
             kth = np.sort(scaled)[-SAMPLED.k]
             expected = _log_softmax(np.where(scaled >= kth, scaled, -np.inf))[token]
-            np.testing.assert_allclose(out.sampling_logprobs[t], expected, atol=1e-5, rtol=0)
-            np.testing.assert_allclose(out.logprobs[t], _log_softmax(raw)[token], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(out.sampling_logprobs[t], expected, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(out.logprobs[t], _log_softmax(raw)[token], atol=1e-4, rtol=0)
