@@ -13,13 +13,18 @@ Experiments are Python files (``configs/<name>.py``) whose ``get_config()`` retu
 ``to_dict`` turns a bound config back into plain data (stored beside every run for provenance).
 ``parse_command_line`` reads ``--config=FILE`` and its ``--config.<key>=value`` overrides into a
 ``ConfigDict``; every mistake it meets (unknown flag, bad override, missing file) is a
-``ConfigError`` whose one-line message names the flag or key.
+``ConfigError`` whose one-line message names the flag or key (an unknown key by its full path).
+``format_config`` lists every field of a bound config as ``config.<path> = value`` (``--show-config``);
+``one_line`` flattens any error message onto one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
+import json
+import traceback
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -119,17 +124,33 @@ def to_dict(config: Any) -> Any:
     return config
 
 
-def load_config_file(path: str | Path) -> Any:
-    """Imports ``path`` and returns its ``get_config()`` (the ``ConfigDict`` it builds)."""
+def load_config_file(path: str | Path, argument: str | None = None) -> Any:
+    """Imports ``path`` and returns its ``get_config()`` (the ``ConfigDict`` it builds), called with
+    ``argument`` when given (``--config=FILE:ARGUMENT``). A missing file, a file without
+    ``get_config`` or an exception inside it is a ``ConfigError`` naming the file (and line)."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" if not path.exists() else f"config file {path} is not a file")
     spec = importlib.util.spec_from_file_location(f"expint_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config()")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {path} defines no get_config()")
+        return module.get_config(argument) if argument is not None else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's Python: say where it failed, not how we called it
+        raise ConfigError(f"config file {_where_in(path, e)}: {type(e).__name__}: {one_line(e)}") from e
+
+
+def _where_in(path: Path, error: BaseException) -> str:
+    """``path:line`` of the innermost frame of ``error`` inside ``path`` (or of a syntax error there)."""
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f"{path}:{error.lineno}"
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if Path(frame.filename).resolve() == path.resolve()]
+    return f"{path}:{lines[-1]}" if lines else str(path)
 
 
 def parse_command_line(command: str, argv: Sequence[str], default_config: str | Path) -> Any:
@@ -137,14 +158,18 @@ def parse_command_line(command: str, argv: Sequence[str], default_config: str | 
     ``--config.<key>=value`` overrides applied; the file's ``get_config()`` must lock its dict so
     that an override of a key it does not define is refused.
 
-    Raises ``ConfigError`` with a one-line message (an unknown flag, an override of a missing key,
-    a value that does not parse, a missing file); ``command`` names the program in flag errors."""
+    ``--config`` may come anywhere on the line (absl wants it before its overrides; it is moved
+    there). Raises ``ConfigError`` with a one-line message: an unknown flag; an override of a key
+    the config does not have (``config.data.demo.granularity: unknown key; valid keys at
+    config.data.demo: ...``); a value that does not parse; a missing or failing config file.
+    ``command`` names the program in flag errors."""
     from absl import flags
     from ml_collections import config_flags
 
-    argv = list(argv)
-    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+    argv = _config_file_first(list(argv))
+    if not argv or not (argv[0] == "--config" or argv[0].startswith("--config=")):
         argv = [f"--config={default_config}", *argv]
+    _check_override_keys(argv)
     command_line = [command, *argv]
     flag_values = flags.FlagValues()
     # config_flags reads the --config.<field> overrides from sys_argv, not from the parsed list.
@@ -154,16 +179,77 @@ def parse_command_line(command: str, argv: Sequence[str], default_config: str | 
         flag_values(command_line)
         return flag_values.config
     except flags.Error as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections rejecting an override
         detail: object = e
         while isinstance(detail, BaseException) and detail.args:  # unwrap AttributeError(KeyError(text))
             detail = detail.args[0]
-        raise ConfigError(f"bad configuration override: {_one_line(detail)}") from None
+        raise ConfigError(f"bad configuration override: {one_line(detail)}") from None
 
 
-def _one_line(detail: object) -> str:
-    return " ".join(str(detail).split())
+def _config_file_first(argv: list[str]) -> list[str]:
+    """``argv`` with its ``--config=FILE`` (or ``--config FILE``) moved to the front."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return [arg, *argv[:i], *argv[i + 1:]]
+        if arg == "--config":
+            if i + 1 == len(argv):
+                raise ConfigError("--config needs a value: --config=configs/<name>.py")
+            return [f"--config={argv[i + 1]}", *argv[:i], *argv[i + 2:]]
+    return argv
+
+
+def _check_override_keys(argv: list[str]) -> None:
+    """Every ``--config.<path>`` names a key of the config file: else a ``ConfigError`` naming the
+    full path, the section where it stops matching and that section's keys (ml_collections would
+    only name the last component)."""
+    overrides = [arg[len("--config."):].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+    if not overrides:
+        return
+    file, _, argument = argv[0][len("--config="):].partition(":")
+    if argument and not Path(file).is_file():  # a path with a colon in it, not FILE:ARGUMENT
+        file, argument = argv[0][len("--config="):], ""
+    root = load_config_file(file, argument or None)
+    for override in overrides:
+        if "[" in override:  # an indexed element (a.b[0]): ml_collections checks those itself
+            continue
+        node, where = root, "config"
+        for name in override.split("."):
+            keys = _section_keys(node)
+            if keys is None:
+                raise ConfigError(f"config.{override}: {where} is not a section (it holds {_plain(node)!r})")
+            if name not in keys:
+                close = difflib.get_close_matches(name, keys, n=1)
+                hint = f" (did you mean {where}.{close[0]}?)" if close else ""
+                raise ConfigError(f"config.{override}: unknown key{hint}; valid keys at {where}: {', '.join(sorted(keys))}")
+            node, where = node[name], f"{where}.{name}"
+
+
+def _section_keys(node: Any) -> list[str] | None:
+    if isinstance(node, Mapping) or (hasattr(node, "keys") and hasattr(node, "__getitem__")):
+        return [str(k) for k in node.keys()]
+    return None
+
+
+def one_line(detail: object) -> str:
+    """A message on one line (a user error is one line on the terminal): its lines joined by "; ",
+    or by a space after a line that ends in a colon (a heading of what follows)."""
+    out = ""
+    for line in (" ".join(raw.split()) for raw in str(detail).splitlines()):
+        if line:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + line
+    return out
+
+
+def format_config(config: Any, prefix: str = "config") -> str:
+    """Every field of a bound configuration, one ``config.<path> = <value>`` line each (``--show-config``):
+    the lines name the keys exactly as ``--config.<path>=...`` overrides them."""
+    def lines(value: Any, path: str) -> list[str]:
+        if isinstance(value, Mapping) and value:
+            return [line for key, item in value.items() for line in lines(item, f"{path}.{key}")]
+        return [f"{path} = {json.dumps(value, default=str)}"]
+
+    return "\n".join(lines(to_dict(config), prefix))
 
 
 def config_dict(cls: type, **required: Any) -> Any:
