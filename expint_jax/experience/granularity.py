@@ -2,7 +2,9 @@
 
 For each item, four yes/no features; a report gives the share of items with each one. The paper
 reports 74.4 % URLs/domains, 57.3 % numbers, 93.9 % entities and 3.7 % strategy statements for
-instance-level pools, and 84.0 % strategy statements for principle-level pools.
+instance-level pools, and 84.0 % strategy statements for principle-level pools. Its detector is
+not published; these are ours, so compare pools measured here with each other, and the paper's
+figures only as a rough scale.
 
 Heuristics (an item may have several features):
   * url: ``http(s)://...``, ``www.``, or a bare domain: dot-separated labels ending in a
@@ -25,9 +27,23 @@ Heuristics (an item may have several features):
         The pronoun "I" and format acronyms (URL, PDF, HTML, API, JSON, ID, FAQ, CSV) do not count;
       - a quoted string of two or more characters ("...", '...', “...”, ‘...’, `...`);
       - an identifier mixing letters and digits (``Q42``, ``A320``), ordinals (``11th``) aside.
-  * strategy: some sentence (label removed) opens with a conditional clause -- When, Whenever,
-    If, Once, Before, After, While, Unless, Upon, In case, As soon as -- followed later by a
-    comma: the "When [condition], [strategy]" shape.
+  * strategy: some sentence (label removed) gives advice, in any of the shapes people write it:
+      - a conditional opening -- When, Whenever, If, Once, Before, After, While, Unless, Upon,
+        In case, As soon as -- followed later by a comma (the "When [condition], [strategy]" rule);
+      - an imperative: the sentence, or its main clause after a leading scope or purpose clause
+        ("For date questions, ...", "To find a role, ...", "Rather than guessing, ...", "Instead
+        of ..., ..."), opens with a verb of ``IMPERATIVE_VERBS`` in its base form, possibly after
+        an adverb or a negation ("Always verify", "Never trust", "Do not infer", "First locate").
+        A verb that is also a noun does not count when the next word shows the noun ("Search
+        results show ...", "Use of the archive ...", "Report is ...");
+      - a modal instruction: should, must, ought to, need(s) to, has/have to followed by such a
+        verb ("The agent should verify ..."), or "it is better/best/important/... to";
+      - a gerund with its benefit: "Verifying each hop prevents ..." (helps, avoids, prevents,
+        ensures, improves, reduces, saves, catches; "is key/essential/safer ...").
+    Statements of fact, reports of what happened and pointers ("See the 11th edition.", "Stanford
+    lists it.", "Searching 'acme history' finds the about page.") are not strategies. The
+    release's principle-level example pool scores 100 % (every item is an imperative or a
+    conditional); the hand-labelled cases in the tests hold the rest of the contract.
 
 Where reports go: ``expint granularity POOL...`` prints them; ``bank.write_pool_files`` stores a
 pool's as ``granularity.json`` beside it (the loop: ``iter_<k>/extract/``); the extraction
@@ -61,6 +77,45 @@ _IDENTIFIER = re.compile(r"\b(?!\d+(?:st|nd|rd|th)\b)(?=[A-Za-z0-9]*[A-Za-z])(?=
 _CONDITIONAL = re.compile(r"^[\"'“(]*(?:when|whenever|if|once|before|after|while|unless|upon|in case|as soon as)\b"
                           r"[^,]*\S,", re.IGNORECASE)
 _GENERIC_CAPITALS = frozenset({"I", "URL", "URLs", "PDF", "HTML", "API", "JSON", "ID", "IDs", "FAQ", "CSV"})
+
+# Verbs that open advice in agent lessons (base form). "See", "answer", "plan" and "record" are left
+# out: as first words they are mostly pointers or nouns ("See the 11th edition.", "Answer found.").
+IMPERATIVE_VERBS = frozenset("""
+    abandon accept account adapt add adjust align allocate anchor apply ask assume attempt avoid base be break
+    browse broaden budget calculate call cap capture check choose cite clarify click collect combine compare
+    compute confirm consider consult construct continue convert correct count cross-check cross-reference decompose
+    default defer derive describe determine disambiguate discard distinguish divide do document double-check drop
+    ensure escalate establish estimate exclude expand explore extract fall favor favour filter find finish flag
+    focus follow form formulate frame gather give go handle identify ignore include infer inspect interpret
+    interrogate investigate isolate keep label leave limit list locate look make map match mirror move narrow
+    navigate note obtain open parse persist pick pivot plan prefer prepare preserve prioritize prioritise probe
+    proceed provide prune pursue query question quote re-check re-run read reason recheck reconcile reconsider
+    refine reformulate reject rely remember repeat rephrase report request rerun reserve resolve restate restrict
+    retry return reuse review revise revisit rewrite scan scope scroll search seek select separate settle show
+    simplify skim skip sort specify split start state stay stick stop structure summarize summarise supplement
+    switch synthesize take target test track translate treat trust try use validate verify visit weigh write
+""".split()) - {"plan"}
+_LEADING_ADVERBS = frozenset({"always", "never", "first", "then", "next", "finally", "only", "also", "just", "still",
+                              "carefully", "explicitly", "directly", "systematically", "consistently", "proactively",
+                              "immediately", "quickly", "actively", "instead", "please", "do", "don't", "dont", "not"})
+# Verbs that are also nouns ("Search results show ...", "Use of the archive ...") and the next words
+# that show the noun.
+_ALSO_NOUNS = frozenset({"search", "query", "report", "use", "list", "count", "start", "return", "test", "note",
+                         "map", "call", "check", "match", "filter", "track", "visit", "review", "state", "label",
+                         "sort", "scan", "quote", "show", "cap", "scope", "focus", "structure", "form"})
+_NOUN_MARKERS = frozenset({"of", "is", "are", "was", "were", "has", "have", "had", "can", "could", "will", "would",
+                           "may", "might", "results", "result", "engine", "engines", "bar", "box", "page", "pages",
+                           "date", "dates", "value", "values", "data", "history", "terms", "queries", "time",
+                           "times", "rate", "list", "lists", "count"})
+_SCOPE_OPENING = re.compile(r"^[\"'“(]*(?:for|to|in|on|with|without|rather than|instead of|during|given|"
+                            r"throughout|across)\b[^,]{1,120},\s*", re.IGNORECASE)
+_MODAL = re.compile(r"\b(?:should|must|ought to|needs? to|has to|have to)\s+(?:not\s+|always\s+|never\s+|first\s+|"
+                    r"also\s+)?(?P<verb>[a-z][a-z-]*)", re.IGNORECASE)
+_NORMATIVE = re.compile(r"\bit(?:'s|’s| is) (?:better|best|safer|important|essential|crucial|advisable|necessary|"
+                        r"wise|worth)\b", re.IGNORECASE)
+_BENEFIT = re.compile(r"\b(?:helps?|avoids?|prevents?|ensures?|improves?|reduces?|saves?|catches|guards? against|"
+                      r"pays off|works better|is (?:key|essential|crucial|important|necessary|more reliable|safer|"
+                      r"faster|better|the best))\b", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +154,36 @@ def item_features(text: str) -> ItemFeatures:
         url=bool(_URL.search(text)),
         number=bool(_DIGIT.search(prose)),
         entity=_has_entity(body),
-        strategy=any(_CONDITIONAL.match(s.strip()) for s in _sentences(body)),
+        strategy=any(_is_strategy(s.strip()) for s in _sentences(body)),
     )
+
+
+def _is_strategy(sentence: str) -> bool:
+    """Whether one sentence gives advice (see the module docstring for the shapes)."""
+    if _CONDITIONAL.match(sentence) or _NORMATIVE.search(sentence):
+        return True
+    if any(m["verb"].lower() in IMPERATIVE_VERBS for m in _MODAL.finditer(sentence)):
+        return True
+    main_clause = _SCOPE_OPENING.sub("", sentence, count=1)
+    return _opens_with_imperative(sentence) or (main_clause != sentence and _opens_with_imperative(main_clause))
+
+
+def _opens_with_imperative(clause: str) -> bool:
+    words = [w.lower().replace("’", "'") for w in _WORD.findall(clause)[:6]]
+    while words and words[0] in _LEADING_ADVERBS:
+        words = words[1:]
+    if not words:
+        return False
+    first, following = words[0], words[1] if len(words) > 1 else ""
+    if first in IMPERATIVE_VERBS:
+        return first not in _ALSO_NOUNS or following not in _NOUN_MARKERS
+    # "Verifying each hop prevents wrong answers.": a gerund of such a verb with what it achieves.
+    return first.endswith("ing") and _gerund_stem(first) and bool(_BENEFIT.search(clause))
+
+
+def _gerund_stem(word: str) -> bool:
+    stem = word[:-3]
+    return any(candidate in IMPERATIVE_VERBS for candidate in (stem, stem + "e", stem[:-1]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,12 +26,12 @@ from expint_jax.experience.granularity import (
     ("Pointer following: When search results only show snippets, open the best page before answering.",
      (False, False, False, True)),
     ("If a page cannot be opened, return to the link list.", (False, False, False, True)),
-    ("Verify claims against the primary source.", (False, False, False, False)),
+    ("Verify claims against the primary source.", (False, False, False, True)),  # an imperative
     ("When searching, prefer URLs and PDF files from the site.", (False, False, False, True)),
-    ("Expand the search when initial attempts fail.", (False, False, False, False)),  # no leading clause
+    ("Expand the search when initial attempts fail.", (False, False, False, True)),
     ("The founding year of Acme Corp is on https://acme.example.org/about.", (True, False, True, False)),
     ("Useful query: Searching 'acme history' finds the about page.", (False, False, True, False)),
-    ("Check en.wikipedia.org first for the museum.", (True, False, False, False)),
+    ("Check en.wikipedia.org first for the museum.", (True, False, False, True)),  # concrete, still advice
     ("The budget is $88,027,000 according to the report.", (False, True, False, False)),
     ("See the 11th edition.", (False, True, False, False)),
     ("Model A320 appears in the fleet list.", (False, True, True, False)),
@@ -42,6 +42,70 @@ from expint_jax.experience.granularity import (
 ])
 def test_item_features(text, expected):
     assert item_features(text) == ItemFeatures(*expected)
+
+
+# Hand-labelled: advice as people write it, in none of our writers' phrasings ...
+STRATEGIES = [
+    "Prefer official sources over aggregators.",
+    "Avoid answering before opening at least one page.",
+    "Always cross-check a date on a second source.",
+    "Never trust a snippet without opening the page.",
+    "Do not infer missing values; report them as absent.",
+    "Don't stop at the first search result.",
+    "First locate the official site, then navigate its links.",
+    "Double-check units before converting.",
+    "Break multi-hop questions into single lookups.",
+    "Be skeptical of undated pages.",
+    "Search within the site before searching the web.",
+    "Look for a table of contents on long pages.",
+    "For questions about dates, check the page's revision history.",
+    "To find a person's role, open the staff directory.",
+    "Rather than guessing, open the linked page.",
+    "Instead of rephrasing the same query, broaden it.",
+    "The agent should verify each hop before answering.",
+    "Answers must cite the page they come from.",
+    "It is better to open two sources than to trust one snippet.",
+    "Verifying every hop against the page text prevents wrong answers.",
+    "Source check: Report the absence of a value rather than guessing it.",
+    "If the page fails to load, retry once and use the cached copy.",
+    "Once a candidate answer appears, confirm it on the page itself.",
+]
+# ... and statements that are not advice: facts, what happened, pointers, nouns that look like verbs.
+NOT_STRATEGIES = [
+    "The founding year of Acme Corp is on the about page.",
+    "The report was written by Ada Moreno.",
+    "Search results only show snippets for this site.",
+    "Use of the archive was restricted in 2010.",
+    "Report is due on the first Monday.",
+    "The agent answered without opening any page.",
+    "Failed attempt: the agent searched for the wrong year.",
+    "Key fact: The festival moved to Lyon in 2019.",
+    "Useful query: Searching 'acme history' finds the about page.",
+    "See the 11th edition.",
+    "Answer found. Stanford lists it.",
+    "Check-in data for the season is incomplete.",
+    "The museum's opening hours are listed on the visitor page.",
+    "Searching the archive took three tries.",
+    "The correct answer was 1923, not 1932.",
+]
+
+
+@pytest.mark.parametrize("text", STRATEGIES)
+def test_strategies_as_people_write_them(text):
+    assert item_features(text).strategy
+
+
+@pytest.mark.parametrize("text", NOT_STRATEGIES)
+def test_statements_that_give_no_advice(text):
+    assert not item_features(text).strategy
+
+
+def test_the_release_principle_pool_reads_as_strategies(release_file):
+    """Every item of the release's principle-level example is advice: an imperative
+    ("Prioritize named sources ...", "Treat explicit source references ...") or a conditional."""
+    pool = read_pool(release_file("official_experiences_example.json"))
+    missed = [item.text for item in pool if not item_features(item.text).strategy]
+    assert missed == [] and analyze_pool(pool).strategy_share == 1.0
 
 
 # Hosts of WebWalkerQA root URLs (../shared/data/webwalkerqa.jsonl), one per top-level label there.
