@@ -13,6 +13,8 @@ def get_config():
     c = config_dict(LoopConfig, name="loop_tiny")
     c.iterations = 1
     c.model.tiny.init_std = 0.1
+    c.mesh.devices = 1  # one device: a tiny model gains nothing from sharding, and compiles faster
+    c.mesh.fsdp = 1
     c.policy.max_batch_size = 8
     c.policy.max_context = 2048
     c.simweb.levels = ("easy",)
@@ -30,8 +32,8 @@ def get_config():
     c.budget.max_student_tokens = 2048
     c.budget.max_teacher_tokens = 4096
     c.trainer.epochs = 1
-    c.trainer.batching.rows = 2
-    c.trainer.batching.min_bucket = 128
+    c.trainer.batching.rows = 4
+    c.trainer.batching.min_bucket = 256
     c.trainer.checkpoint_every = 2
     c.trainer.optimizer.learning_rate = 1e-3
     c.trainer.progress_bar = False

@@ -66,6 +66,8 @@ class Endpoint:
     model: str = ""
     api_key_env: str = ""
     max_concurrency: int = 8
+    max_attempts: int = 4  # per request, with exponential back-off; then the stage fails
+    timeout_s: float = 120.0
 
 
 @dataclasses.dataclass(frozen=True)

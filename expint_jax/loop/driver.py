@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from expint_jax import storage
@@ -84,11 +84,31 @@ def plan(run: Run, order: list[layout.StageId]) -> dict[str, dict]:
     return keys
 
 
+# The stages each stage reads (iteration offset, name); rollouts read π_k, made by train of k-1.
+INPUTS = {"rollouts": ((-1, "train"),), "extract": ((0, "rollouts"),), "base_eval": ((0, "extract"),),
+          "data": ((0, "extract"),), "train": ((0, "data"),), "eval": ((0, "train"), (0, "extract"))}
+
+
+def missing_inputs(run_dir: Path, stage: layout.StageId) -> list[layout.StageId]:
+    needed = [layout.StageId(stage.iteration + offset, name) for offset, name in INPUTS[stage.name]]
+    return [s for s in needed if s.iteration >= 0 and not layout.StageDir(run_dir, s).is_done()]
+
+
 def run_loop(config: LoopConfig, *, restart_from: str | None = None, echo: Callable[[str], None] = print,
-             run: Run | None = None) -> LoopResult:
-    """Runs (or resumes) the loop; see the module docstring."""
+             run: Run | None = None, only: Sequence[layout.StageId] | None = None) -> LoopResult:
+    """Runs (or resumes) the loop; see the module docstring. ``only``: run just these stages (each
+    needs its inputs finished; ``expint eval`` / ``extract`` / ``distill`` on one iteration)."""
     run = run or open_run(config)
     order = schedule(config.iterations)
+    if only is not None:
+        unknown = [str(s) for s in only if s not in order]
+        if unknown:
+            raise ConfigError(f"{', '.join(unknown)}: not a stage of this run ({config.iterations} iterations)")
+        for stage in only:
+            missing = missing_inputs(run.run_dir, stage)
+            if missing and not all(m in only for m in missing):
+                raise ConfigError(f"{stage} needs {', '.join(map(str, missing))} finished first "
+                                  f"(expint run resumes the whole loop)")
     if restart_from is not None:
         start = parse_restart(restart_from, order)
         removed = layout.restart(run.run_dir, order[start:])
@@ -98,7 +118,7 @@ def run_loop(config: LoopConfig, *, restart_from: str | None = None, echo: Calla
     storage.write_json(run.run_dir / "config.json", to_dict(config))
     ran, skipped = [], []
     report_path = None
-    for stage in order:
+    for stage in order if only is None else [s for s in order if s in only]:
         folder = layout.StageDir(run.run_dir, stage)
         key = keys[str(stage)]
         if folder.is_done():

@@ -17,8 +17,9 @@ it reads, so a changed setting is caught at the first stage it affects.
              Every regime: one teacher rollout per held-out task (``heldout.jsonl``), the fixed
              set the held-out KL is measured on before and after training.
   train      student = π_k, teacher = frozen π_k: the trainer on the regime's data (on_policy:
-             rounds of fresh student samples, ``round_<r>/``), then π_{k+1} exported as a Hugging
-             Face directory (``policy/``).
+             rounds of fresh student samples, ``round_<r>/`` with the student that finished each
+             round in ``round_<r>/student/``), then π_{k+1} exported as a Hugging Face directory
+             (``policy/``).
   eval       π_{k+1} without experience and with E_k (global, stepwise): ``eval.json`` + rollouts.
 
 ``on_empty``: when extraction finds no informative group (or the pool is empty) or no teacher
@@ -111,11 +112,36 @@ class Run:
         return len(self.chat.text_ids(text)) if text else 0
 
 
+class EndpointError(RuntimeError):
+    """The writer's (or selector's) endpoint failed for good; the stage fails rather than writing
+    a pool out of the extraction pipeline's fallbacks."""
+
+
+class _FailFast:
+    """A ``ChatBackend`` wrapper raising ``EndpointError`` (naming the endpoint, never the key)
+    when a request still fails after the backend's own retries."""
+
+    def __init__(self, backend, where: str):
+        self.backend, self.where = backend, where
+
+    def chat(self, conversations, params):
+        completions = self.backend.chat(conversations, params)
+        failed = [c for c in completions if c.finish_reason == "error"]
+        if failed:
+            raise EndpointError(f"endpoint {self.where}: {len(failed)} of {len(completions)} requests failed after "
+                                f"retries; first error: {failed[0].error}")
+        return completions
+
+
 def _endpoint(config: LoopConfig):
+    from expint_jax.llm.http import RetryPolicy
     from expint_jax.llm.openai import OpenAICompatible
 
     e = config.extract.endpoint
-    return OpenAICompatible(e.base_url, e.model, api_key_env=e.api_key_env or None, max_concurrency=e.max_concurrency)
+    backend = OpenAICompatible(e.base_url, e.model, api_key_env=e.api_key_env or None,
+                               max_concurrency=e.max_concurrency,
+                               retry=RetryPolicy(max_attempts=e.max_attempts, timeout_s=e.timeout_s))
+    return _FailFast(backend, f"{e.base_url} (model {e.model})")
 
 
 def _section(config: LoopConfig, *names: str) -> dict[str, Any]:
@@ -368,7 +394,7 @@ def train_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
     else:
         first, last, steps = _on_policy_rounds(run, k, work, trainer, student, teacher, eval_data)
     save_checkpoint(student, work / "policy", tokenizer=run.tokenizer)
-    return {"status": "trained", "regime": regime.name, "steps": steps,
+    return {"status": "trained", "regime": regime.name, "loss": trainer.step.divergence.kind, "steps": steps,
             "kl_before": first.initial_eval_metrics.get("kl"), "kl_after": last.eval_metrics.get("kl"),
             "loss_after": last.train_metrics.get("loss")}
 
@@ -414,6 +440,8 @@ def _on_policy_rounds(run: Run, k: int, work: Path, trainer, student, teacher,
         round_config = dataclasses.replace(trainer, epochs=math.ceil(steps / batches), max_steps=steps)
         results.append(train(round_config, student, teacher, data, eval_data, output_dir=round_dir / "trainer",
                              mesh=run.mesh))
+        if not (round_dir / "student" / "config.json").exists():  # the weights that sample the next round
+            save_checkpoint(student, round_dir / "student", tokenizer=run.tokenizer)
         r += 1  # train() left the trained weights in ``student``: they act in the next round
     return results[0], results[-1], sum(res.steps for res in results)
 

@@ -21,6 +21,7 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    devices: int = 0  # use the first N devices (0: all), e.g. to leave some to an inference server
 
     def resolve(self, num_devices: int) -> tuple[int, int, int]:
         """Axis sizes with the single -1 replaced by what remains; errors name the axes."""
@@ -45,5 +46,9 @@ class MeshConfig:
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices) if devices is not None else jax.devices()
+    if config.devices:
+        if config.devices > len(devices):
+            raise ValueError(f"mesh: devices={config.devices} but only {len(devices)} are available")
+        devices = devices[:config.devices]
     shape = config.resolve(len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
