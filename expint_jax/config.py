@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import json
 import traceback
 import types
 import typing
@@ -200,12 +199,11 @@ def _config_file_first(argv: list[str]) -> list[str]:
 
 
 def _check_override_keys(argv: list[str]) -> None:
-    """Every ``--config.<path>`` names a key of the config file: else a ``ConfigError`` naming the
+    """The config file loads (else a ``ConfigError`` naming it, and the line that failed), and every
+    ``--config.<path>`` names a key of the config file: else a ``ConfigError`` naming the
     full path, the section where it stops matching and that section's keys (ml_collections would
     only name the last component)."""
     overrides = [arg[len("--config."):].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
-    if not overrides:
-        return
     file, _, argument = argv[0][len("--config="):].partition(":")
     if argument and not Path(file).is_file():  # a path with a colon in it, not FILE:ARGUMENT
         file, argument = argv[0][len("--config="):], ""
@@ -247,7 +245,7 @@ def format_config(config: Any, prefix: str = "config") -> str:
     def lines(value: Any, path: str) -> list[str]:
         if isinstance(value, Mapping) and value:
             return [line for key, item in value.items() for line in lines(item, f"{path}.{key}")]
-        return [f"{path} = {json.dumps(value, default=str)}"]
+        return [f"{path} = {value!r}"]  # Python literals, as overrides are written
 
     return "\n".join(lines(to_dict(config), prefix))
 

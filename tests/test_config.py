@@ -73,3 +73,58 @@ def test_required_keys_and_files(tmp_path):
     (tmp_path / "bad.py").write_text("x = 1\n")
     with pytest.raises(ConfigError, match="defines no get_config"):
         load_config_file(tmp_path / "bad.py")
+
+
+def _parse(tmp_path, *argv):
+    from expint_jax.config import parse_command_line
+
+    path = tmp_path / "exp.py"
+    if not path.exists():
+        path.write_text("import ml_collections\n\ndef get_config():\n    c = ml_collections.ConfigDict("
+                        "{'name': 'x', 'distill': {'regime': 'sft', 'optimizer': {'learning_rate': 1e-5}}})\n"
+                        "    c.lock()\n    return c\n")
+    return parse_command_line("expint test", list(argv), path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.bogus=1", r"^config\.bogus: unknown key; valid keys at config: distill, name$"),
+    ("--config.distill.optimizer.lr=1", r"^config\.distill\.optimizer\.lr: unknown key; valid keys at "
+                                        r"config\.distill\.optimizer: learning_rate$"),
+    ("--config.distill.regim=sft", r"^config\.distill\.regim: unknown key \(did you mean config\.distill\.regime\?\)"),
+    ("--config.name.first=a", r"^config\.name\.first: config\.name is not a section \(it holds 'x'\)$"),
+])
+def test_unknown_override_keys_are_named_by_their_full_path(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        _parse(tmp_path, override)
+
+
+def test_the_config_file_may_come_after_its_overrides(tmp_path):
+    _parse(tmp_path)  # writes exp.py
+    config = _parse(tmp_path, "--config.name=y", "--config", str(tmp_path / "exp.py"))
+    assert config.name == "y"
+
+
+def test_a_failing_config_file_is_named_with_its_line(tmp_path):
+    from expint_jax.config import parse_command_line
+
+    (tmp_path / "broken.py").write_text("def get_config():\n    return {}['missing']\n")
+    with pytest.raises(ConfigError, match=r"^config file .*broken\.py:2: KeyError: 'missing'$"):
+        parse_command_line("expint test", [f"--config={tmp_path / 'broken.py'}"], tmp_path / "broken.py")
+    with pytest.raises(ConfigError, match=r"^config file /nonexistent\.py does not exist$"):
+        parse_command_line("expint test", ["--config=/nonexistent.py"], tmp_path / "broken.py")
+
+
+def test_format_config_lists_every_field():
+    from expint_jax.config import format_config
+
+    text = format_config(Run("demo", distill=Distill(stop=("a",))))
+    assert text.splitlines() == ["config.name = 'demo'", "config.iterations = 3", "config.distill.regime = 'off_policy'",
+                                 "config.distill.optimizer.learning_rate = 1e-05",
+                                 "config.distill.optimizer.warmup_steps = 0", "config.distill.stop = ['a']",
+                                 "config.distill.checkpoint = None"]
+
+
+def test_one_line_joins_a_message():
+    from expint_jax.config import one_line
+
+    assert one_line("ckpt: does not match:\nmissing a\n\n  shape b\n") == "ckpt: does not match: missing a; shape b"

@@ -14,8 +14,10 @@ look-up by qualified name over the exception's class hierarchy is exact.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from typing import NoReturn
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "EXPINT_DEBUG"
@@ -76,3 +78,12 @@ def report(command: str, error: BaseException) -> int:
         raise error
     print(f"{command}: {one_line(error)}", file=sys.stderr)
     return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with its errors on one line, like every other user error (``prog: message;
+    see --help``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message}; see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(2)

@@ -7,18 +7,18 @@ Exit 2 with one line naming the file when a pool cannot be read.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from expint_jax.cli.errors import ArgumentParser
 from expint_jax.experience.bank import PoolError, read_pool
 from expint_jax.experience.granularity import analyze_pool, format_table, write_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``expint granularity POOL [POOL ...] [--out report.json]``: prints one table row per pool."""
-    parser = argparse.ArgumentParser(prog="expint granularity", description=main.__doc__)
+    parser = ArgumentParser(prog="expint granularity", description=main.__doc__)
     parser.add_argument("pools", nargs="+", type=Path, help="pool files: our .jsonl or the release's flat .json")
     parser.add_argument("--out", type=Path, help="write the report of the (single) pool here as JSON")
     args = parser.parse_args(argv)

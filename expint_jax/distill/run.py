@@ -250,6 +250,8 @@ def run_examples(config: DistillRunConfig, chat, splits: Sequence[str] = ("train
                                       chat, budget) if demo[split] else None for split in splits}
         sources = {split: f"the demo data {directory / split}.jsonl" for split in splits}
     for split, data in sets.items():
+        if data is not None and not data.counts.records:
+            raise InputError(f"{sources[split]}: no trajectory records in it (empty files?)")
         if data is not None and not data.examples:
             raise InputError(f"{sources[split]}: none of its {data.counts.records} trajectories gives a usable "
                              f"example (counts: {data.counts.to_json()}); check the files and the length budget "

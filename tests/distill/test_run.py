@@ -112,9 +112,9 @@ def test_overwrite_rebuilds_only_the_stale_outputs(tmp_path, capsys):
 def test_show_config_prints_every_field_and_writes_nothing(tmp_path, capsys):
     assert cli.main(["distill", *_args(tmp_path), "--show-config"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert f'config.output_dir = "{tmp_path}"' in lines
-    assert "config.trainer.epochs = 1" in lines and 'config.data.demo.levels = ["easy"]' in lines
-    assert "config.trainer.step.divergence.kind = \"forward_kl\"" in lines
+    assert f"config.output_dir = '{tmp_path}'" in lines
+    assert "config.trainer.epochs = 1" in lines and "config.data.demo.levels = ['easy']" in lines
+    assert "config.trainer.step.divergence.kind = 'forward_kl'" in lines
     assert not list(tmp_path.iterdir())
 
 
