@@ -219,3 +219,10 @@ def test_check_model_mesh_and_checkpoint_mistakes_are_one_line(tmp_path, capsys)
     _one_line_error(capsys, "check-model", f"--checkpoint {tmp_path}: no Hugging Face checkpoint there")
     assert cli.main(["check-model", "--tokens", "many"]) == 2
     _one_line_error(capsys, "check-model", "argument --tokens: invalid int value: 'many'; see expint check-model --help")
+
+
+def test_run_show_config_lists_every_field(tmp_path, capsys):
+    assert cli.main(["run", "--show-config", f"--config.runs_dir={tmp_path}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"config.runs_dir = '{tmp_path}'" in lines and any(line.startswith("config.iterations = ") for line in lines)
+    assert not list(tmp_path.iterdir())

@@ -80,6 +80,15 @@ def report(command: str, error: BaseException) -> int:
     return 2
 
 
+def refuse(command: str, error: BaseException) -> int:
+    """For an error a command knows is the user's (it caught it around its own checks, e.g. a
+    ``ValueError`` of its option parsing): one line and status 2, re-raised when debugging."""
+    if debug_requested():
+        raise error
+    print(f"{command}: {one_line(error)}", file=sys.stderr)
+    return 2
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` with its errors on one line, like every other user error (``prog: message;
     see --help``), exit status 2."""

@@ -4,6 +4,7 @@
     expint run --config configs/recipe.py --config.iterations=5
     expint run --config configs/recipe.py --restart-from train     # redo train and all after it
     expint run --config configs/recipe.py --restart-from iter_001/extract
+    expint run --config configs/recipe.py --show-config           # every field of the resolved config
 
 Outputs under ``<runs_dir>/<name>/``: ``iter_<k>/<stage>/`` per stage (see ``loop.layout``),
 ``report.md``, ``plots/``, ``tensorboard/``. Rerunning the same command resumes: finished stages
@@ -51,19 +52,23 @@ def load_loop_config(command: str, argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expint_jax.config import ConfigError
+    from expint_jax.cli import errors
+    from expint_jax.config import ConfigError, format_config
     from expint_jax.loop.layout import StaleStageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
+    show = "--show-config" in argv
     try:
-        restart_from, rest = split_option(argv, "--restart-from")
+        restart_from, rest = split_option([a for a in argv if a != "--show-config"], "--restart-from")
         config = load_loop_config("expint run", rest)
     except (ConfigError, ValueError) as e:
-        print(f"expint run: {e}", file=sys.stderr)
-        return 2
+        return errors.refuse("expint run", e)
+    if show:
+        print(format_config(config))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from expint_jax import xla_cache
     from expint_jax.loop.driver import run_loop
@@ -72,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_loop(config, restart_from=restart_from, echo=lambda line: print(line, flush=True))
     except (StaleStageError, ConfigError) as e:
-        print(f"expint run: {e}", file=sys.stderr)
-        return 2
+        return errors.refuse("expint run", e)
     ran = f"{len(result.ran)} stages run, {len(result.skipped)} found done"
     if result.stopped:
         print(f"stopped early: {result.stopped}")

@@ -66,6 +66,7 @@ def _iteration(run_dir: Path, config, names: tuple[str, ...], given: str | None)
 
 
 def main_for(command: str, argv: list[str]) -> int:
+    from expint_jax.cli import errors
     from expint_jax.config import ConfigError
     from expint_jax.loop.layout import StageId, StaleStageError
 
@@ -95,8 +96,7 @@ def main_for(command: str, argv: list[str]) -> int:
         run_loop(config, only=only, echo=lambda line: print(line, flush=True))
         return 0
     except (ConfigError, StaleStageError, ValueError, FileNotFoundError) as e:
-        print(f"expint {command}: {e}", file=sys.stderr)
-        return 2
+        return errors.refuse(f"expint {command}", e)
 
 
 def _export(run_dir: Path, config, options: dict[str, str]) -> int:
