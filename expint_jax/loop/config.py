@@ -50,12 +50,14 @@ class SimWebSection:
 
 @dataclasses.dataclass(frozen=True)
 class AgentSection:
+    """The ReAct agent's limits and sampling; the sampling defaults are the public release's."""
+
     max_llm_calls: int = 10
     max_context_tokens: int = 8192
     temperature: float = 0.7
-    top_p: float = 1.0
+    top_p: float = 0.95
     max_tokens: int = 512
-    presence_penalty: float = 0.0
+    presence_penalty: float = 1.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,7 @@ class DistillSection:
     samples: int = 4  # rollouts per distillation task (teacher's, or the student's on-policy)
     accept_reward: float = 1.0  # off_policy / sft keep teacher trajectories with reward >= this
     heldout_tasks: int = 4  # held-out teacher trajectories (one per task) for KL before/after
+    scrub_experience_refs: bool = True  # cut the teacher's citations of E_k ("as G3 says") before training
     on_policy: OnPolicySection = OnPolicySection()
 
 

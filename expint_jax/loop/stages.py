@@ -13,7 +13,7 @@ it reads, so a changed setting is caught at the first stage it affects.
   base_eval  (k = 0 only) π_0 evaluated in every mode with E_0: ``eval.json`` + rollouts.
   data       the regime's data: off_policy / sft: the teacher (π_k with E_k) rolls out on the
              distillation tasks and only judged-correct rollouts are kept (``accepted.jsonl``,
-             ``acceptance.json``); on_policy: none up front (the student samples during training).
+             ``acceptance.json``), their citations of E_k scrubbed (``distill.scrub_experience_refs``); on_policy: none up front (the student samples during training).
              Every regime: one teacher rollout per held-out task (``heldout.jsonl``), the fixed
              set the held-out KL is measured on before and after training.
   train      student = π_k, teacher = frozen π_k: the trainer on the regime's data (on_policy:
@@ -155,7 +155,8 @@ def _section(config: LoopConfig, *names: str) -> dict[str, Any]:
 def stage_key(run: Run, k: int, name: str) -> dict[str, Any]:
     """The configuration values and upstream stage hashes stage ``name`` of iteration ``k`` depends on."""
     c = run.config
-    acting_keys = _section(c, "model", "policy", "simweb", "agent", "seed")
+    # extract.batch_tasks partitions every stage's rollout files: a resumed stage must keep it.
+    acting_keys = {**_section(c, "model", "policy", "simweb", "agent", "seed"), "batch_tasks": c.extract.batch_tasks}
     if name == "rollouts":
         extract = to_dict(c.extract)
         used = {key: extract[key] for key in ("tasks", "samples", "batch_tasks", "inject_running_pool")}
@@ -350,10 +351,17 @@ def data_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
                                   seed=run.seed(k, "data"), directory=work, prefix="teacher",
                                   batch_tasks=c.extract.batch_tasks, injection=teacher_spec, progress=c.progress_bar)
         kept = acceptance(teacher, c.distill.accept_reward)
-        storage.write_jsonl(work / "accepted.jsonl", (t.to_json() for t in kept.accepted))
+        accepted = list(kept.accepted)
+        if c.distill.scrub_experience_refs:
+            # The student never sees E_k: a teacher turn citing it ("as G3 says") would teach citing nothing.
+            from expint_jax.experience.scrub import scrub_experience_refs
+
+            accepted, scrubbed = scrub_experience_refs(accepted, pool.as_mapping())
+            summary["scrubbed"] = scrubbed.to_json()
+        storage.write_jsonl(work / "accepted.jsonl", (t.to_json() for t in accepted))
         storage.write_json(work / "acceptance.json", kept.to_json())
-        summary.update(teacher_rollouts=len(teacher), accepted=len(kept.accepted), acceptance_rate=kept.rate)
-        if not kept.accepted:
+        summary.update(teacher_rollouts=len(teacher), accepted=len(accepted), acceptance_rate=kept.rate)
+        if not accepted:
             summary["empty"] = f"no teacher rollout was judged correct (0 of {len(teacher)})"
     return summary
 

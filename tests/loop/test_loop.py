@@ -130,3 +130,15 @@ def test_sft_trains_with_nll_on_accepted_teacher_trajectories(tmp_path):
     rows = [json.loads(line) for line in
             (tmp_path / "loop_tiny" / "iter_000" / "train" / "trainer" / "metrics" / "train.jsonl").open()]
     assert rows and all(r["loss"] > 0 for r in rows)
+
+
+def test_run_axes_tabulates_a_finished_cell(reference_run):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "launch" / "run_axes.py"
+    spec = importlib.util.spec_from_file_location("run_axes", path)
+    run_axes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_axes)
+    _, _, runs, _ = reference_run
+    text = run_axes.table({"recipe": runs / "loop_tiny"})
+    assert "| recipe | π_0 | none |" in text and "| recipe | π_1 | stepwise |" in text
