@@ -1,8 +1,14 @@
-"""Acting in the loop: the SimWeb worlds, the acting backend of a policy, resumable batched rollouts.
+"""Acting in the loop: the worlds, the acting backend of a policy, resumable batched rollouts.
 
   * ``Worlds``: the training world (extraction + distillation tasks) and the held-out world
-    (evaluation + held-out KL tasks) of a run, and ``pick(tasks, n)``: the first ``n`` tasks in
-    level-interleaved order (easy, medium, hard, easy, ...), so every level is represented.
+    (evaluation + held-out KL tasks) of a run, in the environment ``config.env`` names: SimWeb
+    (two seeded splits), WebWalkerQA (``loop.config.webwalker_tasks``: a train file and an eval file, or one
+    file split by a seeded fraction; live Serper/Jina tools and a judge) or math (two seeded
+    splits, the sandboxed python tool). Each world is an ``Environment`` (``tasks()``,
+    ``tools(task)``, ``score``) whose tasks carry a ``level`` where the source has one. Building
+    the WebWalkerQA worlds reads the tools' API keys (``WebToolConfigError`` when one is missing;
+    ``check_config`` says so first). ``pick(tasks, n)``: the first ``n`` tasks in level-interleaved
+    order (easy, medium, hard, easy, ...), so every level is represented.
   * ``acting_backend(config, model, tokenizer, mesh)``: the ``ChatBackend`` that acts for π_k:
     the local engine holding ``model``'s weights, or SimWeb's scripted ``ReferencePolicy``.
   * ``rollouts(...)``: ``n`` rollouts per task with the ReAct agent under an injection spec, in
@@ -24,25 +30,59 @@ from tqdm.auto import tqdm
 from expint_jax import storage
 from expint_jax.experience.inject import InjectionSpec, NoInjection
 from expint_jax.llm.base import ChatBackend
-from expint_jax.loop.config import LoopConfig
+from expint_jax.loop.config import Endpoint, LoopConfig, WebWalkerSection, webwalker_tasks
 from expint_jax.records import SamplingParams, Trajectory, read_trajectories
 from expint_jax.rollout.agent import AgentConfig, ReActAgent
-from expint_jax.rollout.envs.base import Task
+from expint_jax.rollout.envs.base import Environment, Task
 from expint_jax.rollout.envs.simweb import SimWebConfig, SimWebEnv
 
 
 @dataclasses.dataclass(frozen=True)
 class Worlds:
-    train: SimWebEnv
-    test: SimWebEnv
+    train: Environment
+    test: Environment
 
     @classmethod
     def of(cls, config: LoopConfig) -> Worlds:
+        if config.env == "webwalker":
+            return _webwalker_worlds(config.webwalker)
+        if config.env == "math":
+            from expint_jax.rollout.envs.math import MathConfig, MathEnv
+
+            m = config.math
+            return cls(MathEnv(MathConfig(seed=m.seed, split=m.train_split, tasks_per_level=m.train_tasks_per_level,
+                                          levels=m.levels, families=m.families)),
+                       MathEnv(MathConfig(seed=m.seed, split=m.test_split, tasks_per_level=m.eval_tasks_per_level,
+                                          levels=m.levels, families=m.families)))
         s = config.simweb
         return cls(SimWebEnv(SimWebConfig(seed=s.seed, split="train", tasks_per_level=s.train_tasks_per_level,
                                           levels=s.levels)),
                    SimWebEnv(SimWebConfig(seed=s.seed, split="test", tasks_per_level=s.eval_tasks_per_level,
                                           levels=s.levels)))
+
+
+def _webwalker_worlds(w: WebWalkerSection) -> Worlds:
+    from expint_jax.rollout.envs.web import JinaVisit, SerperSearch
+    from expint_jax.rollout.envs.webwalker import WebQAEnv
+    from expint_jax.rollout.judge import ExactMatchJudge, Judge, LLMJudge
+
+    train, test = webwalker_tasks(w)
+    search = SerperSearch(api_key_env=w.search_api_key_env, base_url=w.search_base_url, top_k=w.search_top_k)
+    summarizer = _endpoint_backend(w.summarizer) if w.summarizer.base_url else None
+    visit = JinaVisit(summarizer, api_key_env=w.visit_api_key_env, base_url=w.visit_base_url,
+                      max_page_chars=w.max_page_chars)
+    judge: Judge = (LLMJudge(_endpoint_backend(w.judge_endpoint)) if w.judge == "llm"
+                    else ExactMatchJudge(containment=True))
+    # One set of tools and one judge serve both worlds: they hold no per-world state.
+    return Worlds(WebQAEnv(train, search, visit, judge), WebQAEnv(test, search, visit, judge))
+
+
+def _endpoint_backend(e: Endpoint) -> ChatBackend:
+    from expint_jax.llm.http import RetryPolicy
+    from expint_jax.llm.openai import OpenAICompatible
+
+    return OpenAICompatible(e.base_url, e.model, api_key_env=e.api_key_env or None, max_concurrency=e.max_concurrency,
+                            retry=RetryPolicy(max_attempts=e.max_attempts, timeout_s=e.timeout_s))
 
 
 def pick(tasks: Sequence[Task], n: int) -> list[Task]:
@@ -87,7 +127,7 @@ def agent_config(config: LoopConfig) -> AgentConfig:
 def rollouts(
     backend: ChatBackend,
     agent: AgentConfig,
-    env: SimWebEnv,
+    env: Environment,
     tasks: Sequence[Task],
     *,
     samples: int,

@@ -9,6 +9,8 @@ Task split (SimWeb): the training world (``split="train"``) gives the extraction
 ``extract.tasks``) and the distillation tasks (the first ``distill.tasks``; the paper uses the
 same tasks for both); the held-out world (``split="test"``) gives the evaluation tasks and the
 fixed held-out teacher trajectories the KL is measured on (the first ``distill.heldout_tasks``).
+``env`` chooses the environment; WebWalkerQA and math split the same way (``WebWalkerSection``,
+``MathSection`` say where each world's tasks come from).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import random
+from pathlib import Path
 from typing import Literal
 
 from expint_jax.config import ConfigError
@@ -23,6 +27,10 @@ from expint_jax.distill.trainer import TrainerConfig
 from expint_jax.distill.views import ViewBudget
 from expint_jax.models.source import ModelSpec
 from expint_jax.parallel.mesh import MeshConfig
+from expint_jax.records import RecordError
+from expint_jax.rollout.envs.base import Task
+from expint_jax.rollout.envs.math import FAMILIES as MATH_FAMILIES, LEVELS as MATH_LEVELS
+from expint_jax.rollout.envs.webwalker import load_webqa_tasks
 
 MODES = ("none", "global", "stepwise")
 
@@ -122,6 +130,65 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class WebWalkerSection:
+    """WebWalkerQA-format JSONL tasks (``rollout/envs/webwalker.py``) answered on the live web: Serper
+    search, Jina visit (each page summarized toward the agent's goal by ``summarizer`` when it has a
+    base_url, else shown raw up to ``max_page_chars``), scored by a judge (``exact``: normalized
+    containment match; ``llm``: the paper's Correct/Incorrect grading by ``judge_endpoint``).
+
+    The training world is ``train_file``; the held-out world ``eval_file`` or, when that is empty, a
+    seeded ``eval_fraction`` of ``train_file``'s tasks, chosen by task id so the file's order does not
+    matter. A task's ``level`` is its ``info.difficulty_level``. Keys are read from the named
+    environment variables; only the names are ever shown."""
+
+    train_file: str = ""
+    eval_file: str = ""  # "": split train_file by eval_fraction
+    eval_fraction: float = 0.2
+    split_seed: int = 0
+    include_root_url: bool = False  # tell the agent the website to start from (the original WebWalkerQA)
+    search_api_key_env: str = "SERPER_API_KEY"
+    search_base_url: str = "https://google.serper.dev"
+    search_top_k: int = 10
+    visit_api_key_env: str = "JINA_API_KEY"
+    visit_base_url: str = "https://r.jina.ai"
+    max_page_chars: int = 60_000
+    summarizer: Endpoint = Endpoint()  # "" base_url: no summary, the page itself
+    judge: Literal["exact", "llm"] = "exact"
+    judge_endpoint: Endpoint = Endpoint()  # judge "llm"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"webwalker.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.search_top_k < 1 or self.max_page_chars < 1:
+            raise ValueError("webwalker.search_top_k and webwalker.max_page_chars must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MathSection:
+    """Seeded math word problems with the sandboxed ``python`` tool (``rollout/envs/math.py``); the
+    training and held-out worlds are two splits of one seed (the split name seeds every problem)."""
+
+    seed: int = 0
+    train_split: str = "train"
+    test_split: str = "test"
+    levels: tuple[str, ...] = MATH_LEVELS
+    families: tuple[str, ...] = tuple(MATH_FAMILIES)
+    train_tasks_per_level: int = 8  # training world: extraction and distillation tasks
+    eval_tasks_per_level: int = 4  # held-out world: evaluation and held-out KL tasks
+
+    def __post_init__(self) -> None:
+        if self.train_split == self.test_split:
+            raise ValueError(f"math.train_split and math.test_split must differ, both are {self.train_split!r}")
+        if self.train_tasks_per_level < 1 or self.eval_tasks_per_level < 1:
+            raise ValueError("math.train_tasks_per_level and math.eval_tasks_per_level must be >= 1")
+        if not self.levels or any(level not in MATH_LEVELS for level in self.levels):
+            raise ValueError(f"math.levels must be a non-empty subset of {MATH_LEVELS}, got {self.levels!r}")
+        if not self.families or any(family not in MATH_FAMILIES for family in self.families):
+            raise ValueError(f"math.families must be a non-empty subset of {tuple(MATH_FAMILIES)}, "
+                             f"got {self.families!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoopConfig:
     name: str
     runs_dir: str = "runs"
@@ -130,7 +197,10 @@ class LoopConfig:
     model: ModelSpec = ModelSpec()
     mesh: MeshConfig = MeshConfig()
     policy: PolicySection = PolicySection()
+    env: Literal["simweb", "webwalker", "math"] = "simweb"  # which section below gives the tasks and tools
     simweb: SimWebSection = SimWebSection()
+    webwalker: WebWalkerSection = WebWalkerSection()
+    math: MathSection = MathSection()
     agent: AgentSection = AgentSection()
     extract: ExtractSection = ExtractSection()
     injection: InjectionSection = InjectionSection()
@@ -191,3 +261,91 @@ def check_config(config: LoopConfig, environ: dict[str, str] | None = None) -> N
         if importlib.util.find_spec("sentence_transformers") is None:
             raise ConfigError("config.injection.selector='embedding' needs the embedding extra: "
                               "pip install -e \".[embedding]\"")
+    if config.env != "simweb" and config.policy.backend == "reference":
+        raise ConfigError(f"config.policy.backend='reference': the reference policy is SimWeb's scripted agent "
+                          f"and cannot act in env {config.env!r}; use policy.backend='local'")
+    if config.env == "math" and config.extract.writer == "offline":
+        raise ConfigError("config.extract.writer='offline': SimWeb's offline writer reads only search/visit "
+                          "trajectories; env 'math' needs writer 'llm' or 'self'")
+    if config.env == "webwalker":
+        _check_webwalker(config.webwalker, environ)
+
+
+def required_env_vars(config: LoopConfig) -> dict[str, str]:
+    """The environment variables ``config`` reads API keys from, each with the key that names it."""
+    needed: dict[str, str] = {}
+    if config.extract.endpoint.api_key_env and (config.extract.writer == "llm" or config.injection.selector == "llm"):
+        needed["extract.endpoint.api_key_env"] = config.extract.endpoint.api_key_env
+    if config.env == "webwalker":
+        w = config.webwalker
+        needed["webwalker.search_api_key_env"] = w.search_api_key_env
+        needed["webwalker.visit_api_key_env"] = w.visit_api_key_env
+        if w.summarizer.base_url and w.summarizer.api_key_env:
+            needed["webwalker.summarizer.api_key_env"] = w.summarizer.api_key_env
+        if w.judge == "llm" and w.judge_endpoint.api_key_env:
+            needed["webwalker.judge_endpoint.api_key_env"] = w.judge_endpoint.api_key_env
+    return needed
+
+
+def _check_endpoint(endpoint: Endpoint, key: str, why: str, environ: dict[str, str]) -> None:
+    if not endpoint.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"config.{key}.base_url={endpoint.base_url!r}: {why} needs an http(s) URL")
+    if not endpoint.model:
+        raise ConfigError(f"config.{key}.model: {why} needs the endpoint's model name")
+    if endpoint.api_key_env and not environ.get(endpoint.api_key_env):
+        raise ConfigError(f"config.{key}.api_key_env={endpoint.api_key_env!r}: {why} reads the API key "
+                          f"from ${endpoint.api_key_env}, which is not set")
+
+
+def _check_webwalker(w: WebWalkerSection, environ: dict[str, str]) -> None:
+    if not w.train_file:
+        raise ConfigError("config.webwalker.train_file: env 'webwalker' needs a WebWalkerQA-format JSONL file")
+    for key, path in (("train_file", w.train_file), ("eval_file", w.eval_file)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"config.webwalker.{key}={path!r}: no such file")
+    for key, url in (("search_base_url", w.search_base_url), ("visit_base_url", w.visit_base_url)):
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"config.webwalker.{key}={url!r}: needs an http(s) URL")
+    for key, name, tool in (("search_api_key_env", w.search_api_key_env, "the search tool (Serper)"),
+                            ("visit_api_key_env", w.visit_api_key_env, "the visit tool (Jina)")):
+        if not name or not environ.get(name, "").strip():
+            raise ConfigError(f"config.webwalker.{key}={name!r}: {tool} reads its API key from ${name}, "
+                              "which is not set")
+    if w.summarizer.base_url:
+        _check_endpoint(w.summarizer, "webwalker.summarizer", "the visit tool's page summarizer", environ)
+    if w.judge == "llm":
+        _check_endpoint(w.judge_endpoint, "webwalker.judge_endpoint", "webwalker.judge='llm'", environ)
+    # The tasks themselves: a malformed line or an empty split fails now rather than mid-run.
+    try:
+        train, test = webwalker_tasks(w)
+    except RecordError as e:
+        raise ConfigError(f"config.webwalker: {e}") from None
+    for world, tasks in (("training", train), ("held-out", test)):
+        if not tasks:
+            raise ConfigError(f"config.webwalker: the {world} world has no tasks (train_file={w.train_file!r}, "
+                              f"eval_file={w.eval_file!r}, eval_fraction={w.eval_fraction})")
+
+
+def webwalker_tasks(w: WebWalkerSection) -> tuple[list[Task], list[Task]]:
+    """The training and held-out tasks, each in file order, with ``level`` = ``difficulty_level``.
+
+    Without ``eval_file``, the held-out tasks are ``round(eval_fraction * n)`` (at least one of two
+    or more) of ``train_file``'s, drawn by ``split_seed`` from the tasks sorted by id: the split
+    depends on which tasks the file holds, never on their order."""
+
+    def load(path: str) -> list[Task]:
+        return [_with_level(t) for t in load_webqa_tasks(path, include_root_url=w.include_root_url)]
+
+    train = load(w.train_file)
+    if w.eval_file:
+        return train, load(w.eval_file)
+    ids = sorted(t.task_id for t in train)
+    random.Random(w.split_seed).shuffle(ids)
+    count = max(round(w.eval_fraction * len(ids)), 1) if len(ids) > 1 else 0
+    held_out = set(ids[:count])
+    return [t for t in train if t.task_id not in held_out], [t for t in train if t.task_id in held_out]
+
+
+def _with_level(task: Task) -> Task:
+    level = task.metadata.get("difficulty_level")
+    return dataclasses.replace(task, metadata={**task.metadata, "level": level}) if level else task

@@ -156,7 +156,8 @@ def stage_key(run: Run, k: int, name: str) -> dict[str, Any]:
     """The configuration values and upstream stage hashes stage ``name`` of iteration ``k`` depends on."""
     c = run.config
     # extract.batch_tasks partitions every stage's rollout files: a resumed stage must keep it.
-    acting_keys = {**_section(c, "model", "policy", "simweb", "agent", "seed"), "batch_tasks": c.extract.batch_tasks}
+    # The env is named by its own section (simweb | webwalker | math): a SimWeb key is as before.
+    acting_keys = {**_section(c, "model", "policy", c.env, "agent", "seed"), "batch_tasks": c.extract.batch_tasks}
     if name == "rollouts":
         extract = to_dict(c.extract)
         used = {key: extract[key] for key in ("tasks", "samples", "batch_tasks", "inject_running_pool")}
