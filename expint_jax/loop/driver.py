@@ -73,8 +73,27 @@ def open_run(config: LoopConfig) -> Run:
                acting.Worlds.of(config))
 
 
+def check_task_split(run: Run) -> None:
+    """Evaluation and held-out tasks never overlap the extraction or teacher tasks (``ConfigError``).
+    Extraction and teacher tasks may coincide (the paper distills on its extraction tasks), also
+    for instance lessons, which may then state the answers of the teacher's tasks."""
+    from expint_jax.experience.overlap import TaskOverlapError, check_task_overlap
+
+    c = run.config
+    ids = lambda tasks: [t.task_id for t in tasks]  # noqa: E731
+    evaluation = ids(acting.pick(run.worlds.test.tasks(), c.eval.tasks))
+    evaluation += ids(acting.pick(run.worlds.test.tasks(), c.distill.heldout_tasks))
+    try:
+        check_task_overlap(ids(acting.pick(run.worlds.train.tasks(), c.extract.tasks)),
+                           ids(acting.pick(run.worlds.train.tasks(), c.distill.tasks)), evaluation,
+                           granularity=c.extract.granularity, allow_instance_overlap=True)
+    except TaskOverlapError as e:
+        raise ConfigError(f"task split: {e}") from None
+
+
 def plan(run: Run, order: list[layout.StageId]) -> dict[str, dict]:
     """Every stage's key, in order, checked against the disk (``StaleStageError`` on a mismatch)."""
+    check_task_split(run)
     keys = {}
     for stage in order:
         key = stage_key(run, stage.iteration, stage.name)

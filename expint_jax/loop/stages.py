@@ -39,7 +39,7 @@ from typing import Any
 from expint_jax import storage
 from expint_jax.config import to_dict
 from expint_jax.distill.pipeline import ExampleSet, build_examples
-from expint_jax.distill.trainer import TrainResult, train
+from expint_jax.distill.trainer import train
 from expint_jax.experience.bank import ExperiencePool, diff_pools, read_pool, write_pool_files
 from expint_jax.experience.extract.groups import group_rollouts
 from expint_jax.experience.inject import InjectionSpec, annotate_injections, make_injection
@@ -398,14 +398,31 @@ def train_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
         train_data = _examples(run, accepted, str(data_dir / "accepted.jsonl"))
         if not train_data.examples:
             return _on_empty(run, k, work, f"no accepted trajectory fits the length budget ({train_data.counts})")
-        result = train(trainer, student, teacher, train_data, eval_data, output_dir=work / "trainer", mesh=run.mesh)
-        first, last, steps = result, result, result.steps
+        steps = train(trainer, student, teacher, train_data, eval_data, output_dir=work / "trainer",
+                      mesh=run.mesh).steps
+        first = last = work / "trainer"
     else:
         first, last, steps = _on_policy_rounds(run, k, work, trainer, student, teacher, eval_data)
     save_checkpoint(student, work / "policy", tokenizer=run.tokenizer)
     return {"status": "trained", "regime": regime.name, "loss": trainer.step.divergence.kind, "steps": steps,
-            "kl_before": first.initial_eval_metrics.get("kl"), "kl_after": last.eval_metrics.get("kl"),
-            "loss_after": last.train_metrics.get("loss")}
+            **_logged_figures(first, last)}
+
+
+def _logged_figures(first: Path, last: Path) -> dict[str, float | None]:
+    """Held-out KL before (the first trainer run's step-0 evaluation) and after (the last run's last
+    evaluation), and the last training loss, read from the trainers' metric files: a run resumed
+    after a kill returns no in-memory metrics for the steps it did not redo."""
+    from expint_jax.distill.metrics_log import read_metrics
+
+    def rows(directory: Path, split: str) -> list[dict[str, Any]]:
+        path = directory / "metrics" / f"{split}.jsonl"
+        return read_metrics(path) if path.exists() else []
+
+    start = [r for r in rows(first, "eval") if r["step"] == 0]
+    evals, trained = rows(last, "eval"), rows(last, "train")
+    return {"kl_before": start[0].get("kl") if start else None,
+            "kl_after": evals[-1].get("kl") if evals and evals[-1]["step"] > 0 else None,
+            "loss_after": trained[-1].get("loss") if trained else None}
 
 
 def _on_empty(run: Run, k: int, work: Path, reason: str) -> dict[str, Any]:
@@ -415,7 +432,7 @@ def _on_empty(run: Run, k: int, work: Path, reason: str) -> dict[str, Any]:
 
 
 def _on_policy_rounds(run: Run, k: int, work: Path, trainer, student, teacher,
-                      eval_data: ExampleSet | None) -> tuple[TrainResult, TrainResult, int]:
+                      eval_data: ExampleSet | None) -> tuple[Path, Path, int]:
     """Rounds of (sample with the current student, no experience) -> (attach the teacher's contexts
     to those very prefixes) -> (train ``refresh_every`` steps). Each round is its own trainer run
     (``round_<r>/``; resumable), so the optimizer state and learning-rate schedule restart each
@@ -425,8 +442,7 @@ def _on_policy_rounds(run: Run, k: int, work: Path, trainer, student, teacher,
     tasks = acting.pick(run.worlds.train.tasks(), c.distill.tasks)
     spec = run.injection(run.pool(k), c.injection.mode)
     plan: list[int] | None = None
-    results: list[TrainResult] = []
-    r = 0
+    steps_done = r = 0
     while plan is None or r < len(plan):
         round_dir = work / f"round_{r:03d}"
         backend = acting.acting_backend(c, student, run.tokenizer, run.mesh)
@@ -447,12 +463,12 @@ def _on_policy_rounds(run: Run, k: int, work: Path, trainer, student, teacher,
             storage.write_json(work / "rounds.json", {"steps_per_round": plan})
         steps = plan[r]
         round_config = dataclasses.replace(trainer, epochs=math.ceil(steps / batches), max_steps=steps)
-        results.append(train(round_config, student, teacher, data, eval_data, output_dir=round_dir / "trainer",
-                             mesh=run.mesh))
+        steps_done += train(round_config, student, teacher, data, eval_data, output_dir=round_dir / "trainer",
+                            mesh=run.mesh).steps
         if not (round_dir / "student" / "config.json").exists():  # the weights that sample the next round
             save_checkpoint(student, round_dir / "student", tokenizer=run.tokenizer)
         r += 1  # train() left the trained weights in ``student``: they act in the next round
-    return results[0], results[-1], sum(res.steps for res in results)
+    return work / "round_000" / "trainer", work / f"round_{r - 1:03d}" / "trainer", steps_done
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run, int, Path], dict[str, Any]]] = {

@@ -12,6 +12,7 @@ equal the uninterrupted run's, bitwise (the scripted policy acts, the trainer re
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,12 +77,22 @@ def run_killed_at(runs_dir: Path, cache: Path, pattern: str, timeout: float = 12
             process.kill()
 
 
+def _without_wall_time(path: Path) -> bytes:
+    """A trajectory file without each rollout's ``metadata.elapsed_s`` (wall time differs run to run)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row.get("metadata", {}).pop("elapsed_s", None)
+    return json.dumps(rows, sort_keys=True).encode()
+
+
 def outcome(run_dir: Path) -> dict[str, bytes]:
-    """What must not depend on the kills: pools, evaluation results, trained parameters."""
+    """What must not depend on the kills: pools, evaluation results, accepted data, trained parameters."""
     files = {}
     for pattern in ("iter_*/extract/pool.jsonl", "iter_*/eval/eval.json", "iter_*/base_eval/eval.json",
-                    "iter_*/train/policy/model.safetensors", "iter_*/data/accepted.jsonl"):
+                    "iter_*/train/policy/model.safetensors"):
         files.update({str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.glob(pattern))})
+    files.update({str(p.relative_to(run_dir)): _without_wall_time(p)
+                  for p in sorted(run_dir.glob("iter_*/data/accepted.jsonl"))})
     return files
 
 
