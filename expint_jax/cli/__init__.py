@@ -52,6 +52,7 @@ COMMANDS: dict[str, Command] = {
     "check-model": Command("expint_jax.cli.check_model", "load a Qwen3 checkpoint onto a mesh and check parity with transformers"),
     "granularity": Command("expint_jax.cli.granularity", "share of URLs, numbers, entities and strategy statements in a pool",
                            uses_devices=False),
+    "doctor": Command("expint_jax.cli.doctor", "versions, devices, mesh, and the endpoints and API keys a config needs"),
 }
 
 

@@ -278,8 +278,9 @@ def required_env_vars(config: LoopConfig) -> dict[str, str]:
         needed["extract.endpoint.api_key_env"] = config.extract.endpoint.api_key_env
     if config.env == "webwalker":
         w = config.webwalker
-        needed["webwalker.search_api_key_env"] = w.search_api_key_env
-        needed["webwalker.visit_api_key_env"] = w.visit_api_key_env
+        for key in ("search_api_key_env", "visit_api_key_env"):
+            if getattr(w, key):
+                needed[f"webwalker.{key}"] = getattr(w, key)
         if w.summarizer.base_url and w.summarizer.api_key_env:
             needed["webwalker.summarizer.api_key_env"] = w.summarizer.api_key_env
         if w.judge == "llm" and w.judge_endpoint.api_key_env:
