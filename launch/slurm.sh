@@ -2,7 +2,7 @@
 # Runs `expint run` on a multi-node GPU cluster under SLURM: one process per node, each using all
 # of its GPUs; process 0's node is the jax.distributed coordinator (EXPINT_COORDINATOR,
 # EXPINT_NUM_PROCESSES, EXPINT_PROCESS_ID, read by the CLI). Writes the batch script to
-# runs/slurm/JOB.sbatch and submits it; `expint doctor` runs first on the first node.
+# runs/slurm/JOB.sbatch and submits it; the job runs `expint doctor`, then `expint run`.
 #
 #   launch/slurm.sh [--dry-run] [--setup] --nodes N [--gpus-per-node 8] [--partition P]
 #       [--account A] [--time 48:00:00] [--job-name expint] [--port 12321] [--venv DIR]
@@ -69,13 +69,17 @@ $directives
 # API keys come from the submitting shell's environment (--export=ALL); none is written here.
 set -euo pipefail
 cd $(quote_words "$repo")
-$(quote_words "$venv/bin/expint") doctor $expint_args
 head_node=\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n 1)
 export EXPINT_COORDINATOR=\"\$head_node:$port\"
 export EXPINT_NUM_PROCESSES=\"\$SLURM_NNODES\"
-# shellcheck disable=SC2016  # each task's own shell expands \$SLURM_PROCID
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'EXPINT_PROCESS_ID=\$SLURM_PROCID exec \"\$0\" run \"\$@\"' \\
-  $(quote_words "$venv/bin/expint") $expint_args"
+# One process per node, each told its id: jax.distributed joins them (doctor too, so that it sees
+# the devices and mesh the run will).
+each_node() {
+  # shellcheck disable=SC2016  # each task's own shell expands \$SLURM_PROCID
+  srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'EXPINT_PROCESS_ID=\$SLURM_PROCID exec \"\$@\"' each_node \"\$@\"
+}
+each_node $(quote_words "$venv/bin/expint") doctor $expint_args
+each_node $(quote_words "$venv/bin/expint") run $expint_args"
 
 run mkdir -p "$repo/runs/slurm"
 if ((DRY_RUN)); then

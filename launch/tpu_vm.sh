@@ -61,7 +61,7 @@ remote_dir=expint
 
 # 1. The TPU VM: reuse it when it exists.
 if ((DRY_RUN)) || ! gcloud compute tpus tpu-vm describe "$name" "${where[@]}" >/dev/null 2>&1; then
-  note "unless 'gcloud compute tpus tpu-vm describe $name' finds it:"
+  if ((DRY_RUN)); then note "unless 'gcloud compute tpus tpu-vm describe $name' finds it:"; else note "$name not found: creating it"; fi
   if ((queued)); then
     run gcloud compute tpus queued-resources create "$name" --node-id="$name" "${where[@]}" \
       --accelerator-type="$type" --runtime-version="$version" "${spot_flag[@]}"
@@ -78,7 +78,7 @@ if ((DRY_RUN)) || ! gcloud compute tpus tpu-vm describe "$name" "${where[@]}" >/
 fi
 
 # 2. The code: this working tree, without the virtual environment, git history or run outputs.
-run tar -czf "$archive" -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./runs .
+run tar -czf "$archive" -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./runs --exclude=__pycache__ .
 run gcloud compute tpus tpu-vm scp "$archive" "$name:~/expint-src.tar.gz" "${where[@]}" --worker=all
 install="mkdir -p ~/$remote_dir && tar -xzf ~/expint-src.tar.gz -C ~/$remote_dir && cd ~/$remote_dir"
 install+=" && python3 -m pip install --quiet -e '.[tpu]'"

@@ -63,7 +63,8 @@ def test_tpu_vm_dry_run_creates_ships_installs_and_runs_on_every_worker():
     assert commands[0] == (f"gcloud compute tpus queued-resources create exp --node-id=exp {where} "
                            "--accelerator-type=v5p-32 --runtime-version=v2-alpha-tpuv5")
     assert commands[1] == f"gcloud compute tpus queued-resources describe exp {where} '--format=value(state.state)'"
-    assert commands[2] == f"tar -czf /tmp/expint-src.tar.gz -C {ROOT} --exclude=./.git --exclude=./.venv --exclude=./runs ."
+    assert commands[2] == (f"tar -czf /tmp/expint-src.tar.gz -C {ROOT} --exclude=./.git --exclude=./.venv "
+                           "--exclude=./runs --exclude=__pycache__ .")
     assert commands[3] == f"gcloud compute tpus tpu-vm scp /tmp/expint-src.tar.gz 'exp:~/expint-src.tar.gz' {where} --worker=all"
     assert commands[4].startswith(f"gcloud compute tpus tpu-vm ssh exp {where} --worker=all '--command=mkdir -p ~/expint")
     assert "pip install --quiet -e '\\''.[tpu]'\\''" in commands[4]
@@ -94,10 +95,12 @@ def test_slurm_dry_run_writes_one_process_per_node_with_a_coordinator():
     for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu", "--account=acct",
                       "--export=ALL"):
         assert f"#SBATCH {directive}\n" in batch
-    assert f"{venv}/bin/expint doctor --config=configs/paper/qwen3_8b.py:8xh100\n" in batch
     assert 'export EXPINT_COORDINATOR="$head_node:12321"' in batch and 'EXPINT_NUM_PROCESSES="$SLURM_NNODES"' in batch
-    assert "EXPINT_PROCESS_ID=$SLURM_PROCID exec" in batch
-    assert batch.rstrip().endswith(f"{venv}/bin/expint --config=configs/paper/qwen3_8b.py:8xh100")
+    assert ("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'EXPINT_PROCESS_ID=$SLURM_PROCID exec \"$@\"' "
+            'each_node "$@"') in batch
+    assert batch.rstrip().splitlines()[-2:] == [
+        f"each_node {venv}/bin/expint doctor --config=configs/paper/qwen3_8b.py:8xh100",
+        f"each_node {venv}/bin/expint run --config=configs/paper/qwen3_8b.py:8xh100"]
     assert SECRET not in done.stdout + done.stderr
     parsed = subprocess.run(["bash", "-n"], input=batch, text=True, capture_output=True)
     assert parsed.returncode == 0, parsed.stderr
