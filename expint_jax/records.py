@@ -18,6 +18,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from expint_jax.token_signal import TopLogprobs
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 INJECTIONS: tuple[str, ...] = ("none", "global", "stepwise")
@@ -102,6 +104,10 @@ class SamplingParams:
     ``logit_j - frequency_penalty * c_j - presence_penalty * (c_j > 0)``, where ``c_j`` counts
     how often j occurs among the tokens generated so far in this completion (prompt tokens do not
     count). Both lie in [-2, 2]; 0 is off. The release's agent samples with presence 1.1.
+
+    ``top_logprobs = k > 0`` asks the backend to keep, at every generated token, the model's
+    unmodified top-k log-probabilities and the tail's log mass (``Completion.top_logprobs``,
+    see ``expint_jax.token_signal``): the teacher signal of off-policy distillation.
     """
 
     temperature: float = 0.7
@@ -112,6 +118,7 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    top_logprobs: int = 0  # 0 = off
 
     def __post_init__(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -126,6 +133,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.top_logprobs < 0:
+            raise ValueError(f"SamplingParams.top_logprobs must be >= 0 (0 = off), got {self.top_logprobs}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +144,8 @@ class Completion:
     ``finish_reason``: ``"stop"`` (EOS or a stop string; the stop string itself is not in ``text``),
     ``"length"`` (hit ``max_tokens`` or the context), or ``"error"`` (``error`` says why).
     ``token_ids`` / ``logprobs`` are filled by backends that can (the local engine does).
+    ``top_logprobs``: the per-token top-k + tail distributions, when ``SamplingParams.top_logprobs``
+    asked for them and the backend can (the local engine; vLLM through ``OpenAICompatible``).
     """
 
     text: str
@@ -143,6 +154,7 @@ class Completion:
     logprobs: tuple[float, ...] | None = None
     stop_string: str | None = None
     error: str | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 Contract: ``collate(examples, shape)`` pads every field to ``shape`` (right padding; padded
 tokens are invalid and padded loss slots have weight 0 and target 0), so a jitted step compiles
-once per ``BatchShape``.
+once per ``BatchShape``. Examples carrying the rollout's teacher signal (``DistillExample.signal_k
+> 0``, all the same k) collate into a ``SignalBatch``: a ``DistillBatch`` with ``teacher_top_ids`` /
+``teacher_top_logprobs`` / ``teacher_tail_logmass`` besides (padded loss slots: id 0, log-prob 0,
+weight 0).
 
 This module owns the shape policy: ``batch_shape`` (every dimension padded to a rung of a ladder
 of two lengths per octave, ``bucket_length``) is what training and evaluation use.
@@ -29,6 +32,7 @@ class BatchShape:
     student_tokens: int
     teacher_tokens: int
     loss_tokens: int
+    signal_k: int = 0  # k of the rollout's teacher signal; 0 = the batch carries none
 
 
 @jax.tree_util.register_dataclass
@@ -54,6 +58,24 @@ class DistillBatch:
         return BatchShape(rows, student, self.teacher_ids.shape[1], self.targets.shape[1])
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SignalBatch(DistillBatch):
+    """A batch carrying the teacher's distribution at every loss slot, as its rollout recorded it."""
+
+    teacher_top_ids: np.ndarray  # [B, N, k] int32
+    teacher_top_logprobs: np.ndarray  # [B, N, k] float32, descending
+    teacher_tail_logmass: np.ndarray  # [B, N] float32
+
+    @property
+    def shape(self) -> BatchShape:
+        return dataclasses.replace(super().shape, signal_k=self.teacher_top_ids.shape[2])
+
+
+SIGNAL_FIELDS = tuple(f.name for f in dataclasses.fields(SignalBatch) if f.name not in
+                      {g.name for g in dataclasses.fields(DistillBatch)})
+
+
 def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
@@ -66,20 +88,33 @@ def bucket_shape(examples: Sequence[DistillExample], rows: int, bucket: int = 25
         student_tokens=round_up(max(len(e.student_ids) for e in examples), bucket),
         teacher_tokens=round_up(max(len(e.teacher_ids) for e in examples), bucket),
         loss_tokens=round_up(max(e.num_loss_tokens for e in examples), loss_bucket),
+        signal_k=signal_k(examples),
     )
+
+
+def signal_k(examples: Sequence[DistillExample]) -> int:
+    """The k of the examples' rollout signal (0 when none has one); all or none must carry it, with one k."""
+    ks = {e.signal_k for e in examples}
+    if len(ks) > 1:
+        raise ValueError(f"examples {[e.task_id for e in examples]} mix rollout signals of k {sorted(ks)} "
+                         "(0 = no signal): a batch carries one k for all its rows or none")
+    return ks.pop() if ks else 0
 
 
 def _pad(values: np.ndarray, length: int, what: str, task_id: str) -> np.ndarray:
     if len(values) > length:
         raise ValueError(f"example {task_id!r}: {what} has {len(values)} entries, more than the batch's {length}")
-    return np.pad(values, (0, length - len(values)))
+    return np.pad(values, [(0, length - len(values))] + [(0, 0)] * (values.ndim - 1))
 
 
-def collate(examples: Sequence[DistillExample], shape: BatchShape) -> DistillBatch:
+def collate(examples: Sequence[DistillExample], shape: BatchShape) -> DistillBatch | SignalBatch:
     """Pads ``examples`` (at most ``shape.rows``; missing rows are all padding) into one batch."""
     if len(examples) > shape.rows:
         raise ValueError(f"collate: {len(examples)} examples for a batch of {shape.rows} rows")
-    rows = {name: [] for name in (f.name for f in dataclasses.fields(DistillBatch))}
+    if examples and signal_k(examples) != shape.signal_k:
+        raise ValueError(f"collate: the examples carry signals of k {signal_k(examples)}, the shape {shape.signal_k}")
+    kind = SignalBatch if shape.signal_k else DistillBatch
+    rows = {f.name: [] for f in dataclasses.fields(kind)}
     for e in examples:
         ls, lt, n = shape.student_tokens, shape.teacher_tokens, shape.loss_tokens
         rows["student_ids"].append(_pad(e.student_ids, ls, "student_ids", e.task_id))
@@ -96,19 +131,26 @@ def collate(examples: Sequence[DistillExample], shape: BatchShape) -> DistillBat
         rows["teacher_loss_index"].append(_pad(e.teacher_loss_index, n, "targets", e.task_id))
         rows["targets"].append(_pad(e.targets, n, "targets", e.task_id))
         rows["weights"].append(_pad(np.ones(e.num_loss_tokens, np.float32), n, "targets", e.task_id))
+        if shape.signal_k:
+            for name in SIGNAL_FIELDS:
+                rows[name].append(_pad(getattr(e, name), n, "targets", e.task_id))
     for _ in range(shape.rows - len(examples)):
         empty = padding_row(shape)
         for name in rows:
             rows[name].append(empty[name])
-    dtypes = {"student_valid": bool, "teacher_valid": bool, "weights": np.float32}
-    return DistillBatch(**{name: np.stack(v).astype(dtypes.get(name, np.int32)) for name, v in rows.items()})
+    dtypes = {"student_valid": bool, "teacher_valid": bool, "weights": np.float32,
+              "teacher_top_logprobs": np.float32, "teacher_tail_logmass": np.float32}
+    return kind(**{name: np.stack(v).astype(dtypes.get(name, np.int32)) for name, v in rows.items()})
 
 
 def padding_row(shape: BatchShape) -> dict[str, np.ndarray]:
     """One all-padding row (no valid token, no loss weight)."""
-    ls, lt, n = shape.student_tokens, shape.teacher_tokens, shape.loss_tokens
+    ls, lt, n, k = shape.student_tokens, shape.teacher_tokens, shape.loss_tokens, shape.signal_k
     zeros = np.zeros
-    return {
+    signal = {} if not k else {"teacher_top_ids": zeros((n, k), np.int32),
+                               "teacher_top_logprobs": zeros((n, k), np.float32),
+                               "teacher_tail_logmass": zeros(n, np.float32)}
+    return signal | {
         "student_ids": zeros(ls, np.int32), "student_valid": zeros(ls, bool),
         "teacher_ids": zeros(lt, np.int32), "teacher_positions": zeros(lt, np.int32),
         "teacher_branch": zeros(lt, np.int32), "teacher_attach": np.arange(lt, dtype=np.int32),
@@ -135,4 +177,5 @@ def batch_shape(examples: Sequence[DistillExample], rows: int, min_bucket: int) 
         student_tokens=bucket_length(max(len(e.student_ids) for e in examples), min_bucket),
         teacher_tokens=bucket_length(max(len(e.teacher_ids) for e in examples), min_bucket),
         loss_tokens=bucket_length(max(e.num_loss_tokens for e in examples), min_bucket),
+        signal_k=signal_k(examples),
     )

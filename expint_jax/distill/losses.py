@@ -35,6 +35,10 @@ Conventions (p = teacher distribution, q = student distribution, y = the token w
   tail bucket holding the remaining mass); loss = KL(p ‖ q) over the buckets. The tail's log mass
   is the log-sum-exp over the tokens outside the top k, which equals log(1 − Σ top-k) without
   the cancellation, so it is finite and accurate even when the tail is ~0. Requires k < vocab.
+  The teacher side may also come as a :class:`TeacherTopK` (its distribution as the rollout
+  recorded it: top ids, their log-probs, the tail's log mass, at temperature 1), in place of
+  teacher hidden states with ``teacher_unembed=None``: the same buckets without the teacher's
+  logits. A recorded k above ``top_k`` keeps the first ``top_k`` and folds the rest into the tail.
 * ``nll``: −log q(y) (SFT); no teacher needed.
 * Temperature T divides both sides' logits. The KL-type losses (forward_kl, reverse_kl, jsd,
   topk) are multiplied by T² (standard distillation scaling, keeps gradient magnitudes
@@ -58,6 +62,24 @@ from jax import lax
 
 DivergenceKind = Literal["forward_kl", "reverse_kl", "jsd", "sampled", "topk", "nll"]
 Reduction = Literal["token_mean", "sequence_sum"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TeacherTopK:
+    """The teacher's distribution at each token as its rollout recorded it (``expint_jax.token_signal``).
+
+    ``ids`` [N, K] int32, ``logprobs`` [N, K] (descending) and ``tail_logmass`` [N]: the log mass
+    outside those K ids. Unmodified distribution (temperature 1).
+    """
+
+    ids: jax.Array
+    logprobs: jax.Array
+    tail_logmass: jax.Array
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,19 +120,22 @@ def _is_positive_int(value) -> bool:
 
 def token_divergence(
     student_logits: jax.Array,
-    teacher_logits: jax.Array | None,
+    teacher_logits: jax.Array | TeacherTopK | None,
     targets: jax.Array,
     spec: Divergence,
 ) -> jax.Array:
     """Per-token loss ``[n]`` (fp32) from student/teacher logits ``[n, V]`` and targets ``[n]``.
 
-    ``teacher_logits`` may be None only for ``nll``. The teacher is frozen: no gradient reaches it.
+    ``teacher_logits`` may be None only for ``nll``, and a ``TeacherTopK`` only for ``topk``. The
+    teacher is frozen: no gradient reaches it.
     """
     _check_logits(student_logits, teacher_logits, targets, spec)
     temperature = spec.temperature
     student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     if spec.kind == "nll":
         return -_at_targets(student_logp, targets)
+    if isinstance(teacher_logits, TeacherTopK):  # temperature 1, checked
+        return _recorded_top_k_bucket_kl(student_logp, teacher_logits, spec.top_k)
 
     teacher_logp = lax.stop_gradient(
         jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
@@ -162,6 +187,20 @@ def _top_k_bucket_kl(student_logp: jax.Array, teacher_logp: jax.Array, top_k: in
     return _kl(buckets(teacher_logp), buckets(student_logp))
 
 
+def _recorded_top_k_bucket_kl(student_logp: jax.Array, teacher: TeacherTopK, top_k: int) -> jax.Array:
+    """``_top_k_bucket_kl`` with the teacher's buckets as its rollout recorded them."""
+    ids = teacher.ids[:, :top_k]
+    top = lax.stop_gradient(teacher.logprobs[:, :top_k].astype(jnp.float32))
+    tail = lax.stop_gradient(teacher.tail_logmass.astype(jnp.float32))
+    if teacher.k > top_k:  # the recorded ids beyond top_k belong to the tail bucket
+        tail = jnp.logaddexp(tail, jax.nn.logsumexp(lax.stop_gradient(teacher.logprobs[:, top_k:]), axis=-1))
+    rows = jnp.arange(student_logp.shape[0])[:, None]
+    in_top = jnp.zeros(student_logp.shape, bool).at[rows, ids].set(True)
+    student = jnp.concatenate([jnp.take_along_axis(student_logp, ids, axis=-1),
+                               _tail_log_mass(student_logp, in_top)[:, None]], axis=-1)
+    return _kl(jnp.concatenate([top, tail[:, None]], axis=-1), student)
+
+
 def _teacher_top_k(teacher_logp: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     """Mask ``[n, V]`` of the teacher's top-k tokens per row, and their ids ``[n, k]``."""
     _, top_ids = lax.top_k(teacher_logp, int(top_k))
@@ -200,11 +239,31 @@ def _check_logits(student_logits, teacher_logits, targets, spec: Divergence) -> 
         return
     if teacher_logits is None:
         raise ValueError(f"Divergence kind {spec.kind!r} needs teacher_logits, got None")
-    if teacher_logits.shape != student_logits.shape:
+    if isinstance(teacher_logits, TeacherTopK):
+        _check_recorded(teacher_logits, student_logits.shape[0], spec)
+    elif teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"teacher_logits shape {teacher_logits.shape} != student_logits shape {student_logits.shape}"
         )
     _check_top_k(spec, student_logits.shape[-1])
+
+
+def _check_recorded(teacher: TeacherTopK, num_tokens: int, spec: Divergence) -> None:
+    """A recorded teacher distribution serves only ``topk`` at temperature 1, with k >= ``top_k``."""
+    if spec.kind != "topk":
+        raise ValueError(f"a recorded teacher distribution (top-k + tail) serves the 'topk' divergence only, "
+                         f"not {spec.kind!r}")
+    if spec.temperature != 1.0:
+        raise ValueError(f"a recorded teacher distribution is at temperature 1; Divergence.temperature is "
+                         f"{spec.temperature}")
+    shapes = (teacher.ids.shape, teacher.logprobs.shape, teacher.tail_logmass.shape)
+    if teacher.ids.ndim != 2 or shapes != ((num_tokens, teacher.k),) * 2 + ((num_tokens,),):
+        raise ValueError(f"the recorded teacher distribution must be ids/logprobs [{num_tokens}, k] and tail "
+                         f"[{num_tokens}], got shapes {shapes}")
+    if teacher.k < spec.top_k:
+        raise ValueError(f"the rollout recorded the teacher's top {teacher.k} tokens; Divergence.top_k="
+                         f"{spec.top_k} needs at least that many (record with SamplingParams.top_logprobs >= "
+                         f"{spec.top_k})")
 
 
 def _check_top_k(spec: Divergence, vocab: int) -> None:
@@ -228,8 +287,9 @@ def chunked_token_losses(
 
     ``student_hidden`` is ``[N, Ds]``, ``student_unembed`` ``[V, Ds]`` (vocab-major, like an HF
     ``lm_head.weight``); likewise ``teacher_hidden`` ``[N, Dt]`` / ``teacher_unembed`` ``[V, Dt]``
-    (both None for ``nll``). Logits exist one ``[chunk_size, V]`` block at a time; the backward
-    pass recomputes each block. Gradients flow to the student arrays only.
+    (both None for ``nll``; ``teacher_hidden`` a ``TeacherTopK`` with ``teacher_unembed=None`` for a
+    recorded teacher). Logits exist one ``[chunk_size, V]`` block at a time; the backward pass
+    recomputes each block. Gradients flow to the student arrays only.
     """
     chunks = _checked_chunks(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, spec,
                              chunk_size)
@@ -300,13 +360,12 @@ def _split_into_chunks(chunk_size: int, *arrays: jax.Array | None) -> list[jax.A
     num_chunks = -(-num_tokens // chunk)
     padding = num_chunks * chunk - num_tokens
 
-    def split(x: jax.Array | None) -> jax.Array | None:
-        if x is None:
-            return None
+    def split(x: jax.Array) -> jax.Array:
         x = jnp.pad(x, [(0, padding)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape((num_chunks, chunk) + x.shape[1:])
 
-    return [split(x) for x in arrays]
+    # A recorded teacher (``TeacherTopK``) is split field by field.
+    return [None if x is None else jax.tree.map(split, x) for x in arrays]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -392,10 +451,11 @@ def _weighted_loss_bwd(spec, residuals, cotangents):
 _weighted_loss.defvjp(_weighted_loss_fwd, _weighted_loss_bwd)
 
 
-def _chunk_logits(s_hidden, s_unembed, t_hidden, t_unembed) -> tuple[jax.Array, jax.Array | None]:
+def _chunk_logits(s_hidden, s_unembed, t_hidden, t_unembed) -> tuple[jax.Array, jax.Array | TeacherTopK | None]:
     s_logits = _project(s_hidden, s_unembed)
-    t_logits = None if t_hidden is None else lax.stop_gradient(_project(t_hidden, t_unembed))
-    return s_logits, t_logits
+    if t_hidden is None or isinstance(t_hidden, TeacherTopK):  # no teacher, or its recorded buckets
+        return s_logits, t_hidden
+    return s_logits, lax.stop_gradient(_project(t_hidden, t_unembed))
 
 
 def _project(hidden: jax.Array, unembed: jax.Array) -> jax.Array:
@@ -417,6 +477,11 @@ def _check_hidden(
         raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
     _check_top_k(spec, vocab)
     if not spec.needs_teacher:
+        return
+    if isinstance(teacher_hidden, TeacherTopK):
+        if teacher_unembed is not None:
+            raise ValueError("a recorded teacher (TeacherTopK) comes with teacher_unembed=None")
+        _check_recorded(teacher_hidden, num_tokens, spec)
         return
     if teacher_hidden is None or teacher_unembed is None:
         raise ValueError(f"Divergence kind {spec.kind!r} needs teacher_hidden and teacher_unembed, got None")

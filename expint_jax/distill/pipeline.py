@@ -9,6 +9,13 @@ Contract:
     many turns were cut), dropped for length, skipped for having no loss token (no assistant
     turn; every assistant turn has at least its ``<|im_end|>`` to learn), and skipped because
     their views could not be aligned (``ViewError``; a warning names the task).
+  * Teacher signal from the rollout (``build_examples(..., signals=...)``, ``load_examples(...,
+    with_signal=True)`` reading each file's ``token_signal.signal_path`` sidecar): every example
+    gets its trajectory's signal at its loss positions (``teacher_signal.align_signal``). An example
+    whose signal does not align with its views is skipped and counted (``skipped_no_signal``, a
+    warning names the task and turn): with ``teacher="from_rollout"`` there is no teacher to fall
+    back on, and mixing in recomputed targets would need one. ``ExampleCounts.skipped_no_signal``
+    is the share to watch; when it is large, train with ``teacher="recompute"``.
   * ``BatchIterator`` yields ``HostBatch``es (numpy, host side) for a fixed number of epochs. The
     sequence is a pure function of the examples, the ``BatchingConfig`` and the epoch count, so
     the same seed gives the same batches and every epoch is shuffled differently.
@@ -51,9 +58,11 @@ import jax
 import numpy as np
 
 from expint_jax.distill.batch import DistillBatch, batch_shape, collate
+from expint_jax.distill.teacher_signal import SignalMismatch, align_signal
 from expint_jax.distill.views import DistillExample, ViewBudget, ViewError, build_example
 from expint_jax.models.chat import ChatFormat
 from expint_jax.records import Trajectory, read_jsonl
+from expint_jax.token_signal import TrajectorySignal, read_signals, signal_path
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +81,7 @@ class ExampleCounts:
     dropped_too_long: int = 0  # no prefix fits the budget (or overflow="drop")
     skipped_no_loss: int = 0  # no assistant token to learn from
     skipped_unaligned: int = 0  # views could not be aligned (ViewError)
+    skipped_no_signal: int = 0  # signals were given and this example's does not align with its views
 
     def to_json(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -86,13 +96,30 @@ class ExampleSet:
         return len(self.examples)
 
 
+    @property
+    def signal_k(self) -> int:
+        """k of the examples' rollout signal (0: none carries one); an error if they differ."""
+        ks = {e.signal_k for e in self.examples}
+        if len(ks) > 1:
+            raise ValueError(f"the examples carry rollout signals of different k {sorted(ks)}")
+        return ks.pop() if ks else 0
+
+
 def build_examples(records: Iterable[tuple[str, Trajectory]], chat: ChatFormat,
-                   budget: ViewBudget = ViewBudget()) -> ExampleSet:
-    """Views of ``(where, trajectory)`` pairs; ``where`` (e.g. ``"file:line"``) goes into warnings."""
+                   budget: ViewBudget = ViewBudget(),
+                   signals: Iterable[TrajectorySignal] | None = None) -> ExampleSet:
+    """Views of ``(where, trajectory)`` pairs; ``where`` (e.g. ``"file:line"``) goes into warnings.
+
+    ``signals`` (one per record, same order): attach each trajectory's rollout signal; examples
+    whose signal does not align are skipped and counted (module docstring)."""
     examples: list[DistillExample] = []
     counts = dict.fromkeys((f.name for f in dataclasses.fields(ExampleCounts)), 0)
-    for where, trajectory in records:
+    paired = ((r, None) for r in records) if signals is None else zip(records, signals, strict=True)
+    for (where, trajectory), signal in paired:
         counts["records"] += 1
+        if signal is not None and signal.task_id != trajectory.task_id:
+            raise ValueError(f"{where}: the teacher signal is for task {signal.task_id!r}, the trajectory is "
+                             f"{trajectory.task_id!r}: the signal file does not belong to these trajectories")
         if trajectory.num_assistant_turns == 0:
             counts["skipped_no_loss"] += 1
             continue
@@ -106,20 +133,44 @@ def build_examples(records: Iterable[tuple[str, Trajectory]], chat: ChatFormat,
             raise ValueError(f"{where}: trajectory {trajectory.task_id!r}: {e}") from e
         if example is None:  # with at least one assistant turn, None means it cannot fit
             counts["dropped_too_long"] += 1
-        else:  # every assistant turn has a loss token (at least its <|im_end|>)
-            examples.append(example)
-            counts["kept"] += 1
-            counts["truncated"] += example.truncated_turns > 0
-            counts["turns_cut"] += example.truncated_turns
+            continue
+        if signals is not None:
+            aligned = align_signal(example, signal)
+            if isinstance(aligned, SignalMismatch):
+                log.warning("%s: skipping task %r, its rollout signal does not align: %s", where, trajectory.task_id,
+                            aligned)
+                counts["skipped_no_signal"] += 1
+                continue
+            example = aligned
+        examples.append(example)  # every assistant turn has a loss token (at least its <|im_end|>)
+        counts["kept"] += 1
+        counts["truncated"] += example.truncated_turns > 0
+        counts["turns_cut"] += example.truncated_turns
     return ExampleSet(tuple(examples), ExampleCounts(**counts))
 
 
-def load_examples(paths: Sequence[str | Path], chat: ChatFormat, budget: ViewBudget = ViewBudget()) -> ExampleSet:
-    """Views of every ``Trajectory`` in the JSONL files ``paths``, in file and line order."""
+def load_examples(paths: Sequence[str | Path], chat: ChatFormat, budget: ViewBudget = ViewBudget(), *,
+                  with_signal: bool = False) -> ExampleSet:
+    """Views of every ``Trajectory`` in the JSONL files ``paths``, in file and line order.
+
+    ``with_signal``: attach the rollout signal from each file's sidecar (``signal_path``), which
+    must hold one entry per line of the file."""
     if isinstance(paths, (str, Path)):
         raise TypeError(f"load_examples takes a sequence of paths, got the single path {str(paths)!r}")
-    records = ((where, Trajectory.from_json(obj, where)) for path in paths for where, obj in read_jsonl(path))
-    return build_examples(records, chat, budget)
+    records = [(where, Trajectory.from_json(obj, where)) for path in paths for where, obj in read_jsonl(path)]
+    signals = None
+    if with_signal:
+        signals = []
+        for path in paths:
+            sidecar = signal_path(path)
+            if not sidecar.is_file():
+                raise FileNotFoundError(f"{path}: no teacher-signal file {sidecar} beside it (write it with "
+                                        "token_signal.write_signals, or train with teacher='recompute')")
+            signals += read_signals(sidecar)
+        if len(signals) != len(records):
+            raise ValueError(f"{len(signals)} teacher signals in the sidecars of {[str(p) for p in paths]} for "
+                             f"{len(records)} trajectories")
+    return build_examples(records, chat, budget, signals)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,4 +309,6 @@ def _fingerprint(examples: Sequence[DistillExample], config: BatchingConfig, epo
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(config), epochs]).encode())
     for e in examples:
         digest.update(f"{e.task_id}\0{len(e.student_ids)}\0{len(e.teacher_ids)}\0{e.num_loss_tokens}\n".encode())
+        if e.signal_k:  # data with a rollout signal is other data (fingerprints of data without stay as they were)
+            digest.update(f"signal k={e.signal_k}\n".encode())
     return digest.hexdigest()[:16]

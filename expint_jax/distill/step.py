@@ -12,6 +12,15 @@
     below float32 (bfloat16) train only with the optimizer's float32 master weights
     (``make_optimizer(..., master_weights=True)``; ``init_train_state`` checks). For bfloat16
     speed with float32 weights use ``DTypePolicy(param_dtype="float32", compute_dtype="bfloat16")``.
+Teacher (``StepConfig.teacher``): ``"recompute"`` runs the teacher as above; ``"from_rollout"``
+takes the teacher's distribution from the batch instead (``SignalBatch.teacher_top_ids`` /
+``teacher_top_logprobs`` / ``teacher_tail_logmass``: what the teacher's engine recorded while it
+wrote the trajectory, ``distill.teacher_signal``), so the step has no teacher forward pass and no
+teacher parameters (call it with ``teacher_params=None``). It serves the ``topk`` divergence at
+temperature 1 (the recorded distribution is top-k + tail of the unmodified one) and reports no
+``kl`` (the full teacher distribution is not known); on the same trajectories its loss equals
+``recompute``'s ``topk`` loss to floating-point precision.
+
 Metrics: ``loss``, ``kl`` (forward KL, tracked when the loss is not already it), ``tokens`` (loss
 tokens), ``student_tokens`` (non-padding student tokens), ``sequences``, ``grad_norm`` (before
 clipping), ``learning_rate``, and ``loss_total`` / ``loss_count`` for exact aggregation across
@@ -22,16 +31,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Literal, get_args
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from expint_jax.distill.batch import DistillBatch
+from expint_jax.distill.batch import DistillBatch, SignalBatch
 from expint_jax.distill.losses import (
     Divergence,
     LossSums,
     Reduction,
+    TeacherTopK,
     chunked_token_losses,
     chunked_weighted_loss,
     reduce_losses,
@@ -41,6 +53,7 @@ from expint_jax.distill.views import tree_attention_mask
 
 Metrics = dict[str, jax.Array]
 _ZERO_SUMS = LossSums(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+TeacherSource = Literal["recompute", "from_rollout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +63,24 @@ class StepConfig:
     chunk_size: int = 1024
     micro_batches: int = 1
     track_kl: bool = True  # also report forward KL when the loss is another divergence
+    teacher: TeacherSource = "recompute"  # "from_rollout": the batch's recorded teacher signal, no teacher model
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.teacher not in get_args(TeacherSource):
+            raise ValueError(f"StepConfig.teacher must be one of {get_args(TeacherSource)}, got {self.teacher!r}")
+        if self.from_rollout and (self.divergence.kind != "topk" or self.divergence.temperature != 1.0):
+            raise ValueError(
+                f"StepConfig.teacher='from_rollout' needs the 'topk' divergence at temperature 1 (the rollout "
+                f"records the teacher's top-k + tail at temperature 1), got kind={self.divergence.kind!r}, "
+                f"temperature={self.divergence.temperature}")
+
+    @property
+    def from_rollout(self) -> bool:
+        return self.teacher == "from_rollout"
 
     @property
     def kl_is_loss(self) -> bool:
@@ -64,11 +89,15 @@ class StepConfig:
 
     @property
     def tracks_kl(self) -> bool:
-        return self.track_kl and not self.kl_is_loss and self.divergence.kind != "nll"
+        """Whether the step also computes forward KL (it needs the whole teacher distribution)."""
+        return self.track_kl and not self.kl_is_loss and self.divergence.kind != "nll" and not self.from_rollout
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether the step runs the teacher: its loss needs it, or it reports KL(teacher || student)."""
+        """Whether the step runs the teacher model: its loss needs it, or it reports KL(teacher || student).
+        Never with ``teacher="from_rollout"`` (the batch carries the teacher's distribution)."""
+        if self.from_rollout:
+            return False
         return self.divergence.needs_teacher or self.tracks_kl
 
 
@@ -119,7 +148,14 @@ def _micro_losses(
 
     teacher_hidden = teacher_unembed = None
     spec = config.divergence
-    if config.needs_teacher:
+    if config.from_rollout:
+        if not isinstance(batch, SignalBatch):
+            raise ValueError("StepConfig.teacher='from_rollout' needs batches carrying the rollout's teacher signal "
+                             "(examples built with signals: pipeline.build_examples(..., signals=...))")
+        k = batch.teacher_top_ids.shape[-1]
+        teacher_hidden = TeacherTopK(batch.teacher_top_ids.reshape(-1, k), batch.teacher_top_logprobs.reshape(-1, k),
+                                     batch.teacher_tail_logmass.reshape(-1))
+    elif config.needs_teacher:
         teacher = nnx.merge(teacher_graphdef, teacher_params)
         mask = tree_attention_mask(batch.teacher_branch, batch.teacher_attach, batch.teacher_valid)
         t_hidden = teacher.hidden_states(batch.teacher_ids, batch.teacher_positions, attention_mask=mask)
@@ -202,10 +238,11 @@ def make_train_step(
     *,
     teacher_graphdef: nnx.GraphDef | None = None,
 ) -> Callable[[TrainState, nnx.State, DistillBatch], tuple[TrainState, Metrics]]:
-    """The jitted training step (state donated). ``teacher_graphdef`` defaults to the student's."""
+    """The jitted training step (state donated). ``teacher_graphdef`` defaults to the student's;
+    ``teacher_params`` may be None when the step does not need the teacher (``config.needs_teacher``)."""
     teacher_graphdef = teacher_graphdef or graphdef
 
-    def step(state: TrainState, teacher_params: nnx.State, batch: DistillBatch) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, teacher_params: nnx.State | None, batch: DistillBatch) -> tuple[TrainState, Metrics]:
         grads, loss_sums, kl_sums = _accumulate(state.params, teacher_params, batch, graphdef=graphdef,
                                                 teacher_graphdef=teacher_graphdef, config=config, with_grad=True)
         scale = 1.0 / jnp.maximum(loss_sums.count, 1.0)
@@ -225,7 +262,7 @@ def make_eval_step(graphdef: nnx.GraphDef, config: StepConfig, *, teacher_graphd
     """Loss and KL of ``params`` on a batch, no update (held-out evaluation)."""
     teacher_graphdef = teacher_graphdef or graphdef
 
-    def evaluate(params: nnx.State, teacher_params: nnx.State, batch: DistillBatch) -> Metrics:
+    def evaluate(params: nnx.State, teacher_params: nnx.State | None, batch: DistillBatch) -> Metrics:
         _, loss_sums, kl_sums = _accumulate(params, teacher_params, batch, graphdef=graphdef,
                                             teacher_graphdef=teacher_graphdef, config=config, with_grad=False)
         return _metrics(loss_sums, kl_sums, batch, config)

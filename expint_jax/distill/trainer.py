@@ -22,6 +22,11 @@ Contract of ``train(config, student, teacher, train_data, eval_data, output_dir=
     ``eval_every`` steps and at the end, aggregated exactly over all eval batches
     (``aggregate_eval``: Σ loss_total / Σ loss_count; kl weighted by tokens). An eval set with no
     example is refused up front.
+  * Teacher: ``teacher`` is the frozen model the step runs (``config.step.teacher="recompute"``), or
+    None when the step needs none: the ``nll`` loss, or ``config.step.teacher="from_rollout"``,
+    which trains on the teacher signal its rollout recorded (``train_data`` and ``eval_data`` must
+    then carry it, ``pipeline.build_examples(..., signals=...)``; checked up front): no teacher
+    forward pass and no teacher parameters in any step.
   * Parameters stored below float32 (bfloat16) train with float32 master weights in the
     optimizer state (``optim.with_master_weights``).
   * A non-finite loss or gradient norm raises ``TrainingDiverged`` naming the step, its epoch and
@@ -162,7 +167,8 @@ def train(
     Args:
       config: the run (steps, loss, optimizer, batching, checkpoints, metrics).
       student: the model to train; updated in place and returned in the result.
-      teacher: the frozen model whose experience-conditioned distribution is the target.
+      teacher: the frozen model whose experience-conditioned distribution is the target (None when
+        ``config.step.needs_teacher`` is False: ``nll``, or ``teacher="from_rollout"``).
       train_data: the training examples (teacher and student views of each trajectory).
       eval_data: held-out examples scored before training, at each eval interval and at the end.
       output_dir: the run directory (checkpoints, metrics); a checkpoint there is resumed from.
@@ -173,6 +179,10 @@ def train(
     needs_teacher = config.step.needs_teacher
     if needs_teacher and teacher is None:
         raise ValueError(f"divergence {config.step.divergence.kind!r} needs a teacher model, got teacher=None")
+    if config.step.from_rollout:
+        _check_signal(train_data, "train_data", config.step)
+        if eval_data is not None:
+            _check_signal(eval_data, "eval_data", config.step)
     if jax.process_count() > 1 and mesh is None:
         raise ValueError(f"{jax.process_count()} processes: multi-process training needs a mesh")
     if eval_data is not None and not eval_data.examples:
@@ -194,7 +204,7 @@ def train(
         if mesh is not None:
             stack.enter_context(jax.set_mesh(mesh))
             shard_model(student, mesh, rules)
-            if teacher is not None:
+            if teacher is not None and needs_teacher:
                 shard_model(teacher, mesh, rules)
         graphdef, state = init_train_state(student, tx)
         teacher_graphdef = teacher_params = None
@@ -256,6 +266,19 @@ def train(
                        stop_reason="completed" if total == len(batches) else "max_steps",
                        train_metrics=train_metrics, eval_metrics=eval_metrics, data_counts=train_data.counts,
                        initial_eval_metrics=initial_eval_metrics)
+
+
+def _check_signal(data: ExampleSet, name: str, step: StepConfig) -> None:
+    """Every example of ``data`` carries a rollout signal with at least the divergence's top_k."""
+    missing = [e.task_id for e in data.examples if e.signal_k == 0]
+    if missing:
+        raise ValueError(f"StepConfig.teacher='from_rollout': {len(missing)} of {len(data)} examples of {name} carry "
+                         f"no rollout teacher signal (e.g. {missing[:3]}); build them with signals "
+                         "(pipeline.load_examples(..., with_signal=True)) or train with teacher='recompute'")
+    k = data.signal_k
+    if k < step.divergence.top_k:
+        raise ValueError(f"StepConfig.teacher='from_rollout': {name} recorded the teacher's top {k} tokens, "
+                         f"Divergence.top_k={step.divergence.top_k} needs at least that many")
 
 
 def _optimizer_for_run(optimizer: OptimizerConfig, steps: int) -> OptimizerConfig:

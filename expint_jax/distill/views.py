@@ -57,10 +57,20 @@ class DistillExample:
     loss_turn: np.ndarray  # [N] int32: assistant turn of each target
     num_turns: int  # assistant turns kept
     truncated_turns: int  # assistant turns cut to fit the budget
+    # The teacher's distribution at each loss position as its rollout recorded it (top-k + tail),
+    # set by ``teacher_signal.align_signal``; None when the example carries no rollout signal.
+    teacher_top_ids: np.ndarray | None = None  # [N, k] int32
+    teacher_top_logprobs: np.ndarray | None = None  # [N, k] float32, descending
+    teacher_tail_logmass: np.ndarray | None = None  # [N] float32
 
     @property
     def num_loss_tokens(self) -> int:
         return int(self.targets.shape[0])
+
+    @property
+    def signal_k(self) -> int:
+        """k of the rollout signal; 0 when the example has none."""
+        return 0 if self.teacher_top_ids is None else int(self.teacher_top_ids.shape[1])
 
 
 @dataclasses.dataclass(frozen=True)

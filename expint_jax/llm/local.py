@@ -10,6 +10,9 @@ Contract:
   * ``Completion``: ``text`` without the eos token or stop string; ``finish_reason`` "stop" (eos
     or a stop string, ``stop_string`` names which) or "length"; ``token_ids``/``logprobs`` are the
     tokens of ``text`` and their log-probabilities under the unmodified model distribution.
+    With ``SamplingParams.top_logprobs = k`` it also carries ``top_logprobs``: every generated id
+    (eos and stop-string tokens included), and at each of them and one position past the last,
+    the unmodified distribution's top-k log-probabilities and tail mass (``expint_jax.token_signal``).
   * A conversation that leaves no room in ``max_context`` gets ``finish_reason="length"`` and an
     ``error``; one that cannot be encoded gets ``finish_reason="error"``. The rest of the batch
     is unaffected. ``max_tokens`` is clipped to the room left in the context.
@@ -136,7 +139,7 @@ class LocalEngine:
         each = per_conversation(params, len(conversations))
         call_seed = int(self._seeds.integers(2**31))
         results: list[Completion | None] = [None] * len(conversations)
-        groups: dict[tuple[Any, Any, tuple[str, ...]], list[_Request]] = {}
+        groups: dict[tuple[Any, Any, tuple[str, ...], int], list[_Request]] = {}
         for i, (messages, p) in enumerate(zip(conversations, each)):
             prompt = self._prompt(i, messages)
             if isinstance(prompt, Completion):
@@ -148,9 +151,10 @@ class LocalEngine:
                 seed, stream = (int(self._seeds.integers(2**31)) if p.seed is None else p.seed), 0
             budget = min(p.max_tokens, self.max_context - len(prompt))
             request = _Request(index=i, prompt=prompt, budget=budget, seed=seed, stream=stream)
-            groups.setdefault((from_params(p), penalties_from_params(p), tuple(p.stop)), []).append(request)
+            key = (from_params(p), penalties_from_params(p), tuple(p.stop), p.top_logprobs)
+            groups.setdefault(key, []).append(request)
 
-        for (strategy, penalties, stops), requests in groups.items():
+        for (strategy, penalties, stops, top_logprobs), requests in groups.items():
             requests.sort(key=lambda r: len(r.prompt))
             for start in range(0, len(requests), self.max_batch_size):
                 batch = requests[start : start + self.max_batch_size]
@@ -161,7 +165,7 @@ class LocalEngine:
                         eos_ids=self.chat_format.eos_ids, stops=stops, token_bytes=self.token_bytes,
                         seed=[r.seed for r in batch], row_ids=[r.stream for r in batch],
                         batch_size=self._batch_size(len(batch)), pad_id=self.chat_format.pad_id,
-                        penalties=penalties,
+                        penalties=penalties, top_logprobs=top_logprobs,
                     )
                 for request, generation in zip(batch, generations):
                     results[request.index] = _completion(generation)
@@ -207,6 +211,7 @@ def _completion(generation: Generation) -> Completion:
         token_ids=generation.token_ids,
         logprobs=generation.logprobs,
         stop_string=generation.stop_string,
+        top_logprobs=generation.top_logprobs,
     )
 
 

@@ -18,20 +18,36 @@ API's own fields, which vLLM and SGLang implement with the same definition). ``t
 vLLM and SGLang accept and the OpenAI service rejects. With ``logprobs=True`` the request asks
 for per-token log-probabilities and ``Completion.logprobs`` carries them when the server returns
 them.
+
+Teacher signal (``SamplingParams.top_logprobs = k > 0``): the request asks for ``logprobs`` with
+``top_logprobs: k`` and ``return_tokens_as_token_ids: true`` (vLLM's extension, which names every
+token ``"token_id:<id>"``: alignment with the distillation views needs ids, not strings), and
+``Completion.top_logprobs`` is built from ``choices[0].logprobs.content``: per generated token its
+id, the server's top entries (sorted, duplicates dropped, the first k kept; fewer when the server
+caps them, e.g. vLLM's ``--max-logprobs``, default 20) and the tail mass ``1 - Σ top`` (clamped at
+1e-12; an HTTP server reports no tail, so a tiny one is only as precise as the reported top). No
+distribution after the last token is reported, so a turn whose stored ``<|im_end|>`` follows a stop
+string gets no signal there. The server must report the model's unmodified distribution (vLLM V1:
+``--logprobs-mode raw_logprobs``, its default). A reply whose tokens are not ids, or whose entries
+are malformed, has ``top_logprobs=None`` (a warning says why).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from expint_jax.records import Completion, Message, SamplingParams
 from expint_jax.llm.http import HttpError, RetryPolicy, post_json, redact
 from expint_jax.llm.base import BackendError, SamplingSpec, per_conversation
+from expint_jax.token_signal import TopLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +131,11 @@ class OpenAICompatible:
             payload["presence_penalty"] = params.presence_penalty
         if params.frequency_penalty:
             payload["frequency_penalty"] = params.frequency_penalty
-        if self.logprobs:
+        if self.logprobs or params.top_logprobs:
             payload["logprobs"] = True
+        if params.top_logprobs:
+            payload["top_logprobs"] = params.top_logprobs
+            payload["return_tokens_as_token_ids"] = True
         payload.update(self.extra_body)
         return payload
 
@@ -155,7 +174,9 @@ def _parse_completion(body: Any, params: SamplingParams) -> Completion:
     # vLLM and SGLang report which stop string ended the text in "stop_reason" (an int = a stop token).
     stop_reason = choice.get("stop_reason")
     stop_string = stop_reason if isinstance(stop_reason, str) and stop_reason in params.stop else None
-    return Completion(text=text, finish_reason=finish, logprobs=_logprobs(choice), stop_string=stop_string)
+    top = _top_logprobs(choice, params.top_logprobs) if params.top_logprobs else None
+    return Completion(text=text, finish_reason=finish, logprobs=_logprobs(choice), stop_string=stop_string,
+                      top_logprobs=top)
 
 
 def _logprobs(choice: Mapping[str, Any]) -> tuple[float, ...] | None:
@@ -167,3 +188,46 @@ def _logprobs(choice: Mapping[str, Any]) -> tuple[float, ...] | None:
     if len(values) != len(content) or not all(isinstance(v, (int, float)) for v in values):
         return None
     return tuple(float(v) for v in values)
+
+
+_TOKEN_ID_PREFIX = "token_id:"
+_MIN_TAIL = 1e-12
+
+
+def _token_id(entry: Any) -> int:
+    token = entry.get("token") if isinstance(entry, Mapping) else None
+    if not (isinstance(token, str) and token.startswith(_TOKEN_ID_PREFIX)):
+        raise ValueError(f"token {token!r} is not an id (the server ignored return_tokens_as_token_ids)")
+    return int(token[len(_TOKEN_ID_PREFIX):])
+
+
+def _top_logprobs(choice: Mapping[str, Any], k: int) -> TopLogprobs | None:
+    """The teacher signal of ``choice`` (module docstring); None when the server gave no usable one."""
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, Mapping) else None
+    if not isinstance(content, list):
+        log.warning("top_logprobs requested but the reply has no logprobs.content")
+        return None
+    try:
+        ids, rows = [], []
+        for entry in content:
+            ids.append(_token_id(entry))
+            best: dict[int, float] = {}
+            for alternative in entry.get("top_logprobs") or ():
+                value = float(alternative["logprob"])
+                token = _token_id(alternative)
+                if math.isfinite(value) and value > best.get(token, -math.inf):
+                    best[token] = value
+            rows.append(sorted(best.items(), key=lambda item: -item[1])[:k])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        log.warning("top_logprobs requested but the reply's are unusable: %s", e)
+        return None
+    width = min((len(r) for r in rows), default=k)
+    if width == 0 and rows:
+        log.warning("top_logprobs requested but the reply lists no alternatives")
+        return None
+    top_ids = np.asarray([[t for t, _ in r[:width]] for r in rows], np.int32).reshape(len(rows), width)
+    top = np.asarray([[v for _, v in r[:width]] for r in rows], np.float64).reshape(len(rows), width)
+    mass = np.exp(top).sum(axis=1) if width else np.zeros(len(rows))
+    tail = np.log(np.maximum(1.0 - mass, _MIN_TAIL))
+    return TopLogprobs(np.asarray(ids, np.int32), top_ids, top.astype(np.float32), tail.astype(np.float32))

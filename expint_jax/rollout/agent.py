@@ -39,6 +39,13 @@ Contract of one rollout:
     times (the backend does its own back-off); then ``backend_error``. Failed calls do not count
     toward ``max_llm_calls``. A ``BackendError`` raised by the backend itself propagates.
 
+Teacher signal: with ``AgentConfig.sampling.top_logprobs = k``, ``run_batch_with_signal`` returns
+each trajectory with its ``TrajectorySignal``: the backend's ``Completion.top_logprobs`` of every
+stored assistant turn, in turn order (``expint_jax.token_signal``; None where the backend gave
+none). The signal keeps every generated id; the cuts above (stop strings, text after
+``</tool_call>``, stripped whitespace) are reconciled with it when the distillation views are built
+(``distill.teacher_signal``).
+
 Batching: each step sends every pending request in one ``backend.chat`` call; tool calls of a
 step run concurrently in a thread pool, as does scoring. With ``seed`` set, every request carries
 its own seed derived from ``(seed, task id, member r, step)`` (one ``SamplingParams`` per
@@ -75,6 +82,7 @@ from expint_jax.rollout import prompts
 from expint_jax.rollout.envs.base import Environment, Task
 from expint_jax.llm.base import ChatBackend
 from expint_jax.rollout.tools import Tool, ToolError
+from expint_jax.token_signal import TopLogprobs, TrajectorySignal
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +148,7 @@ class _Rollout:
     messages: list[Message]
     step_blocks: list[str] = dataclasses.field(default_factory=list)
     step_ids: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
+    turn_signals: list[TopLogprobs | None] = dataclasses.field(default_factory=list)  # per stored turn
     selections: list[tuple[int, Selection]] = dataclasses.field(default_factory=list)  # (turn, selection)
     forced_turn: int | None = None
     request: _Request | None = None
@@ -271,6 +280,13 @@ class ReActAgent:
         self, tasks: Sequence[Task], env: Environment | ToolsForTask, n: int = 1, seed: int | None = None
     ) -> list[Trajectory]:
         """``n`` rollouts per task; the result lists task 0's rollouts first, then task 1's, and so on."""
+        return [trajectory for trajectory, _ in self.run_batch_with_signal(tasks, env, n, seed)]
+
+    def run_batch_with_signal(
+        self, tasks: Sequence[Task], env: Environment | ToolsForTask, n: int = 1, seed: int | None = None
+    ) -> list[tuple[Trajectory, TrajectorySignal]]:
+        """``run_batch``, each trajectory with its teacher signal (module docstring; all turns None
+        unless ``AgentConfig.sampling.top_logprobs`` asked the backend for one)."""
         if n < 1:
             raise ValueError(f"run_batch: n must be >= 1, got {n}")
         tools_for, score = _environment(env)
@@ -298,7 +314,8 @@ class ReActAgent:
                     r.messages.append(Message("user", format_tool_response(observation)))
                 step += 1
             rewards = list(pool.map(lambda r: None if score is None else score(r.task, r.prediction), rollouts))
-        return [self._trajectory(r, reward, seed) for r, reward in zip(rollouts, rewards, strict=True)]
+        return [(self._trajectory(r, reward, seed), TrajectorySignal(r.task.task_id, tuple(r.turn_signals)))
+                for r, reward in zip(rollouts, rewards, strict=True)]
 
     def _prepare_requests(self, rollouts: Sequence[_Rollout]) -> None:
         stepwise = self.injection if isinstance(self.injection, StepwiseInjection) else None
@@ -356,6 +373,7 @@ class ReActAgent:
             r.completion_tokens = (r.completion_tokens or 0) + len(completion.token_ids)
         text = assistant_text(completion, self._sampling.stop)
         r.messages.append(Message("assistant", text))
+        r.turn_signals.append(completion.top_logprobs)
         turn = len(r.step_blocks)
         r.step_blocks.append(request.step_block)
         r.step_ids.append(request.experience_ids)

@@ -217,3 +217,37 @@ def test_presence_and_frequency_penalties_are_sent_when_set():
         body, minimal = server.requests[0].json, server.requests[1].json
     assert (body["presence_penalty"], body["frequency_penalty"]) == (1.1, -0.5)
     assert not {"presence_penalty", "frequency_penalty"} & minimal.keys()
+
+
+def _vllm_body(tokens, alternatives, text="hi"):
+    """A chat completion as vLLM answers with top_logprobs and return_tokens_as_token_ids."""
+    content = [{"token": f"token_id:{t}", "logprob": alts[0][1] if alts else -1.0,
+                "top_logprobs": [{"token": f"token_id:{i}", "logprob": lp} for i, lp in alts]}
+               for t, alts in zip(tokens, alternatives)]
+    body = completion_body(text)
+    body["choices"][0]["logprobs"] = {"content": content}
+    return body
+
+
+def test_top_logprobs_request_and_vllm_reply_feed_the_teacher_signal():
+    import numpy as np
+
+    alternatives = [[(7, -0.1), (3, -2.5), (9, -3.0)],  # sorted and cut to k = 2 on our side
+                    [(5, -2.0), (4, -0.2), (4, -0.3), (8, -4.0)]]  # unsorted, a duplicate id
+    replies = [Reply(json_body=_vllm_body([7, 4], alternatives)),
+               Reply(json_body=completion_body("no ids", logprobs=[-0.5]))]
+    with ScriptedServer(sequence(replies)) as server:
+        llm = backend(server, max_concurrency=1)
+        params = SamplingParams(temperature=1.0, top_logprobs=2)
+        good, plain = llm.chat([HELLO, HELLO], params)
+        body = server.requests[0].json
+        assert (body["logprobs"], body["top_logprobs"], body["return_tokens_as_token_ids"]) == (True, 2, True)
+    signal = good.top_logprobs
+    np.testing.assert_array_equal(signal.token_ids, [7, 4])
+    np.testing.assert_array_equal(signal.top_ids, [[7, 3], [4, 5]])
+    np.testing.assert_allclose(signal.top_logprobs, [[-0.1, -2.5], [-0.2, -2.0]], rtol=1e-6)
+    np.testing.assert_allclose(signal.tail_logmass, np.log1p(-np.exp([[-0.1, -2.5], [-0.2, -2.0]]).sum(1)), rtol=1e-5)
+    assert plain.top_logprobs is None and plain.logprobs == (-0.5,)  # tokens as strings: no ids, no signal
+    with ScriptedServer(sequence([], then=chat_reply("x"))) as server:
+        backend(server).chat([HELLO], GREEDY)
+        assert "top_logprobs" not in server.requests[0].json

@@ -108,6 +108,44 @@ def test_logprobs_equal_a_teacher_forced_forward(parity):
                                    atol=1e-5, rtol=0)
 
 
+def _top_k_reference(logits, k):
+    """numpy top-k ids, log-probs and tail log mass of softmax(logits [n, V])."""
+    logp = _log_softmax(logits.astype(np.float64))
+    ids = np.argsort(-logp, axis=-1, kind="stable")[:, :k]
+    top = np.take_along_axis(logp, ids, -1)
+    rest = logp.copy()
+    np.put_along_axis(rest, ids, -np.inf, -1)
+    peak = rest.max(-1, keepdims=True)
+    return ids, top, (peak + np.log(np.exp(rest - peak).sum(-1, keepdims=True)))[:, 0]
+
+
+def test_teacher_signal_equals_a_teacher_forced_forward_at_every_token_and_one_past(parity):
+    model = nnx.merge(parity["graphdef"], parity["state"])
+    eos = _sampled(parity)[0].token_ids[4]  # some rows stop early, at different steps
+    outputs = _sampled(parity, top_logprobs=6, eos_ids=(eos,), max_new_tokens=[10, 3, 10, 7])
+    plain = _sampled(parity, eos_ids=(eos,), max_new_tokens=[10, 3, 10, 7])
+    for out, same in zip(outputs, plain):  # recording changes nothing else
+        assert (out.token_ids, out.finish_reason, out.num_generated) == (same.token_ids, same.finish_reason,
+                                                                         same.num_generated)
+        np.testing.assert_allclose(out.logprobs, same.logprobs, atol=1e-6)
+        assert same.top_logprobs is None
+    for prompt, out in zip(parity["prompts"], outputs):
+        signal = out.top_logprobs
+        n = out.num_generated
+        assert len(signal.token_ids) == n and signal.num_positions == n + 1 and signal.k == 6
+        assert tuple(signal.token_ids[:len(out.token_ids)]) == out.token_ids
+        if out.finish_reason == "eos":
+            assert signal.token_ids[-1] == eos
+        full = np.concatenate([prompt, signal.token_ids])
+        logits = np.asarray(model(jnp.asarray(full[None]), jnp.arange(len(full))[None]))[0]
+        ids, top, tail = _top_k_reference(logits[len(prompt) - 1:], 6)  # n + 1 positions: every token and one past
+        np.testing.assert_array_equal(signal.top_ids, ids)
+        np.testing.assert_allclose(signal.top_logprobs, top, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(signal.tail_logmass, tail, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="top_logprobs must be an int in"):
+        _sampled(parity, top_logprobs=512)
+
+
 def test_same_seed_same_output_and_rows_do_not_depend_on_their_batch(parity):
     first, again, other = _sampled(parity), _sampled(parity), _sampled(parity, seed=8)
     assert first == again

@@ -15,6 +15,12 @@ Contract:
     unmodified distribution (softmax of the fp32 logits, no temperature or filtering), the one a
     teacher-forced forward gives; ``sampling_logprobs`` is under the distribution actually
     sampled (penalties, temperature, top-k, top-p applied; 0 for greedy).
+  * Teacher signal (``top_logprobs = k > 0``, optional): per row, for every generated token, the
+    unmodified distribution that predicted it as top-k ids, log-probs and tail log mass
+    (``sampling.top_k_distribution``), and one row more, the distribution *after* the row's last
+    token: the loop then runs until every row's last token has entered the cache (one step more
+    than without it, so the cache needs ``max_new`` free slots instead of ``max_new - 1``).
+    ``Generation.top_logprobs`` carries them with *all* generated ids (see ``expint_jax.token_signal``).
   * Penalties (``sampling.Penalties``, optional): the loop keeps per row the counts of the tokens
     it generated ([V, B], vocabulary-major like the logits; prompt tokens are not counted) and
     subtracts the presence and frequency penalties from the logits before the strategy draws.
@@ -38,7 +44,8 @@ from flax import nnx
 
 from expint_jax.models.qwen3 import CACHE_AXES, KVCache
 from expint_jax.parallel.rules import constrain
-from expint_jax.llm.sampler.sampling import Penalties, Strategy, token_log_probs
+from expint_jax.token_signal import TopLogprobs
+from expint_jax.llm.sampler.sampling import Penalties, Strategy, token_log_probs, top_k_distribution
 from expint_jax.llm.sampler.stops import MATCHED, StopTable, TokenBytes, cut_at_stop
 
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
@@ -96,7 +103,9 @@ class DecodeOutput:
 
     ``lengths`` counts the generated tokens including the one that finished the row (an eos or the
     token completing a stop string); ``next_positions`` is each row's position after the tokens
-    that entered the cache (the last sampled token of the longest row never does).
+    that entered the cache (the last sampled token of the longest row never does, unless the
+    teacher signal is recorded). ``top_ids`` / ``top_logprobs`` [B, N + 1, k] and
+    ``tail_logmass`` [B, N + 1]: the teacher signal, rows ``0..lengths`` filled (None when off).
     """
 
     tokens: jax.Array
@@ -105,6 +114,9 @@ class DecodeOutput:
     lengths: jax.Array
     finish: jax.Array
     next_positions: jax.Array
+    top_ids: jax.Array | None = None
+    top_logprobs: jax.Array | None = None
+    tail_logmass: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -153,7 +165,7 @@ def extend(graphdef, state, cache: KVCache, ids, positions, valid) -> tuple[KVCa
     return _extend_last_logits(nnx.merge(graphdef, state), cache, ids, positions, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "penalties"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "penalties", "top_logprobs"),
                    donate_argnames=("cache",))
 def decode(
     graphdef,
@@ -169,13 +181,15 @@ def decode(
     strategy: Strategy,
     max_new: int,
     penalties: Penalties | None = None,
+    top_logprobs: int = 0,
 ) -> tuple[DecodeOutput, KVCache]:
     """Samples up to ``max_new`` tokens per row from ``logits`` [B, V] onwards, in one while loop.
 
     ``positions`` [B]: position id of each row's first new token; ``row_keys`` [B]: PRNG keys;
     ``limits`` [B]: each row's token budget (<= ``max_new``; 0 = inactive row); ``eos_ids`` [E]
     (-1 entries are ignored); ``stop_transitions`` [S, V] from ``StopTable``. The cache needs
-    ``max_new - 1`` free slots. ``penalties``: presence/frequency penalties (None = off).
+    ``max_new - 1`` free slots (``max_new`` with ``top_logprobs``). ``penalties``: presence/frequency
+    penalties (None = off). ``top_logprobs``: k of the teacher signal (0 = off; module docstring).
     """
     model = nnx.merge(graphdef, state)
     rules = model.rules
@@ -195,7 +209,11 @@ def decode(
 
         def put(buffer, values):
             column = jnp.where(active, values, 0).astype(buffer.dtype)
-            return constrain(buffer.at[:, loop.step].set(column), row_axes, rules)
+            # With the signal on, one last step runs after every row is done (step == max_new):
+            # no row is active then, and the clamped index rewrites the last column unchanged.
+            index = jnp.minimum(loop.step, buffer.shape[1] - 1)
+            column = jnp.where(active, column, buffer[:, index])
+            return constrain(buffer.at[:, index].set(column), row_axes, rules)
 
         next_state = stop_transitions[loop.stop_state, token]
         length = out.lengths + active
@@ -205,6 +223,21 @@ def decode(
             [out.finish, *(jnp.full_like(out.finish, reason) for reason in (EOS, STOP, LENGTH))],
             out.finish,
         )
+        signal = {}
+        if top_logprobs:
+            # The distribution at this step is the one that predicts token ``step`` of an active row,
+            # and, for a row whose last token was just fed (``last_active`` but done), the one after it.
+            scored = active | loop.last_active
+            ids, top, tail = top_k_distribution(logits.T, top_logprobs)
+
+            def put_signal(buffer, values, axes):
+                keep = scored.reshape((-1,) + (1,) * (values.ndim - 1))
+                column = jnp.where(keep, values, buffer[:, loop.step]).astype(buffer.dtype)
+                return constrain(buffer.at[:, loop.step].set(column), axes, rules)
+
+            signal = dict(top_ids=put_signal(out.top_ids, ids, ("batch", None, None)),
+                          top_logprobs=put_signal(out.top_logprobs, top, ("batch", None, None)),
+                          tail_logmass=put_signal(out.tail_logmass, tail, row_axes))
         out = DecodeOutput(
             tokens=put(out.tokens, token),
             logprobs=put(out.logprobs, token_log_probs(logits, token, vocab_axis=0)),
@@ -212,6 +245,7 @@ def decode(
             lengths=length,
             finish=finish,
             next_positions=out.next_positions,
+            **signal,
         )
         return dataclasses.replace(
             loop,
@@ -225,6 +259,8 @@ def decode(
         )
 
     def keep_going(loop: _Loop) -> jax.Array:
+        if top_logprobs:  # until every row's last sampled token has been fed and scored
+            return (loop.step <= max_new) & jnp.any(loop.last_active)
         return (loop.step < max_new) & ~jnp.all(loop.done)
 
     def step(loop: _Loop) -> _Loop:
@@ -252,6 +288,10 @@ def decode(
             lengths=jnp.zeros(batch, jnp.int32),
             finish=jnp.zeros(batch, jnp.int32),
             next_positions=positions.astype(jnp.int32),
+            **({} if not top_logprobs else dict(
+                top_ids=jnp.zeros((batch, max_new + 1, top_logprobs), jnp.int32),
+                top_logprobs=jnp.zeros((batch, max_new + 1, top_logprobs), jnp.float32),
+                tail_logmass=jnp.zeros((batch, max_new + 1), jnp.float32))),
         ),
         counts=None if penalties is None else constrain(
             jnp.zeros((logits.shape[1], batch), jnp.int32), ("act_vocab", "batch"), rules),
@@ -269,6 +309,7 @@ class Generation:
     token). ``finish_reason``: ``"eos"``, ``"stop"`` (a stop string; ``stop_string`` says which) or
     ``"length"``. ``text`` is None when generation ran without ``TokenBytes``. ``num_generated``
     counts every token the loop produced for the row, the eos or stop-completing one included.
+    ``top_logprobs`` (when recorded) covers all ``num_generated`` tokens and the position after.
     """
 
     token_ids: tuple[int, ...]
@@ -278,6 +319,7 @@ class Generation:
     stop_string: str | None = None
     text: str | None = None
     num_generated: int = 0
+    top_logprobs: TopLogprobs | None = None
 
 
 def row_keys(seeds: int | Sequence[int], row_ids: Sequence[int]) -> jax.Array:
@@ -331,6 +373,11 @@ def check_limits(max_new_tokens: int | Sequence[int], rows: int) -> np.ndarray:
     return limits
 
 
+def check_top_logprobs(k: int, vocab_size: int) -> None:
+    if not (isinstance(k, int) and 0 <= k < vocab_size):
+        raise ValueError(f"top_logprobs must be an int in [0, {vocab_size}) (the vocabulary size), got {k!r}")
+
+
 def stop_table(stops: Sequence[str], token_bytes: TokenBytes | None, vocab_size: int) -> StopTable:
     if token_bytes is None:
         if stops:
@@ -362,6 +409,10 @@ def finish_rows(
             kept, text, stop = cut.num_tokens, cut.text, cut.stop_string
             if stop is not None:
                 reason = "stop"
+        signal = None
+        if host.top_ids is not None:
+            signal = TopLogprobs(np.asarray(host.tokens[row, :n], np.int32), np.asarray(host.top_ids[row, :n + 1]),
+                                 np.asarray(host.top_logprobs[row, :n + 1]), np.asarray(host.tail_logmass[row, :n + 1]))
         results.append(
             Generation(
                 token_ids=tuple(ids[:kept]),
@@ -371,6 +422,7 @@ def finish_rows(
                 stop_string=stop,
                 text=text,
                 num_generated=n,
+                top_logprobs=signal,
             )
         )
     return results
@@ -391,19 +443,22 @@ def generate(
     batch_size: int | None = None,
     pad_id: int = 0,
     penalties: Penalties | None = None,
+    top_logprobs: int = 0,
 ) -> list[Generation]:
     """Generates for every prompt (token id sequences) in one batch; see the module docstring.
 
     ``max_new_tokens`` is one limit or one per prompt; ``seed`` (one or one per prompt) and
     ``row_ids`` (default 0..n-1) select each row's random stream; ``batch_size`` pads the batch
     with inactive rows (for fixed shapes or a batch that the mesh divides); ``penalties`` are the
-    presence/frequency penalties (None = off).
+    presence/frequency penalties (None = off); ``top_logprobs`` records the teacher signal with that k
+    (0 = off; see the module docstring).
     """
     vocab_size = vocab_size_of(state)
     prompts = check_prompts(prompts, vocab_size)
     if not prompts:
         return []
     limits = check_limits(max_new_tokens, len(prompts))
+    check_top_logprobs(top_logprobs, vocab_size)
     table = stop_table(stops, token_bytes, vocab_size)
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if len(row_ids) != len(prompts):
@@ -423,6 +478,7 @@ def generate(
     out, _ = decode(
         graphdef, state, cache, logits, batch.lengths, row_keys(all_seeds, all_row_ids), all_limits,
         padded_eos(eos_ids), table.transitions, strategy=strategy, max_new=max_new, penalties=penalties,
+        top_logprobs=top_logprobs,
     )
     return finish_rows(out, range(len(prompts)), stops=stops, token_bytes=token_bytes)
 

@@ -21,6 +21,10 @@ need the counts of the tokens a row has generated so far, which the decode loop 
 apply to the raw logits before any strategy (so also before greedy's argmax).
 ``penalties_from_params(SamplingParams)`` gives ``None`` when both are 0, so unpenalized decoding
 keeps no counts at all.
+
+``top_k_distribution(logits [B, V], k)`` is what the decode loop records when asked for the teacher
+signal (``SamplingParams.top_logprobs``): the unmodified distribution's k most likely ids, their
+log-probabilities (descending) and the log mass of the rest, as ``distill.losses`` buckets them.
 """
 
 from __future__ import annotations
@@ -74,6 +78,21 @@ def token_log_probs(log_weights: jax.Array, tokens: jax.Array, *, vocab_axis: in
     [B, V] (``vocab_axis=-1``) or vocabulary-major [V, B] (``vocab_axis=0``)."""
     picked = jnp.take_along_axis(log_weights, jnp.expand_dims(tokens, vocab_axis), axis=vocab_axis)
     return jnp.squeeze(picked, vocab_axis) - jax.nn.logsumexp(log_weights, axis=vocab_axis)
+
+
+def top_k_distribution(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(ids [B, k] int32, log-probs [B, k], tail log mass [B])`` of ``softmax(logits [B, V])`` in fp32.
+
+    The tail is the log-sum-exp of the logits outside the top k minus that of all logits, shifted
+    by the tail's own maximum, so it is finite and accurate even when the tail mass is ~0 (the
+    convention of ``distill.losses``' ``topk`` divergence). Needs ``k < V``.
+    """
+    logits = logits.astype(jnp.float32)
+    top_logits, ids = jax.lax.top_k(logits, int(k))
+    total = jax.nn.logsumexp(logits, axis=-1)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    outside = logits.at[rows, ids].set(-jnp.inf)
+    return ids.astype(jnp.int32), top_logits - total[:, None], jax.nn.logsumexp(outside, axis=-1) - total
 
 
 class Strategy(abc.ABC):

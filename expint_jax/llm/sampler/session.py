@@ -97,11 +97,13 @@ class Session:
         seed: int | Sequence[int] = 0,
         row_ids: Sequence[int] | None = None,
         penalties: Penalties | None = None,
+        top_logprobs: int = 0,
     ) -> list[gen.Generation | None]:
         """Continues every given row; returns a ``Generation`` per row (None for rows left out).
 
         ``seed`` (one, or one per row of the batch) and ``row_ids`` (default 0..batch_size-1) select
-        each row's random stream, as in ``generation.generate``.
+        each row's random stream, and ``top_logprobs`` records the teacher signal, as in
+        ``generation.generate``.
         """
         if len(sequences) != self.batch_size:
             raise ValueError(f"Session.generate: {len(sequences)} sequences for a batch of {self.batch_size}")
@@ -110,6 +112,7 @@ class Session:
         checked = dict(zip(active, gen.check_prompts([sequences[r] for r in active], vocab_size)))
         limits = np.zeros(self.batch_size, np.int32)
         limits[active] = gen.check_limits(max_new_tokens, len(active))
+        gen.check_top_logprobs(top_logprobs, vocab_size)
         table = gen.stop_table(stops, self.token_bytes, vocab_size)
         if not active:
             return [None] * self.batch_size
@@ -144,6 +147,7 @@ class Session:
         out, self._cache = gen.decode(
             self.graphdef, self.state, cache, logits, next_positions, gen.row_keys(seed, all_row_ids), limits,
             gen.padded_eos(eos_ids), table.transitions, strategy=strategy, max_new=max_new, penalties=penalties,
+            top_logprobs=top_logprobs,
         )
 
         out = jax.device_get(out)
