@@ -144,6 +144,7 @@ def write_plots(data: Mapping[str, Any], directory: Path) -> list[Path]:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     directory.mkdir(parents=True, exist_ok=True)
     policies, iterations = data["policies"], data["iterations"]
@@ -161,6 +162,7 @@ def write_plots(data: Mapping[str, Any], directory: Path) -> list[Path]:
         if isinstance(base, Mapping) and base.get(metric) is not None:
             ax.axhline(float(base[metric]), color="gray", ls="--", label="base π_0 (no experience)")
         ax.set_xlabel("policy π_j (j = iterations of internalization)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -174,6 +176,7 @@ def write_plots(data: Mapping[str, Any], directory: Path) -> list[Path]:
     if rates:
         ax.bar([k for k, _ in rates], [r for _, r in rates])
     ax.set_xlabel("iteration k")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("teacher acceptance rate")
     fig.tight_layout()
     fig.savefig(directory / "acceptance.png", dpi=100)
@@ -185,6 +188,7 @@ def write_plots(data: Mapping[str, Any], directory: Path) -> list[Path]:
     if sizes:
         left.plot([k for k, _ in sizes], [s for _, s in sizes], "o-")
     left.set_xlabel("iteration k")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_ylabel("pool size |E_k|")
     for share in ("url_share", "number_share", "entity_share", "strategy_share"):
         points = [(k, iterations[k].get("extract", {}).get("granularity_report", {}).get(share)) for k in ks]
@@ -192,6 +196,7 @@ def write_plots(data: Mapping[str, Any], directory: Path) -> list[Path]:
         if points:
             right.plot([k for k, _ in points], [v for _, v in points], "o-", label=share)
     right.set_xlabel("iteration k")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_ylabel("share of pool items")
     if any(right.get_legend_handles_labels()):
         right.legend(fontsize=8)

@@ -106,6 +106,10 @@ class Run:
         return make_injection(mode, pool.as_mapping(), selector, stepwise_system_note=inj.stepwise_system_note)
 
     def seed(self, k: int, stage: str) -> int:
+        """The rollout seed of a stage. Every evaluation (π_0's included) uses the same seed, so the
+        policies are compared on common random numbers; the other stages draw fresh ones per iteration."""
+        if stage in ("base_eval", "eval"):
+            return self.config.seed * 1_000_003 + STAGES.index("eval") * 101
         return self.config.seed * 1_000_003 + 1009 * k + STAGES.index(stage) * 101
 
     def count_tokens(self, text: str) -> int:
@@ -210,7 +214,14 @@ def write_experience(run: Run, k: int, trajectories: list[Trajectory], start: Ex
         backend = acting.acting_backend(run.config, run.load_policy(k), run.tokenizer, run.mesh)
     settings = ExtractionConfig(granularity=c.granularity, max_pool_size=c.max_pool_size,
                                 sampling=SamplingParams(temperature=c.temperature, max_tokens=c.max_tokens))
-    pool = extract_experience(groups, start, backend, settings, workdir, iteration=k)
+    from tqdm.auto import tqdm
+
+    from expint_jax.experience.extract.pipeline import STAGES as EXTRACTION_STAGES
+
+    with tqdm(total=len(EXTRACTION_STAGES), desc=f"extract ({c.writer})", unit="stage", leave=False,
+              disable=not run.config.progress_bar) as bar:
+        pool = extract_experience(groups, start, backend, settings, workdir, iteration=k,
+                                  on_stage_done=lambda stage: (bar.set_postfix(done=stage), bar.update()))
     return pool, facts
 
 
