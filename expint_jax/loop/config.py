@@ -209,7 +209,6 @@ class LoopConfig:
     budget: ViewBudget = ViewBudget(8192, 16384)
     eval: EvalSection = EvalSection()
     on_empty: Literal["keep_policy", "stop"] = "keep_policy"  # no informative group / no accepted trajectory
-    export_hf_each_iteration: bool = True  # π_{k+1} as a Hugging Face directory servable by vLLM/SGLang
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -245,15 +244,7 @@ def check_config(config: LoopConfig, environ: dict[str, str] | None = None) -> N
     needs_endpoint = [key for key, used in (("extract.writer='llm'", config.extract.writer == "llm"),
                                             ("injection.selector='llm'", config.injection.selector == "llm")) if used]
     if needs_endpoint:
-        endpoint = config.extract.endpoint
-        why = " and ".join(needs_endpoint)
-        if not endpoint.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"config.extract.endpoint.base_url={endpoint.base_url!r}: {why} needs an http(s) URL")
-        if not endpoint.model:
-            raise ConfigError(f"config.extract.endpoint.model: {why} needs the endpoint's model name")
-        if endpoint.api_key_env and not environ.get(endpoint.api_key_env):
-            raise ConfigError(f"config.extract.endpoint.api_key_env={endpoint.api_key_env!r}: {why} reads the API key "
-                              f"from ${endpoint.api_key_env}, which is not set")
+        _check_endpoint(config.extract.endpoint, "extract.endpoint", " and ".join(needs_endpoint), environ)
     if config.policy.backend == "reference" and config.extract.writer == "self":
         raise ConfigError("config.extract.writer='self': the reference policy is a script and cannot write "
                           "experience; use writer 'offline' or 'llm', or policy.backend='local'")
