@@ -77,6 +77,24 @@ def test_stop_strings_cut_chat_text(engine):
     assert completion.text == free[:start]
 
 
+def test_top_logprobs_cover_every_generated_token_and_the_position_after(engine):
+    free = engine.chat(CONVERSATIONS[:1], GREEDY)[0].text
+    start = next(i for i in range(2, len(free) - 2) if "\ufffd" not in free[i:i + 2] and free.find(free[i:i + 2]) == i)
+    params = SamplingParams(temperature=0.0, max_tokens=8, stop=(free[start:start + 2],))
+    plain, recorded = engine.chat(CONVERSATIONS[:1], params)[0], engine.chat(CONVERSATIONS[:1],
+                                                                              dataclasses.replace(params, top_logprobs=4))[0]
+    assert plain.top_logprobs is None and recorded.stop_string == plain.stop_string is not None
+    assert (recorded.text, recorded.token_ids, recorded.logprobs) == (plain.text, plain.token_ids, plain.logprobs)
+    signal = recorded.top_logprobs
+    kept = len(recorded.token_ids)
+    assert tuple(signal.token_ids[:kept]) == recorded.token_ids and len(signal.token_ids) > kept  # the stop's tokens
+    assert signal.num_positions == len(signal.token_ids) + 1 and signal.k == 4
+    # Greedy writes the most likely token: the first of the top 4, with the completion's log-prob.
+    np.testing.assert_array_equal(signal.top_ids[:len(signal.token_ids), 0], signal.token_ids)
+    np.testing.assert_allclose(signal.top_logprobs[:kept, 0], recorded.logprobs, atol=1e-5)
+    assert np.all(np.diff(signal.top_logprobs, axis=1) <= 0) and np.all(signal.tail_logmass < 0)
+
+
 def _engine_like(engine: LocalEngine, **kwargs) -> LocalEngine:
     return LocalEngine(engine.model, engine.chat_format.tokenizer, **kwargs)
 

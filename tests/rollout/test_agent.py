@@ -546,3 +546,27 @@ def test_default_sampling_is_the_releases():
     run(backend)
     [(_, [params])] = backend.calls
     assert params.presence_penalty == 1.1 and params.top_p == 0.95
+
+
+def test_run_batch_with_signal_keeps_each_stored_turns_top_logprobs():
+    import numpy as np
+
+    from expint_jax.token_signal import TopLogprobs
+
+    def signal(first_id):
+        return TopLogprobs(np.arange(first_id, first_id + 3, dtype=np.int32), np.zeros((4, 2), np.int32),
+                           np.zeros((4, 2), np.float32), np.zeros(4, np.float32))
+
+    script = {0: Completion(call("echo", text="hi"), top_logprobs=signal(10)),
+              1: Completion("", finish_reason="error", error="flaky"),  # not a stored turn: no signal kept
+              2: Completion("<answer>echo: hi</answer>", top_logprobs=signal(20))}
+    attempts = iter([0, 1, 2])
+    backend = ScriptedBackend(lambda question, turn, conversation: script[next(attempts)])
+    config = AgentConfig(sampling=SamplingParams(top_logprobs=2))
+    ((trajectory, recorded),) = ReActAgent(backend, config).run_batch_with_signal([TASK], FakeEnv())
+    assert all(p.top_logprobs == 2 for _, params in backend.calls for p in params)  # asked of the backend
+    assert trajectory.num_assistant_turns == 2 and recorded.task_id == "t1"
+    assert recorded.turns == (signal(10), signal(20)) and recorded.complete
+    plain = ReActAgent(replies(call("echo", text="hi"), "<answer>echo: hi</answer>")).run_batch_with_signal(
+        [TASK], FakeEnv())
+    assert plain[0][1].turns == (None, None) and not plain[0][1].complete
