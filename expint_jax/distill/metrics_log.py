@@ -9,9 +9,9 @@ Contract:
     is told to purge its events from step ``k + 1`` on (``purge_step``).
   * A kill can leave a partial last line; it is dropped when the file is truncated. A malformed
     line anywhere else is an error naming file:line.
-  * JSONL rows are flushed as they are written, so the rows a checkpoint covers are on disk
-    when it is saved; TensorBoard events go through tensorboardX's writer thread (flushed per
-    write, best effort).
+  * JSONL rows and TensorBoard events are flushed as they are written (events are written
+    synchronously, not through tensorboardX's writer thread), so everything a checkpoint covers
+    is on disk when it is saved, also for a process killed right after.
   * ``enabled=False`` (every process but 0) writes nothing.
 """
 
@@ -57,6 +57,34 @@ def truncate_after(path: str | Path, step: int) -> None:
     storage.write_jsonl(path, [row for row in rows if row["step"] <= step])
 
 
+class _EventFile:
+    """A TensorBoard event file written synchronously: each call's events are on disk when it returns.
+    Starts with the session-start event at ``purge_step`` that tells TensorBoard to drop the events
+    an earlier (killed) writer logged from that step on, as ``SummaryWriter(purge_step=...)`` does."""
+
+    def __init__(self, directory: Path, *, purge_step: int, suffix: str):
+        from tensorboardX.event_file_writer import EventsWriter  # imported here: only process 0 needs it
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self._event = Event
+        self._events = EventsWriter(str(directory / "events"), suffix)
+        self._events.write_event(Event(step=purge_step, file_version="brain.Event:2"))
+        self._events.write_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+        self._events.flush()
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        from tensorboardX.summary import scalar
+
+        now = time.time()
+        for tag, value in values.items():
+            self._events.write_event(self._event(summary=scalar(tag, value), step=step, wall_time=now))
+        self._events.flush()
+
+    def close(self) -> None:
+        self._events.close()
+
+
 class MetricsLog:
     """Appends metrics rows to JSONL files and TensorBoard; see the module docstring."""
 
@@ -70,12 +98,10 @@ class MetricsLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.directory.glob("*.jsonl")):
             truncate_after(path, resume_step)
-        from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-
         # tensorboardX names event files by the second and opens them with "wb": a unique suffix
         # keeps a quickly restarted run from overwriting the killed run's events.
-        self._writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=resume_step + 1,
-                                     filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        self._writer = _EventFile(self.directory / "tensorboard", purge_step=resume_step + 1,
+                                  suffix=f".{os.getpid()}.{time.time_ns()}")
 
     def write(self, split: str, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -88,9 +114,7 @@ class MetricsLog:
         f = self._files[split]
         f.write(json.dumps({"step": int(step), **values}) + "\n")
         f.flush()
-        for name, value in values.items():
-            self._writer.add_scalar(f"{split}/{name}", value, global_step=int(step))
-        self._writer.flush()
+        self._writer.scalars(int(step), {f"{split}/{name}": value for name, value in values.items()})
 
     def close(self) -> None:
         for f in self._files.values():
