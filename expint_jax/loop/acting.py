@@ -35,6 +35,7 @@ from expint_jax.records import SamplingParams, Trajectory, read_trajectories
 from expint_jax.rollout.agent import AgentConfig, ReActAgent
 from expint_jax.rollout.envs.base import Environment, Task
 from expint_jax.rollout.envs.simweb import SimWebConfig, SimWebEnv
+from expint_jax.token_signal import TrajectorySignal, read_signals, signal_path, write_signals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,12 +139,16 @@ def rollouts(
     injection: InjectionSpec | Callable[[int], InjectionSpec] = NoInjection(),
     after_batch: Callable[[int, list[Trajectory]], None] | None = None,
     progress: bool = True,
+    signal_top_k: int = 0,
 ) -> list[Trajectory]:
     """``samples`` rollouts per task, task-major, resumable per batch (see the module docstring).
 
     ``injection`` may be a function of the batch index (the running pool of the extraction
     rollouts); ``after_batch(b, trajectories)`` runs after batch ``b`` is on disk and after a
-    reused batch is read back, in batch order."""
+    reused batch is read back, in batch order. ``signal_top_k > 0``: the backend also records
+    its top-k + tail log-probabilities at every token it writes, kept in each batch file's sidecar
+    (``token_signal.signal_path``; the sidecar is written first, so a batch file implies its
+    sidecar); ``read_signals(directory, prefix)`` reads them back in the same order."""
     spec_for = injection if callable(injection) else (lambda _b: injection)
     count = math.ceil(len(tasks) / batch_tasks) if tasks else 0
     found: list[Trajectory] = []
@@ -154,6 +159,14 @@ def rollouts(
             batch = list(tasks[b * batch_tasks:(b + 1) * batch_tasks])
             if path.exists():
                 done = read_trajectories(path)
+            elif signal_top_k:
+                recording = dataclasses.replace(agent, sampling=dataclasses.replace(agent.sampling,
+                                                                                    top_logprobs=signal_top_k))
+                pairs = ReActAgent(backend, recording, spec_for(b)).run_batch_with_signal(batch, env, n=samples,
+                                                                                          seed=seed)
+                done = [t for t, _ in pairs]
+                write_signals(signal_path(path), [signal for _, signal in pairs])
+                storage.write_jsonl(path, (t.to_json() for t in done))
             else:
                 done = ReActAgent(backend, agent, spec_for(b)).run_batch(batch, env, n=samples, seed=seed)
                 storage.write_jsonl(path, (t.to_json() for t in done))
@@ -165,3 +178,8 @@ def rollouts(
                 after_batch(b, done)
     return found
 
+
+def read_batch_signals(directory: Path, prefix: str) -> list[TrajectorySignal]:
+    """The recorded signals of every ``<prefix>_<b>.jsonl`` batch, in the order ``rollouts`` returned them."""
+    return [signal for path in sorted(directory.glob(f"{prefix}_[0-9]*.jsonl"))
+            for signal in read_signals(signal_path(path))]

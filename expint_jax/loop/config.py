@@ -245,6 +245,13 @@ def check_config(config: LoopConfig, environ: dict[str, str] | None = None) -> N
                                             ("injection.selector='llm'", config.injection.selector == "llm")) if used]
     if needs_endpoint:
         _check_endpoint(config.extract.endpoint, "extract.endpoint", " and ".join(needs_endpoint), environ)
+    if config.trainer.step.from_rollout:
+        if config.distill.regime != "off_policy":
+            raise ConfigError(f"config.trainer.step.teacher='from_rollout': the teacher's signal comes from its own "
+                              f"rollouts, which only off_policy trains on (distill.regime={config.distill.regime!r})")
+        if config.policy.backend != "local":
+            raise ConfigError("config.trainer.step.teacher='from_rollout': the reference policy records no "
+                              "log-probabilities; use policy.backend='local'")
     if config.policy.backend == "reference" and config.extract.writer == "self":
         raise ConfigError("config.extract.writer='self': the reference policy is a script and cannot write "
                           "experience; use writer 'offline' or 'llm', or policy.backend='local'")

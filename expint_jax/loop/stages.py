@@ -51,6 +51,7 @@ from expint_jax.loop.regimes import acceptance, make_regime, round_steps
 from expint_jax.models.hf import save_checkpoint
 from expint_jax.models.source import build_model, load_model
 from expint_jax.records import SamplingParams, Trajectory, read_trajectories
+from expint_jax.token_signal import read_signals, signal_path, write_signals
 
 log = logging.getLogger(__name__)
 
@@ -351,26 +352,30 @@ def data_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
     teacher_spec = run.injection(pool, c.injection.mode)
     backend = acting.acting_backend(c, run.load_policy(k), run.tokenizer, run.mesh)
     agent = acting.agent_config(c)
+    # teacher = "from_rollout": the teacher's own top-k + tail at every token it writes is kept.
+    signal_k = c.trainer.step.divergence.top_k if c.trainer.step.from_rollout else 0
     heldout_tasks = acting.pick(run.worlds.test.tasks(), c.distill.heldout_tasks)
     heldout = acting.rollouts(backend, agent, run.worlds.test, heldout_tasks, samples=1, seed=run.seed(k, "data") + 1,
                               directory=work, prefix="heldout", batch_tasks=c.extract.batch_tasks,
-                              injection=teacher_spec, progress=c.progress_bar) if heldout_tasks else []
-    storage.write_jsonl(work / "heldout.jsonl", (t.to_json() for t in heldout))
+                              injection=teacher_spec, progress=c.progress_bar,
+                              signal_top_k=signal_k) if heldout_tasks else []
+    _write_with_signals(work / "heldout.jsonl", heldout,
+                        acting.read_batch_signals(work, "heldout") if signal_k and heldout else None)
     summary["heldout"] = len(heldout)
     if regime.teacher_acts:
         tasks = acting.pick(run.worlds.train.tasks(), c.distill.tasks)
         teacher = acting.rollouts(backend, agent, run.worlds.train, tasks, samples=c.distill.samples,
                                   seed=run.seed(k, "data"), directory=work, prefix="teacher",
-                                  batch_tasks=c.extract.batch_tasks, injection=teacher_spec, progress=c.progress_bar)
+                                  batch_tasks=c.extract.batch_tasks, injection=teacher_spec, progress=c.progress_bar,
+                                  signal_top_k=signal_k)
+        signals = acting.read_batch_signals(work, "teacher") if signal_k else [None] * len(teacher)
         kept = acceptance(teacher, c.distill.accept_reward)
-        accepted = list(kept.accepted)
+        accepted_ids = {id(t) for t in kept.accepted}
+        pairs = [(t, s) for t, s in zip(teacher, signals, strict=True) if id(t) in accepted_ids]
         if c.distill.scrub_experience_refs:
-            # The student never sees E_k: a teacher turn citing it ("as G3 says") would teach citing nothing.
-            from expint_jax.experience.scrub import scrub_experience_refs
-
-            accepted, scrubbed = scrub_experience_refs(accepted, pool.as_mapping())
-            summary["scrubbed"] = scrubbed.to_json()
-        storage.write_jsonl(work / "accepted.jsonl", (t.to_json() for t in accepted))
+            pairs, summary["scrubbed"] = _scrubbed(pairs, pool)
+        accepted = [t for t, _ in pairs]
+        _write_with_signals(work / "accepted.jsonl", accepted, [s for _, s in pairs] if signal_k else None)
         storage.write_json(work / "acceptance.json", kept.to_json())
         summary.update(teacher_rollouts=len(teacher), accepted=len(accepted), acceptance_rate=kept.rate)
         if not accepted:
@@ -378,8 +383,33 @@ def data_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
     return summary
 
 
+def _write_with_signals(path: Path, trajectories: list[Trajectory], signals: list | None) -> None:
+    """Trajectories and, when recorded, their teacher signals (the sidecar first, see ``acting``)."""
+    if signals is not None:
+        write_signals(signal_path(path), signals)
+    storage.write_jsonl(path, (t.to_json() for t in trajectories))
+
+
+def _scrubbed(pairs: list[tuple[Trajectory, Any]], pool: ExperiencePool) -> tuple[list[tuple[Trajectory, Any]], dict]:
+    """The student never sees E_k: a teacher turn citing it ("as G3 says") would teach citing
+    nothing, so citations are cut (a rewritten turn no longer matches its recorded signal and is
+    then left out of ``from_rollout`` training by the views' alignment check) or the rollout dropped."""
+    from expint_jax.experience.scrub import scrub_experience_refs
+
+    kept, totals = [], {"trajectories": 0, "rewritten_turns": 0, "removed_sentences": 0, "dropped": 0}
+    for trajectory, signal in pairs:  # one at a time, so each kept rollout stays beside its signal
+        scrubbed, report = scrub_experience_refs([trajectory], pool.as_mapping())
+        kept.extend((t, signal) for t in scrubbed)
+        for name in totals:
+            totals[name] += report.to_json()[name]
+    return kept, totals
+
+
 def _examples(run: Run, trajectories: list[Trajectory], where: str) -> ExampleSet:
-    return build_examples([(f"{where}:{i + 1}", t) for i, t in enumerate(trajectories)], run.chat, run.config.budget)
+    """Views of trajectories stored at ``where``, with their teacher signals when the step reads them."""
+    signals = read_signals(signal_path(where)) if run.config.trainer.step.from_rollout else None
+    return build_examples([(f"{where}:{i + 1}", t) for i, t in enumerate(trajectories)], run.chat, run.config.budget,
+                          signals=signals)
 
 
 def keep_policy(run: Run, k: int, work: Path, reason: str) -> dict[str, Any]:
@@ -402,13 +432,16 @@ def train_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
         eval_data = None
     trainer = dataclasses.replace(c.trainer, step=regime.step(c.trainer.step), eval_at_start=True,
                                   progress_bar=c.progress_bar and c.trainer.progress_bar)
-    student = run.load_policy(k, remat=c.model.remat)
-    teacher = run.load_policy(k) if trainer.step.needs_teacher else None
     if regime.teacher_acts:
         accepted = read_trajectories(data_dir / "accepted.jsonl")
         train_data = _examples(run, accepted, str(data_dir / "accepted.jsonl"))
         if not train_data.examples:
-            return _on_empty(run, k, work, f"no accepted trajectory fits the length budget ({train_data.counts})")
+            return _on_empty(run, k, work, "no accepted trajectory gives a training example (counts: "
+                                           f"{train_data.counts.to_json()}; see config.budget, and for "
+                                           "teacher='from_rollout' the signal alignment count skipped_no_signal)")
+    student = run.load_policy(k, remat=c.model.remat)
+    teacher = run.load_policy(k) if trainer.step.needs_teacher else None
+    if regime.teacher_acts:
         steps = train(trainer, student, teacher, train_data, eval_data, output_dir=work / "trainer",
                       mesh=run.mesh).steps
         first = last = work / "trainer"
@@ -431,8 +464,10 @@ def _logged_figures(first: Path, last: Path) -> dict[str, float | None]:
 
     start = [r for r in rows(first, "eval") if r["step"] == 0]
     evals, trained = rows(last, "eval"), rows(last, "train")
-    return {"kl_before": start[0].get("kl") if start else None,
-            "kl_after": evals[-1].get("kl") if evals and evals[-1]["step"] > 0 else None,
+    end = evals[-1] if evals and evals[-1]["step"] > 0 else {}
+    # Under teacher="from_rollout" only the top-k + tail loss is known (a lower bound of the KL).
+    return {"kl_before": start[0].get("kl") if start else None, "kl_after": end.get("kl"),
+            "heldout_loss_before": start[0].get("loss") if start else None, "heldout_loss_after": end.get("loss"),
             "loss_after": trained[-1].get("loss") if trained else None}
 
 

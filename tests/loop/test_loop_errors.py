@@ -23,9 +23,14 @@ from tests.loop.conftest import TINY, loop_config
     ("--config.model.checkpoint=/no/such/dir", "config.model.checkpoint='/no/such/dir': no Hugging Face checkpoint"),
     ("--config.extract.writer=llm", "config.extract.endpoint.base_url=''"),
     ("--config.eval.modes=('none','sideways')", "eval.modes"),
+    ("--config.trainer.step.teacher=from_rollout", "config.trainer.step"),
+    ("--config.trainer.step.teacher=from_rollout --config.trainer.step.divergence.kind=topk "
+     "--config.distill.regime=sft", "only off_policy trains on (distill.regime='sft')"),
+    ("--config.trainer.step.teacher=from_rollout --config.trainer.step.divergence.kind=topk "
+     "--config.policy.backend=reference", "the reference policy records no log-probabilities"),
 ])
 def test_bad_configurations_stop_before_any_work_with_one_line(tmp_path, capsys, flag, message):
-    code = run_command.main([f"--config={TINY}", f"--config.runs_dir={tmp_path}", flag])
+    code = run_command.main([f"--config={TINY}", f"--config.runs_dir={tmp_path}", *flag.split()])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and err.startswith("expint run:") and len(err.splitlines()) == 1
     assert not any(tmp_path.iterdir())
