@@ -164,7 +164,8 @@ def write_plots(data: Mapping[str, Any], directory: Path) -> list[Path]:
         ax.set_xlabel("policy π_j (j = iterations of internalization)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(directory / name, dpi=100)
         plt.close(fig)
@@ -198,7 +199,7 @@ def write_plots(data: Mapping[str, Any], directory: Path) -> list[Path]:
     right.set_xlabel("iteration k")
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_ylabel("share of pool items")
-    if any(right.get_legend_handles_labels()):
+    if right.get_legend_handles_labels()[0]:
         right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(directory / "pool.png", dpi=100)
