@@ -36,6 +36,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from expint_jax import storage
 from expint_jax.config import to_dict
 from expint_jax.distill.pipeline import ExampleSet, build_examples
@@ -207,6 +209,7 @@ def write_experience(run: Run, k: int, trajectories: list[Trajectory], start: Ex
                                                                 max_pool_size=c.max_pool_size), iteration=k)
         return pool, facts
     from expint_jax.experience.extract.config import ExtractionConfig
+    from expint_jax.experience.extract.pipeline import STAGES as EXTRACTION_STAGES
     from expint_jax.experience.extract.pipeline import extract_experience
 
     if c.writer == "llm":
@@ -215,10 +218,6 @@ def write_experience(run: Run, k: int, trajectories: list[Trajectory], start: Ex
         backend = acting.acting_backend(run.config, run.load_policy(k), run.tokenizer, run.mesh)
     settings = ExtractionConfig(granularity=c.granularity, max_pool_size=c.max_pool_size,
                                 sampling=SamplingParams(temperature=c.temperature, max_tokens=c.max_tokens))
-    from tqdm.auto import tqdm
-
-    from expint_jax.experience.extract.pipeline import STAGES as EXTRACTION_STAGES
-
     with tqdm(total=len(EXTRACTION_STAGES), desc=f"extract ({c.writer})", unit="stage", leave=False,
               disable=not run.config.progress_bar) as bar:
         pool = extract_experience(groups, start, backend, settings, workdir, iteration=k,
