@@ -161,3 +161,19 @@ def test_the_iterations_notebook_runs_on_a_run_and_saves_its_plots(reference_run
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
         "accuracy.png", "assistant_turns.png", "distillation.png", "pool_changes.png", "premature_answers.png"]
     assert namespace["pool_changes"]["loop_tiny"][0]["added"] > 0
+
+
+def test_the_stage_commands_work_over_a_run_directory(reference_run, tmp_path, capsys):
+    from expint_jax.cli import stages as stage_commands
+
+    _, _, runs, _ = reference_run
+    run_dir = str(runs / "loop_tiny")
+    assert stage_commands.eval_main([run_dir]) == 0
+    assert "iter_000/eval: done earlier" in capsys.readouterr().out
+    assert stage_commands.report_main([run_dir]) == 0 and (runs / "loop_tiny" / "report.md").exists()
+    assert stage_commands.export_main([run_dir, "--iteration", "0", "--out", str(tmp_path / "hf"),
+                                       "--dtype", "bfloat16"]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["torch_dtype" if "torch_dtype" in config else "dtype"] == "bfloat16"
+    assert stage_commands.eval_main([run_dir, "--iteration", "7"]) == 2
+    assert "--iteration 7: the run has iterations 0..0" in capsys.readouterr().err
