@@ -5,6 +5,8 @@
   * ``pass_at_n``: the share of tasks with at least one correct rollout (reward >= 0.5);
   * ``best_single``: the best accuracy of any one sample index j (rollout j of every task), i.e.
     the best of n single-pass evaluations;
+  * ``per_sample_accuracy``: the accuracy of each sample index j, in order (the release's
+    per-round Pass@1; ``best_single`` is its maximum, ``accuracy`` its mean);
   * ``premature_answer_rate``: the share of rollouts that answered without any tool call (the
     collapse symptom of global injection);
   * ``mean_assistant_turns``, ``mean_tool_calls``, ``mean_assistant_tokens`` (tokens of the
@@ -12,6 +14,14 @@
   * ``by_level``: the same figures per difficulty level when ``levels`` maps task ids to one.
 Rollouts must come task-major with exactly ``n`` per task (what ``ReActAgent.run_batch`` returns);
 anything else is an error, as is an empty list or an unscored rollout.
+
+Against the release's evaluator (``evaluation/judge/evaluate_deepsearch_official.py``, three
+rounds): Avg. Pass@3 = ``accuracy``, Best Pass@1 = ``best_single``, Pass@3 = ``pass_at_n``,
+Round-j Pass@1 = ``per_sample_accuracy[j]``, with n = 3 and 0/1 rewards from an ``LLMJudge``.
+Differences, all of presentation or bookkeeping: the release reports percentages rounded to two
+decimals (we keep fractions); it groups rounds by question text (we by task id, so two tasks with
+the same question stay two tasks); it counts a round correct only for a "Correct" judgement,
+where ``accuracy`` and the per-sample figures average the reward (the same thing for 0/1 rewards).
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ def _metrics(trajectories: Sequence[Trajectory], samples: int, count_tokens: Cal
         "accuracy": diagnostics.accuracy,
         "pass_at_n": sum(any(t.reward >= CORRECT for t in g) for g in groups.values()) / len(groups),
         "best_single": max(per_sample),
+        "per_sample_accuracy": per_sample,
         "premature_answer_rate": diagnostics.zero_tool_answer_rate,
         "mean_assistant_turns": diagnostics.mean_assistant_turns,
         "mean_tool_calls": diagnostics.mean_tool_calls,

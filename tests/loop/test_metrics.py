@@ -38,3 +38,22 @@ def test_wrong_shapes_are_errors():
         evaluate([_rollout("a", 1.0)], samples=2)
     with pytest.raises(ValueError, match="have no reward"):
         evaluate([_rollout("a", None)], samples=1)
+
+
+def _release_metrics(rounds):
+    """The release evaluator's formulas, restated: ``rounds[j][task]`` is round j's verdict."""
+    tasks = list(rounds[0])
+    per_round = [sum(r[t] for t in tasks) / len(tasks) for r in rounds]
+    return {"avg_pass_at_3": sum(per_round) / len(rounds), "best_pass_at_1": max(per_round),
+            "pass_at_3": sum(any(r[t] for r in rounds) for t in tasks) / len(tasks), "per_round": per_round}
+
+
+def test_metrics_match_the_release_evaluator_over_three_rounds():
+    rounds = [{"a": 1, "b": 0, "c": 0, "d": 1}, {"a": 0, "b": 0, "c": 1, "d": 1}, {"a": 1, "b": 0, "c": 0, "d": 0}]
+    rollouts = [_rollout(task, float(rounds[j][task])) for task in "abcd" for j in range(3)]
+    m = evaluate(rollouts, samples=3)
+    release = _release_metrics(rounds)
+    assert m["per_sample_accuracy"] == pytest.approx(release["per_round"]) == [0.5, 0.5, 0.25]
+    assert m["accuracy"] == pytest.approx(release["avg_pass_at_3"])
+    assert m["best_single"] == pytest.approx(release["best_pass_at_1"])
+    assert m["pass_at_n"] == pytest.approx(release["pass_at_3"]) == 0.75

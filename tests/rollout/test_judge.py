@@ -117,14 +117,15 @@ def test_llm_judge_sends_question_gold_and_prediction():
 def test_llm_judge_retries_unparseable_and_failed_replies():
     error = Completion(text="", finish_reason="error", error="HTTP 500")
     backend = ScriptedBackend(["hmm, let me think", error, "Incorrect"])
-    verdict = LLMJudge(backend, max_attempts=3).judge("q", "1987", "1988")
+    verdict = LLMJudge(backend, parsing="lenient", max_attempts=3).judge("q", "1987", "1988")
     assert not verdict.correct and verdict.method == "llm" and verdict.attempts == 3
     assert len(backend.calls) == 3
 
 
 def test_llm_judge_falls_back_to_exact_match_after_max_attempts():
     backend = ScriptedBackend(["maybe", "maybe", "perhaps"])
-    verdict = LLMJudge(backend, max_attempts=2).judge("q", "Port Kessa", "port kessa")
+    verdict = LLMJudge(backend, parsing="lenient", on_exhausted="exact_match", max_attempts=2).judge(
+        "q", "Port Kessa", "port kessa")
     assert verdict.correct and verdict.method == "fallback_exact_match" and verdict.attempts == 2
     assert verdict.reply == "maybe" and len(backend.calls) == 2
 
@@ -133,7 +134,7 @@ def test_llm_judge_batches_pending_items_per_round_and_skips_missing_predictions
     backend = ScriptedBackend(["Correct", "unsure", "Incorrect", "Incorrect"])
     items = [JudgeInput("q1", "a", "a"), JudgeInput("q2", "b", None), JudgeInput("q3", "c", "x"),
              JudgeInput("q4", "d", "y")]
-    verdicts = LLMJudge(backend).judge_batch(items)
+    verdicts = LLMJudge(backend, parsing="lenient").judge_batch(items)
     assert [len(call) for call in backend.calls] == [3, 1]  # round 1: three items; round 2: the unsure one
     assert [(v.correct, v.method) for v in verdicts] == [
         (True, "llm"), (False, "no_prediction"), (False, "llm"), (False, "llm")]
@@ -160,7 +161,7 @@ def test_llm_judge_through_the_openai_backend_and_a_flaky_server():
     ])
     with ScriptedServer(script) as server:
         backend = OpenAICompatible(server.url, "judge-model", retry=fast, max_concurrency=1)
-        judge = LLMJudge(backend, max_attempts=2)
+        judge = LLMJudge(backend, parsing="lenient", on_exhausted="exact_match", max_attempts=2)
         assert judge.judge("q", "1987", "It was 1987.").method == "llm"
         fallback = judge.judge("q", "1987", "It was 1987.")
         assert fallback.method == "fallback_exact_match" and fallback.correct and fallback.attempts == 2
