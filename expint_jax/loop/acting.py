@@ -72,10 +72,15 @@ def _webwalker_worlds(w: WebWalkerSection) -> Worlds:
     summarizer = _endpoint_backend(w.summarizer) if w.summarizer.base_url else None
     visit = JinaVisit(summarizer, api_key_env=w.visit_api_key_env, base_url=w.visit_base_url,
                       max_page_chars=w.max_page_chars)
-    judge: Judge = (LLMJudge(_endpoint_backend(w.judge_endpoint)) if w.judge == "llm"
-                    else ExactMatchJudge(containment=True))
-    # One set of tools and one judge serve both worlds: they hold no per-world state.
-    return Worlds(WebQAEnv(train, search, visit, judge), WebQAEnv(test, search, visit, judge))
+    judges: tuple[Judge, Judge]
+    if w.judge == "llm":
+        backend = _endpoint_backend(w.judge_endpoint)
+        judges = (LLMJudge(backend, family=w.train_judge, parsing=w.judge_parsing),
+                  LLMJudge(backend, family=w.eval_judge, parsing=w.judge_parsing))
+    else:
+        judges = (ExactMatchJudge(containment=True),) * 2
+    # One set of tools serves both worlds (they hold no per-world state); each world has its judge.
+    return Worlds(WebQAEnv(train, search, visit, judges[0]), WebQAEnv(test, search, visit, judges[1]))
 
 
 def _endpoint_backend(e: Endpoint) -> ChatBackend:

@@ -155,6 +155,11 @@ class WebWalkerSection:
     summarizer: Endpoint = Endpoint()  # "" base_url: no summary, the page itself
     judge: Literal["exact", "llm"] = "exact"
     judge_endpoint: Endpoint = Endpoint()  # judge "llm"
+    # judge "llm": the release grades rollouts for extraction and distillation with its teacher-style
+    # web judge and evaluates with the equivalence judge (rollout.judge.JUDGE_FAMILIES).
+    train_judge: Literal["teacher", "equivalence", "browsecomp", "ours"] = "teacher"
+    eval_judge: Literal["teacher", "equivalence", "browsecomp", "ours"] = "equivalence"
+    judge_parsing: Literal["release", "lenient"] = "release"  # lenient: for judges that think first
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:

@@ -232,8 +232,8 @@ def _web(request: Request) -> Reply:
         return Reply(json_body={"organic": [{"title": "Fact", "link": "https://site.example/fact", "snippet": "..."}]})
     if request.path.startswith("/jina/"):
         return Reply(json_body={"data": {"content": "Fact page says: answer 0 is the fact."}})
-    if request.path == "/v1/chat/completions":
-        return chat_reply("Correct")
+    if request.path == "/v1/chat/completions":  # each judge family in its own reply format
+        return chat_reply("The answer matches.\nGRADE: CORRECT" if b"GRADE" in request.body else "Correct")
     return Reply(status=404, text="unknown path")
 
 
@@ -259,3 +259,6 @@ def test_webwalker_rollouts_use_the_configured_tools_and_llm_judge(qa_files, tmp
     search = next(r for r in server.requests if r.path == "/search")
     assert search.headers.get("X-Api-Key") == SECRET
     assert (tmp_path / "rollouts_0000.jsonl").exists() and SECRET not in (tmp_path / "rollouts_0000.jsonl").read_text()
+    # The release grades training rollouts with its teacher-style judge and evaluates with equivalence.
+    assert (worlds.train.judge.family.name, worlds.test.judge.family.name) == ("teacher", "equivalence")
+    assert all(b"GRADE" in r.body for r in server.requests if r.path == "/v1/chat/completions")
