@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from expint_jax.distill.views import ViewBudget, build_example, tree_attention_mask
-from expint_jax.experience.inject import context_before_turn
+from expint_jax.experience.inject import STEP_HEADER, context_before_turn
 from expint_jax.models.config import tiny
 from expint_jax.models.qwen3 import Qwen3
 from expint_jax.records import Message
@@ -80,9 +80,10 @@ def test_student_view_is_the_plain_conversation(model, chat):
     np.testing.assert_array_equal(example.student_ids, plain.token_ids)
     np.testing.assert_array_equal(example.targets, plain.token_ids[plain.loss_mask])
     np.testing.assert_array_equal(example.student_loss_index + 1, np.flatnonzero(plain.loss_mask))
-    experience_ids = chat.text_ids("Relevant experiences")
-    assert not any(np.array_equal(example.student_ids[i:i + len(experience_ids)], experience_ids)
-                   for i in range(len(example.student_ids)))
+    student_text = chat.tokenizer.decode(example.student_ids.tolist())
+    blocks = [block for block in trajectory.step_injections if block]
+    assert blocks and STEP_HEADER in blocks[0]  # the teacher's blocks carry the header the student must not see
+    assert STEP_HEADER not in student_text and not any(block.strip() in student_text for block in blocks)
 
 
 def test_global_view_scores_like_the_injected_conversation(model, chat):
