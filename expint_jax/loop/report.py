@@ -6,9 +6,10 @@ report can be rebuilt at any time (``expint report RUN_DIR``) and never shows a 
   * ``report.md``: one row per policy π_j (j = 0: the base, from ``iter_000/base_eval``; j = k+1:
     the result of iteration k, from ``iter_<k>/eval``) × evaluation mode, with the accuracy
     (Avg. Pass@n), pass@n, best single pass, premature-answer rate, assistant turns, tool calls,
-    assistant tokens, and the accuracy delta against π_0 in the same mode; then one row per
-    iteration with the pool (size, diff, granularity shares), the acceptance rate, the held-out
-    KL before/after training and the training status (e.g. a kept policy and why).
+    assistant tokens, the accuracy delta against π_0 in the same mode and each round's Pass@1;
+    then one row per iteration with the pool (size, diff, granularity shares), the acceptance
+    rate, the held-out KL before/after training and the training status (e.g. a kept policy and
+    why).
   * ``plots/``: ``accuracy.png`` (internalized = mode none vs in-context modes across policies,
     the base as a dashed line, as in the paper's figures), ``assistant_turns.png``,
     ``premature_answers.png``, ``acceptance.png``, ``pool.png`` (size and granularity shares).
@@ -87,8 +88,9 @@ def render_markdown(data: Mapping[str, Any], title: str) -> str:
     policies, iterations = data["policies"], data["iterations"]
     lines = [f"# {title}", "", "Policy π_0 is the base model; π_{k+1} is the result of iteration k (trained on E_k). "
              "Mode `none` is the internalized policy (no experience in context); `global` / `stepwise` put E_k in "
-             "context (for π_0: E_0). Δ is against π_0 in the same mode. acc = Avg. Pass@n.", ""]
-    header = ["policy", "mode", *(label for _, label in EVAL_COLUMNS), "Δacc"]
+             "context (for π_0: E_0). Δ is against π_0 in the same mode. acc = Avg. Pass@n; best1 = the best "
+             "round's Pass@1.", ""]
+    header = ["policy", "mode", *(label for _, label in EVAL_COLUMNS), "Δacc", "Pass@1 per round"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = policies.get(0, {})
     for j in sorted(policies):
@@ -100,8 +102,10 @@ def render_markdown(data: Mapping[str, Any], title: str) -> str:
                 lines.append(f"| π_{j} | {mode} | skipped: {metrics['skipped']} |" + " |" * (len(header) - 3))
                 continue
             base_acc = base.get(mode, {}).get("accuracy") if isinstance(base.get(mode), Mapping) else None
+            rounds = metrics.get("per_sample_accuracy")
             cells = [f"π_{j}", mode, *(_fmt(metrics.get(name)) for name, _ in EVAL_COLUMNS),
-                     _delta(metrics.get("accuracy"), base_acc)]
+                     _delta(metrics.get("accuracy"), base_acc),
+                     " / ".join(_fmt(r, 2) for r in rounds) if rounds else "–"]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Iterations", "",
               "| k | pool | pool diff | url / number / entity / strategy share | informative groups | acceptance | "
