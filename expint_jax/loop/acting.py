@@ -155,6 +155,8 @@ def rollouts(
     (``token_signal.signal_path``; the sidecar is written first, so a batch file implies its
     sidecar); ``read_signals(directory, prefix)`` reads them back in the same order."""
     spec_for = injection if callable(injection) else (lambda _b: injection)
+    acting = agent if not signal_top_k else dataclasses.replace(
+        agent, sampling=dataclasses.replace(agent.sampling, top_logprobs=signal_top_k))
     count = math.ceil(len(tasks) / batch_tasks) if tasks else 0
     found: list[Trajectory] = []
     correct = 0
@@ -164,16 +166,12 @@ def rollouts(
             batch = list(tasks[b * batch_tasks:(b + 1) * batch_tasks])
             if path.exists():
                 done = read_trajectories(path)
-            elif signal_top_k:
-                recording = dataclasses.replace(agent, sampling=dataclasses.replace(agent.sampling,
-                                                                                    top_logprobs=signal_top_k))
-                pairs = ReActAgent(backend, recording, spec_for(b)).run_batch_with_signal(batch, env, n=samples,
-                                                                                          seed=seed)
-                done = [t for t, _ in pairs]
-                write_signals(signal_path(path), [signal for _, signal in pairs])
-                storage.write_jsonl(path, (t.to_json() for t in done))
             else:
-                done = ReActAgent(backend, agent, spec_for(b)).run_batch(batch, env, n=samples, seed=seed)
+                pairs = ReActAgent(backend, acting, spec_for(b)).run_batch_with_signal(batch, env, n=samples,
+                                                                                       seed=seed)
+                done = [t for t, _ in pairs]
+                if signal_top_k:
+                    write_signals(signal_path(path), [signal for _, signal in pairs])
                 storage.write_jsonl(path, (t.to_json() for t in done))
             found.extend(done)
             correct += sum((t.reward or 0.0) >= 0.5 for t in done)
@@ -184,7 +182,15 @@ def rollouts(
     return found
 
 
+def _batch_files(directory: Path, prefix: str) -> list[Path]:
+    return sorted(directory.glob(f"{prefix}_[0-9]*.jsonl"))
+
+
+def read_rollouts(directory: Path, prefix: str) -> list[Trajectory]:
+    """The trajectories of every ``<prefix>_<b>.jsonl`` batch, in the order ``rollouts`` returned them."""
+    return [t for path in _batch_files(directory, prefix) for t in read_trajectories(path)]
+
+
 def read_batch_signals(directory: Path, prefix: str) -> list[TrajectorySignal]:
     """The recorded signals of every ``<prefix>_<b>.jsonl`` batch, in the order ``rollouts`` returned them."""
-    return [signal for path in sorted(directory.glob(f"{prefix}_[0-9]*.jsonl"))
-            for signal in read_signals(signal_path(path))]
+    return [signal for path in _batch_files(directory, prefix) for signal in read_signals(signal_path(path))]

@@ -26,18 +26,13 @@ from expint_jax import storage
 from expint_jax.config import ConfigError, to_dict
 from expint_jax.loop import acting, layout
 from expint_jax.loop.config import LoopConfig
-from expint_jax.loop.stages import STAGE_FUNCTIONS, EmptyStage, Run, stage_key
+from expint_jax.loop.stages import STAGE_FUNCTIONS, STAGES, EmptyStage, Run, stage_key
 
 log = logging.getLogger(__name__)
 
 
 def schedule(iterations: int) -> list[layout.StageId]:
-    order = []
-    for k in range(iterations):
-        names = ("rollouts", "extract", "base_eval", "data", "train", "eval") if k == 0 else (
-            "rollouts", "extract", "data", "train", "eval")
-        order.extend(layout.StageId(k, name) for name in names)
-    return order
+    return [layout.StageId(k, name) for k in range(iterations) for name in STAGES if k == 0 or name != "base_eval"]
 
 
 def parse_restart(value: str, order: list[layout.StageId]) -> int:

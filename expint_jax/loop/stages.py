@@ -272,13 +272,9 @@ def _running_pool(run: Run, k: int, work: Path, running: dict[int, ExperiencePoo
     return injection, after_batch
 
 
-def read_rollouts(directory: Path, prefix: str) -> list[Trajectory]:
-    return [t for path in sorted(directory.glob(f"{prefix}_[0-9]*.jsonl")) for t in read_trajectories(path)]
-
-
 def extract_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
     c = run.config.extract
-    trajectories = read_rollouts(run.stage_dir(k, "rollouts"), "rollouts")
+    trajectories = acting.read_rollouts(run.stage_dir(k, "rollouts"), "rollouts")
     start = _start_pool(run, k)
     running = run.stage_dir(k, "rollouts") / "running_final" / "pool.jsonl"
     if c.inject_running_pool and running.exists():

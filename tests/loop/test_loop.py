@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from expint_jax import storage
-from expint_jax.loop import driver, stages
+from expint_jax.loop import acting, driver, stages
 from expint_jax.loop.layout import StageDir, StageId, StaleStageError
 from expint_jax.records import read_trajectories
 from tests.loop.conftest import loop_config
@@ -83,7 +83,7 @@ def test_every_stage_of_the_reference_loop_sees_real_data(reference_run):
 def test_off_policy_data_are_judged_correct_teacher_samples_with_experience(reference_run):
     config, _, runs, _ = reference_run
     data_dir = runs / "loop_tiny" / "iter_000" / "data"
-    teacher = stages.read_rollouts(data_dir, "teacher")
+    teacher = acting.read_rollouts(data_dir, "teacher")
     accepted = read_trajectories(data_dir / "accepted.jsonl")
     pool = stages.read_pool(runs / "loop_tiny" / "iter_000" / "extract" / "pool.jsonl")
     assert len(teacher) == 6 * 2 * 3 and accepted  # tasks x samples

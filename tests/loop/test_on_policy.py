@@ -60,7 +60,7 @@ def test_each_round_samples_the_student_that_finished_the_previous_round(on_poli
     plan = json.loads((train_dir / "rounds.json").read_text())["steps_per_round"]
     assert len(plan) == 2 and summary["steps"] == sum(plan)  # refresh every epoch: one round per epoch
     tasks = acting.pick(run.worlds.train.tasks(), config.distill.tasks)
-    second = stages.read_rollouts(train_dir / "round_001", "student")
+    second = acting.read_rollouts(train_dir / "round_001", "student")
     seed = run.seed(0, "train") + 1
     after_round_0 = load_model(train_dir / "round_000" / "student", config.model)
     replay = _sample(run, after_round_0, seed, tasks)
@@ -75,7 +75,7 @@ def test_the_teacher_contexts_are_built_on_the_students_own_prefixes(on_policy_r
     _, run, pool = on_policy_run
     for r in range(2):
         folder = run.stage_dir(0, "train") / f"round_{r:03d}"
-        samples = stages.read_rollouts(folder, "student")
+        samples = acting.read_rollouts(folder, "student")
         annotated = read_trajectories(folder / "annotated.jsonl")
         assert [t.messages for t in annotated] == [t.messages for t in samples]
         assert all(t.injection == "none" and not t.step_injections for t in samples)  # sampled without experience
