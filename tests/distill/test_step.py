@@ -153,6 +153,26 @@ def test_every_divergence_runs_and_reports_finite_metrics(batch, divergence):
     assert int(state.step) == 1 and float(metrics["learning_rate"]) == 0.0  # first warm-up step
 
 
+def test_nll_on_the_teacher_view_is_sft_with_experience_in_context(batch):
+    """student_view='teacher': the student's NLL is scored on the teacher's tree-packed layout (each
+    turn with its own step-wise block), i.e. -mean log p(target | experience in context)."""
+    model = _models(0)[0]
+    graphdef, params = nnx.split(model, nnx.Param)
+    b = jax.tree.map(jnp.asarray, batch)
+    mask = tree_attention_mask(b.teacher_branch, b.teacher_attach, b.teacher_valid)
+    logits = model(b.teacher_ids, b.teacher_positions, attention_mask=mask)
+    logp = jax.nn.log_softmax(jnp.take_along_axis(logits, b.teacher_loss_index[..., None], 1), -1)
+    nll = -np.asarray(jnp.take_along_axis(logp, b.targets[..., None], -1)[..., 0], np.float64)
+    expected = float(np.sum(nll * batch.weights) / np.sum(batch.weights))
+    config = StepConfig(Divergence("nll"), chunk_size=50, student_view="teacher")
+    metrics = make_eval_step(graphdef, config)(params, None, shard_batch(batch, None))
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    plain = make_eval_step(graphdef, StepConfig(Divergence("nll"), chunk_size=50))(params, None, shard_batch(batch, None))
+    assert abs(float(plain["loss"]) - expected) > 1e-3  # the experience in context changes the scores
+    with pytest.raises(ValueError, match="student_view='teacher'.*nll"):
+        StepConfig(Divergence("forward_kl"), student_view="teacher")
+
+
 def test_learning_rate_schedule_warms_up_then_decays():
     from expint_jax.distill.optim import learning_rate_schedule
 
