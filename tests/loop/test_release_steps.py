@@ -23,7 +23,7 @@ from tests.loop.conftest import loop_config
 
 PLAN = dict(extract__schedule="release_steps", extract__samples=2, extract__steps__epochs=2,
             extract__steps__batches_per_epoch=2, extract__steps__queries_per_batch=2)
-OVERRIDES = dict(policy__backend="reference", extract__warm_start=True, **PLAN)
+OVERRIDES = dict(policy__backend="reference", extract__warm_start=True, distill__heldout_tasks=0, **PLAN)
 STEPS = 4
 ONLY = [StageId(0, "rollouts"), StageId(0, "extract")]
 OFFICIAL_STATS = Path("/work/shared/data/official_stats_example.json")
