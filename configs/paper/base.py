@@ -1,8 +1,9 @@
 """The paper's setting on WebWalkerQA, shared by every config in configs/paper/ (no model yet).
 
-Principle-level experience, step-wise injection chosen by an LLM selector, off-policy
-distillation; 3 iterations, lr 1e-5, batch 128, 5 epochs, 32K context, pool <= 50 items,
-temperature 0.7, <= 100 LLM calls per trajectory. Web tools on WebWalkerQA (Serper search, Jina
+Principle-level experience built by the release's schedule (3 epochs x 25 steps of 4 queries x 5
+rollouts, the pool so far in every rollout's prompt), step-wise injection chosen by an LLM
+selector, off-policy distillation; 3 iterations, lr 1e-5, batch 128, 5 epochs, 32K context, pool
+<= 50 items, temperature 0.7, <= 100 LLM calls per trajectory. Web tools on WebWalkerQA (Serper search, Jina
 visit with pages summarized by the writer's endpoint), an LLM judge, and DeepSeek as the
 OpenAI-compatible writer and selector. The model files (qwen3_4b.py, qwen3_8b.py) add the
 checkpoint; the ablation files change one axis each.
@@ -70,7 +71,11 @@ def get_config(target="v5p-8"):
 
     c.extract.granularity = "principle"
     c.extract.writer = "llm"
-    c.extract.samples = 5  # the release's rollouts per extraction task
+    c.extract.schedule = "release_steps"  # the release's extraction: 3 epochs x 25 steps of 4 queries x 5 rollouts
+    c.extract.steps.epochs = 3
+    c.extract.steps.batches_per_epoch = 25
+    c.extract.steps.queries_per_batch = 4
+    c.extract.samples = 5  # the release's rollouts per extraction query
     c.extract.max_pool_size = 50
     c.injection.mode = "stepwise"
     c.injection.selector = "llm"

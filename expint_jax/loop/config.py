@@ -81,9 +81,30 @@ class Endpoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExtractStepsSection:
+    """The release's extraction schedule (``extract.schedule="release_steps"``): each epoch draws a
+    fresh sample of ``batches_per_epoch`` x ``queries_per_batch`` extraction tasks; each batch is one
+    step: π_k rolls out ``extract.samples`` times per query with the pool so far in its prompt, then
+    the writer updates the pool. The defaults are the release's: 3 epochs x 25 batches of 4 queries."""
+
+    epochs: int = 3
+    batches_per_epoch: int = 25  # 0: as many whole batches as the extraction tasks fill
+    queries_per_batch: int = 4
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.queries_per_batch < 1 or self.batches_per_epoch < 0:
+            raise ValueError(f"extract.steps: epochs and queries_per_batch must be >= 1 and batches_per_epoch >= 0, "
+                             f"got {self.epochs}, {self.queries_per_batch}, {self.batches_per_epoch}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExtractSection:
+    """``schedule``: ``single`` writes E_k once from all of the ``rollouts`` stage's rollouts;
+    ``release_steps`` builds it over the release's many small steps (``ExtractStepsSection``),
+    the extract stage rolling out each step itself (the ``rollouts`` stage then records nothing)."""
+
     tasks: int = 0  # extraction tasks (the first N of the training world); 0 = all
-    samples: int = 4  # rollouts of π_k per extraction task
+    samples: int = 4  # rollouts of π_k per extraction task (release_steps: per query of a step)
     granularity: Literal["principle", "instance"] = "principle"
     writer: Literal["offline", "llm", "self"] = "offline"
     endpoint: Endpoint = Endpoint()  # writer "llm" (and selector "llm")
@@ -93,6 +114,8 @@ class ExtractSection:
     batch_tasks: int = 8  # tasks per rollout batch: the unit of resume (and of the running pool)
     temperature: float = 0.0  # writer sampling (self / llm)
     max_tokens: int = 8192
+    schedule: Literal["single", "release_steps"] = "single"
+    steps: ExtractStepsSection = ExtractStepsSection()  # schedule "release_steps"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +280,9 @@ def check_config(config: LoopConfig, environ: dict[str, str] | None = None) -> N
         if config.policy.backend != "local":
             raise ConfigError("config.trainer.step.teacher='from_rollout': the reference policy records no "
                               "log-probabilities; use policy.backend='local'")
+    if config.extract.schedule == "release_steps" and config.extract.inject_running_pool:
+        raise ConfigError("config.extract.inject_running_pool: under extract.schedule='release_steps' every step "
+                          "already rolls out with the pool so far in its prompt; set it False")
     if config.policy.backend == "reference" and config.extract.writer == "self":
         raise ConfigError("config.extract.writer='self': the reference policy is a script and cannot write "
                           "experience; use writer 'offline' or 'llm', or policy.backend='local'")

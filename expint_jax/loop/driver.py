@@ -26,7 +26,7 @@ from expint_jax import storage
 from expint_jax.config import ConfigError, to_dict
 from expint_jax.loop import acting, layout
 from expint_jax.loop.config import LoopConfig
-from expint_jax.loop.stages import STAGE_FUNCTIONS, STAGES, EmptyStage, Run, stage_key
+from expint_jax.loop.stages import STAGE_FUNCTIONS, STAGES, EmptyStage, Run, extraction_plan, stage_key
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ def check_task_split(run: Run) -> None:
 def plan(run: Run, order: list[layout.StageId]) -> dict[str, dict]:
     """Every stage's key, in order, checked against the disk (``StaleStageError`` on a mismatch)."""
     check_task_split(run)
+    if run.config.extract.schedule == "release_steps":
+        extraction_plan(run, 0)  # the extraction tasks fill the schedule's batches (else ConfigError)
     keys = {}
     for stage in order:
         key = stage_key(run, stage.iteration, stage.name)
