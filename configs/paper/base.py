@@ -3,9 +3,10 @@
 Principle-level experience built by the release's schedule (3 epochs x 25 steps of 4 queries x 5
 rollouts, the pool so far in every rollout's prompt), step-wise injection chosen by an LLM
 selector, off-policy distillation; 3 iterations, lr 1e-5, batch 128, 5 epochs, 32K context, pool
-<= 50 items, temperature 0.7, <= 100 LLM calls per trajectory. Web tools on WebWalkerQA (Serper search, Jina
-visit with pages summarized by the writer's endpoint), an LLM judge, and DeepSeek as the
-OpenAI-compatible writer and selector. The model files (qwen3_4b.py, qwen3_8b.py) add the
+<= 50 items, <= 100 LLM calls per trajectory; the release's sampling (agent: temperature 0.7,
+top_p 0.95, presence penalty 1.1; experience LLM: temperature 0, 8192 tokens). Web tools on
+WebWalkerQA (Serper search, Jina visit with pages summarized by the writer's endpoint), an LLM
+judge, and DeepSeek as the OpenAI-compatible writer and selector. The model files (qwen3_4b.py, qwen3_8b.py) add the
 checkpoint; the ablation files change one axis each.
 
 The hardware is one key, the config file's argument: ``--config=configs/paper/qwen3_4b.py:v5p-32``
@@ -66,11 +67,15 @@ def get_config(target="v5p-8"):
     c.policy.max_context = CONTEXT
     c.agent.max_llm_calls = 100
     c.agent.max_context_tokens = CONTEXT
-    c.agent.temperature = 0.7
+    c.agent.temperature = 0.7  # the release's agent sampling, stated here so a schema default cannot move it
+    c.agent.top_p = 0.95
+    c.agent.presence_penalty = 1.1
     c.agent.max_tokens = 4096  # per assistant turn
 
     c.extract.granularity = "principle"
     c.extract.writer = "llm"
+    c.extract.temperature = 0.0  # the release's experience LLM
+    c.extract.max_tokens = 8192
     c.extract.schedule = "release_steps"  # the release's extraction: 3 epochs x 25 steps of 4 queries x 5 rollouts
     c.extract.steps.epochs = 3
     c.extract.steps.batches_per_epoch = 25

@@ -68,6 +68,11 @@ def open_run(config: LoopConfig) -> Run:
                acting.Worlds.of(config))
 
 
+# The keys that make each environment's two worlds, named when they share tasks.
+WORLD_KEYS = {"webwalker": "config.webwalker.train_file / config.webwalker.eval_file",
+              "math": "config.math.train_split / config.math.test_split"}
+
+
 def check_task_split(run: Run) -> None:
     """Evaluation and held-out tasks never overlap the extraction or teacher tasks (``ConfigError``).
     Extraction and teacher tasks may coincide (the paper distills on its extraction tasks), also
@@ -83,7 +88,9 @@ def check_task_split(run: Run) -> None:
                            ids(acting.pick(run.worlds.train.tasks(), c.distill.tasks)), evaluation,
                            granularity=c.extract.granularity, allow_instance_overlap=True)
     except TaskOverlapError as e:
-        raise ConfigError(f"task split: {e}") from None
+        raise ConfigError(f"{WORLD_KEYS.get(c.env, f'config.{c.env}')}: the held-out world's tasks (config.eval.tasks, "
+                          f"config.distill.heldout_tasks) must not be training-world tasks (config.extract.tasks, "
+                          f"config.distill.tasks): {e}") from None
 
 
 def plan(run: Run, order: list[layout.StageId]) -> dict[str, dict]:

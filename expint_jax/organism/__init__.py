@@ -18,3 +18,13 @@ What is designed in and what is learned: the scripted agent's response to lesson
 (``rollout/envs/simweb/sensitivity.py``); the network only imitates trajectories. Whether the
 network's behaviour depends on its context, and how internalization changes it, is measured.
 """
+
+from pathlib import Path
+
+SHIPPED = Path(__file__).with_name("pi0")
+
+
+def shipped_checkpoint() -> Path:
+    """Where the repository's π_0 lives (``expint organism bootstrap --out`` that path rebuilds it;
+    its ``organism.json`` records the command and seed that made it)."""
+    return SHIPPED
