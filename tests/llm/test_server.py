@@ -18,6 +18,7 @@ import pytest
 
 from expint_jax.llm.server import PolicyServer, ServerError, ServerSpec, check_command, render_command
 from expint_jax.records import Message, SamplingParams
+from tests.fakes.processes import group_alive
 
 STATIC = "{python} -m http.server {port} --bind {host} --directory {checkpoint}"
 HELLO = [[Message("user", "hello")]]
@@ -25,11 +26,7 @@ HELLO = [[Message("user", "hello")]]
 
 def _gone(pid: int) -> bool:
     """No process of ``pid``'s group is left (the group id is the server's pid)."""
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    return not group_alive(pid)
 
 
 def _wait_gone(pid: int, within_s: float = 30.0) -> bool:

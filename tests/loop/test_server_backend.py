@@ -21,6 +21,7 @@ from expint_jax.loop.stages import Run, stage_key
 from expint_jax.records import read_trajectories
 from expint_jax.token_signal import read_signals, signal_path
 from tests.fakes.policy_server import SCRIPTED_REPLY, TRIGGER
+from tests.fakes.processes import group_alive
 from tests.loop.conftest import TINY, loop_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,14 +45,6 @@ def server_env(monkeypatch, tmp_path_factory):
 
 def _pids(run_dir: Path) -> list[int]:
     return [int(m) for log in run_dir.rglob("server.log") for m in re.findall(r"\] pid (\d+)", log.read_text())]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------- configuration
@@ -122,7 +115,7 @@ def test_a_server_killed_mid_stage_fails_it_cleanly_and_a_rerun_resumes(tmp_path
     assert not StageDir(run_dir, StageId(0, "rollouts")).is_done()
     first_batch = (partial / "rollouts_0000.jsonl").read_bytes()
     assert list(run_dir.glob("base_policy_*/config.json"))  # π_0 (the tiny random model) exported to be served
-    assert _pids(run_dir) and not any(_alive(pid) for pid in _pids(run_dir))
+    assert _pids(run_dir) and not any(group_alive(pid) for pid in _pids(run_dir))
 
     server_env.delenv(TRIGGER)
     assert expint(args) == 0
@@ -135,7 +128,7 @@ def test_a_server_killed_mid_stage_fails_it_cleanly_and_a_rerun_resumes(tmp_path
         assert "ready at http://127.0.0.1:" in (run_dir / "iter_000" / name / "server.log").read_text()
     answers = {t.messages[-1].content for t in read_trajectories(rollouts / "rollouts_0001.jsonl")}
     assert answers == {SCRIPTED_REPLY}  # the served policy acted
-    assert len(_pids(run_dir)) == 1 + len(ACTING) and not any(_alive(pid) for pid in _pids(run_dir))
+    assert len(_pids(run_dir)) == 1 + len(ACTING) and not any(group_alive(pid) for pid in _pids(run_dir))
     assert (run_dir / "report.md").exists()
 
 
@@ -174,4 +167,4 @@ def test_the_loop_with_a_served_network_and_the_teachers_signal_from_its_top_log
     assert set(evaluation) >= {"none", "global", "stepwise"}
     for name in ("rollouts", "base_eval", "data", "eval"):
         assert "ready at" in (run.stage_dir(0, name) / "server.log").read_text()
-    assert not any(_alive(pid) for pid in _pids(run.run_dir))
+    assert not any(group_alive(pid) for pid in _pids(run.run_dir))
