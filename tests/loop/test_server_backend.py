@@ -3,10 +3,12 @@ server process started from ``policy.server.command`` and stops it afterwards.
 
 The fast tests use ``tests.fakes.policy_server --scripted`` (a JAX-free process that answers every
 chat with a fixed reply) to check the configuration, the stage keys, and a server killed after the
-first rollout batch is on disk; the slow one runs the loop with the real stand-in
+first rollout batch is on disk; slow ones serve the on-policy student round by round, and run the
+loop with the real stand-in
 (``expint_jax.llm.serve``) serving the tiny network, the teacher's signal coming back through
 ``top_logprobs``."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -132,6 +134,37 @@ def test_a_server_killed_mid_stage_fails_it_cleanly_and_a_rerun_resumes(tmp_path
     assert (run_dir / "report.md").exists()
 
 
+def _with_pool(run, text="Open the source: visit the page before answering."):
+    """E_0 written by hand (a scripted or random policy gives no informative group to extract one from)."""
+    keys = driver.plan(run, driver.schedule(run.config.iterations))
+    extract = StageDir(run.run_dir, StageId(0, "extract"))
+    write_pool_files(extract.begin(keys["iter_000/extract"]), ExperiencePool().add(text, granularity="principle"))
+    extract.publish(keys["iter_000/extract"], {"pool_size": 1, "informative_groups": 1})
+
+
+@pytest.mark.slow  # trains two rounds of the tiny network
+def test_each_on_policy_round_serves_the_student_the_previous_round_exported(tmp_path, server_env):
+    config = loop_config(tmp_path, policy__backend="server", policy__server__command=SCRIPTED,
+                         distill__regime="on_policy", distill__tasks=2, distill__samples=2, trainer__epochs=2,
+                         distill__heldout_tasks=1)
+    run = driver.open_run(config)
+    _with_pool(run)
+    driver.run_loop(config, run=run, only=[StageId(0, "data"), StageId(0, "train")], echo=lambda line: None)
+    train = run.stage_dir(0, "train")
+    rounds = len(json.loads((train / "rounds.json").read_text())["steps_per_round"])
+    assert rounds == 2
+    served = []
+    for r in range(rounds):
+        log = (train / f"round_{r:03d}" / "server.log").read_text()
+        served.append(re.search(r"--checkpoint (\S+)", log).group(1))
+        assert "stopped (exit code" in log
+        assert {t.messages[-1].content for t in read_trajectories(train / f"round_{r:03d}" / "student_0000.jsonl")} \
+            == {SCRIPTED_REPLY}
+    assert Path(served[0]).name.startswith("base_policy_")  # π_0, exported
+    assert served[1] == str(StageDir(run.run_dir, StageId(0, "train")).partial / "round_000" / "student")
+    assert not any(group_alive(pid) for pid in _pids(run.run_dir))
+
+
 # ---------------------------------------------------------------------- the tiny network, served
 
 
@@ -143,12 +176,7 @@ def test_the_loop_with_a_served_network_and_the_teachers_signal_from_its_top_log
                          distill__heldout_tasks=1, on_empty="keep_policy")
     run = driver.open_run(config)
     driver.run_loop(config, run=run, only=[StageId(0, "rollouts")], echo=lambda line: None)
-    # A random network never answers right, so E_0 is written by hand for the teacher to act with.
-    keys = driver.plan(run, driver.schedule(1))
-    extract = StageDir(run.run_dir, StageId(0, "extract"))
-    write_pool_files(extract.begin(keys["iter_000/extract"]),
-                     ExperiencePool().add("Open the source: visit the page before answering.", granularity="principle"))
-    extract.publish(keys["iter_000/extract"], {"pool_size": 1, "informative_groups": 1})
+    _with_pool(run)  # a random network never answers right: E_0 for the teacher to act with
     result = driver.run_loop(config, run=run, echo=lambda line: None)
     assert set(result.ran) == {"iter_000/base_eval", "iter_000/data", "iter_000/train", "iter_000/eval"}
     data = run.stage_dir(0, "data")
