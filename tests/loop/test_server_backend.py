@@ -3,10 +3,9 @@ server process started from ``policy.server.command`` and stops it afterwards.
 
 The fast tests use ``tests.fakes.policy_server --scripted`` (a JAX-free process that answers every
 chat with a fixed reply) to check the configuration, the stage keys, and a server killed after the
-first rollout batch is on disk; slow ones serve the on-policy student round by round, and run the
-loop with the real stand-in
-(``expint_jax.llm.serve``) serving the tiny network, the teacher's signal coming back through
-``top_logprobs``."""
+first rollout batch is on disk. Slow ones serve the on-policy student round by round, and run the
+loop with the real stand-in (``expint_jax.llm.serve``) serving the tiny network, the teacher's
+signal coming back through ``top_logprobs``."""
 
 import json
 import os
