@@ -230,7 +230,11 @@ class PolicyServer(contextlib.AbstractContextManager):
             raise ServerError(f"policy server `{self.command}`: cannot start it: {e}") from None
         self._note(f"pid {self._process.pid}")
         log.info("policy server: started `%s` (pid %d, log %s)", self.command, self._process.pid, self.log_path)
-        self._wait_until_ready()
+        try:
+            self._wait_until_ready()
+        except BaseException:  # a failed start, or an interrupt while waiting: no server is left behind
+            self.stop()
+            raise
         if spec.health_interval_s > 0:
             self._monitor = threading.Thread(target=self._watch, name="policy-server-health", daemon=True)
             self._monitor.start()
@@ -243,7 +247,7 @@ class PolicyServer(contextlib.AbstractContextManager):
         while True:
             code = self._process.poll()
             if code is not None:
-                self._fail_start(f"exited with code {code} before it answered GET {self.url}/models")
+                raise self.error(f"exited with code {code} before it answered GET {self.url}/models")
             try:
                 models = self._listed_models(timeout_s=max(min(5.0, deadline - time.monotonic()), 0.1))
             except HttpError as e:
@@ -251,19 +255,15 @@ class PolicyServer(contextlib.AbstractContextManager):
             else:
                 if self.spec.model_name in models:
                     break
-                self._fail_start(f"lists the models {models}, not {self.spec.model_name!r}; does the command pass "
+                raise self.error(f"lists the models {models}, not {self.spec.model_name!r}; does the command pass "
                                  "{model_name} (vLLM and SGLang: --served-model-name {model_name})?")
             if time.monotonic() >= deadline:
-                self._fail_start(f"did not answer GET {self.url}/models within {self.spec.startup_timeout_s:g} s "
+                raise self.error(f"did not answer GET {self.url}/models within {self.spec.startup_timeout_s:g} s "
                                  f"(config startup_timeout_s; last: {last_error})")
             time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
             pause = min(pause * 2, 2.0)
         self._note(f"ready at {self.url} after {time.monotonic() - started:.1f} s")
         log.info("policy server: ready at %s after %.1f s", self.url, time.monotonic() - started)
-
-    def _fail_start(self, what: str) -> None:
-        self.stop()
-        raise self.error(what)
 
     def stop(self) -> None:
         """SIGTERM to the process group, SIGKILL after the grace period; safe to call twice."""
