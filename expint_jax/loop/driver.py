@@ -158,6 +158,8 @@ def run_loop(config: LoopConfig, *, restart_from: str | None = None, echo: Calla
             storage.write_json(run.run_dir / "stopped.json", {"stage": str(stage), "reason": str(e)})
             report_path = _report(run, echo)
             return LoopResult(run.run_dir, tuple(ran), tuple(skipped), message, report_path)
+        finally:
+            run.stop_serving()  # a policy server lives for one stage, however the stage ends
         summary = {**summary, "seconds": round(time.monotonic() - started, 2)}
         folder.publish(key, summary)
         ran.append(str(stage))

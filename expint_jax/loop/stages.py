@@ -85,6 +85,7 @@ class Run:
     mesh: Any
     worlds: acting.Worlds
     stage_hashes: dict[str, str] = dataclasses.field(default_factory=dict)  # "iter_000/extract" -> hash
+    _actors: acting.Actors | None = dataclasses.field(default=None, repr=False)
 
     def stage_dir(self, k: int, name: str) -> Path:
         return self.run_dir / f"iter_{k:03d}" / name
@@ -106,6 +107,22 @@ class Run:
         if directory is None:
             return build_model(self.config.model, self.mesh, remat=remat)
         return load_model(directory, self.config.model, self.mesh, remat=remat)
+
+    @property
+    def actors(self) -> acting.Actors:
+        if self._actors is None:
+            self._actors = acting.Actors(self.config, self.tokenizer, self.mesh, self.run_dir,
+                                         count_tokens=lambda messages: len(self.chat.encode_prompt(messages)))
+        return self._actors
+
+    def acting_backend(self, k: int, log_dir: Path):
+        """The backend acting for π_k in the current stage; a policy server's log goes to ``log_dir``."""
+        return self.actors.backend(self.policy_dir(k), lambda: self.load_policy(k), log_dir)
+
+    def stop_serving(self) -> None:
+        """Stops the stage's policy server, if one runs (the driver calls this when a stage ends)."""
+        if self._actors is not None:
+            self._actors.close()
 
     def pool(self, k: int) -> ExperiencePool:
         return read_pool(self.stage_dir(k, "extract") / "pool.jsonl")
@@ -174,7 +191,8 @@ def stage_key(run: Run, k: int, name: str) -> dict[str, Any]:
     c = run.config
     # extract.batch_tasks partitions every stage's rollout files: a resumed stage must keep it.
     # The env is named by its own section (simweb | webwalker | math): a SimWeb key is as before.
-    acting_keys = {**_section(c, "model", "policy", c.env, "agent", "seed"), "batch_tasks": c.extract.batch_tasks}
+    acting_keys = {**_section(c, "model", c.env, "agent", "seed"), "policy": acting.policy_key(c.policy),
+                   "batch_tasks": c.extract.batch_tasks}
     release_steps = c.extract.schedule == "release_steps"
     if name == "rollouts" and release_steps:  # records nothing (the extract stage rolls out per step)
         return {"extract": {"schedule": c.extract.schedule}}
@@ -233,7 +251,7 @@ def write_experience(run: Run, k: int, trajectories: list[Trajectory], start: Ex
     if c.writer == "llm":
         backend = _endpoint(run.config)
     else:  # "self": π_k writes its own experience through the local engine
-        backend = self_backend or acting.acting_backend(run.config, run.load_policy(k), run.tokenizer, run.mesh)
+        backend = self_backend or run.acting_backend(k, workdir)
     settings = ExtractionConfig(granularity=c.granularity, max_pool_size=c.max_pool_size,
                                 sampling=SamplingParams(temperature=c.temperature, max_tokens=c.max_tokens))
     with tqdm(total=len(EXTRACTION_STAGES), desc=f"extract ({c.writer})", unit="stage", leave=False,
@@ -255,7 +273,7 @@ def rollouts_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
     if c.extract.schedule == "release_steps":
         return {"rollouts": 0, "skipped": "extract.schedule='release_steps': the extract stage rolls out per step"}
     tasks = acting.pick(run.worlds.train.tasks(), c.extract.tasks)
-    backend = acting.acting_backend(c, run.load_policy(k), run.tokenizer, run.mesh)
+    backend = run.acting_backend(k, work)
     injection: InjectionSpec | Callable[[int], InjectionSpec] = make_injection("none")
     running: dict[int, ExperiencePool] = {}
     after_batch = None
@@ -381,7 +399,7 @@ def _extract_in_steps(run: Run, k: int, work: Path) -> tuple[ExperiencePool, dic
     c = run.config
     tasks = acting.pick(run.worlds.train.tasks(), c.extract.tasks)
     plan = extraction_plan(run, k)
-    backend = acting.acting_backend(c, run.load_policy(k), run.tokenizer, run.mesh)
+    backend = run.acting_backend(k, work)
 
     def write(trajectories: Sequence[Trajectory], pool: ExperiencePool, workdir: Path) -> ExperiencePool:
         return write_experience(run, k, list(trajectories), pool, workdir,
@@ -399,10 +417,10 @@ def _extract_in_steps(run: Run, k: int, work: Path) -> tuple[ExperiencePool, dic
                   "groups": len(groups), "informative_groups": sum(g.is_informative for g in groups)}
 
 
-def _evaluate_policy(run: Run, model, pool: ExperiencePool, k: int, stage: str, work: Path) -> dict[str, Any]:
+def _evaluate_policy(run: Run, policy: int, pool: ExperiencePool, k: int, stage: str, work: Path) -> dict[str, Any]:
     c = run.config
     tasks = acting.pick(run.worlds.test.tasks(), c.eval.tasks)
-    backend = acting.acting_backend(c, model, run.tokenizer, run.mesh)
+    backend = run.acting_backend(policy, work)  # π_policy
     levels = acting.levels_of(tasks)
     result: dict[str, Any] = {"pool_size": len(pool)}
     for mode in c.eval.modes:
@@ -417,7 +435,7 @@ def _evaluate_policy(run: Run, model, pool: ExperiencePool, k: int, stage: str, 
 
 
 def base_eval_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
-    result = {"policy": 0, **_evaluate_policy(run, run.load_policy(0), run.pool(0), 0, "base_eval", work)}
+    result = {"policy": 0, **_evaluate_policy(run, 0, run.pool(0), 0, "base_eval", work)}
     storage.write_json(work / "eval.json", result)
     return _eval_summary(result)
 
@@ -425,8 +443,7 @@ def base_eval_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
 def eval_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
     train_dir = run.stage_dir(k, "train")
     trained = storage.read_json(train_dir / "done.json")["summary"]
-    model = load_model(train_dir / "policy", run.config.model, run.mesh)
-    result = {"policy": k + 1, **_evaluate_policy(run, model, run.pool(k), k, "eval", work),
+    result = {"policy": k + 1, **_evaluate_policy(run, k + 1, run.pool(k), k, "eval", work),
               "heldout_kl": {"before": trained.get("kl_before"), "after": trained.get("kl_after")},
               "train_status": trained.get("status")}
     storage.write_json(work / "eval.json", result)
@@ -446,7 +463,7 @@ def data_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
         summary["empty"] = "the pool is empty: no teacher context to distill"
         return summary
     teacher_spec = run.injection(pool, c.injection.mode)
-    backend = acting.acting_backend(c, run.load_policy(k), run.tokenizer, run.mesh)
+    backend = run.acting_backend(k, work)
     agent = acting.agent_config(c)
     # teacher = "from_rollout": the teacher's own top-k + tail at every token it writes is kept.
     signal_k = c.trainer.step.divergence.top_k if c.trainer.step.from_rollout else 0
@@ -587,10 +604,13 @@ def _on_policy_rounds(run: Run, k: int, work: Path, trainer, student, teacher,
     steps_done = r = 0
     while plan is None or r < len(plan):
         round_dir = work / f"round_{r:03d}"
-        backend = acting.acting_backend(c, student, run.tokenizer, run.mesh)
+        # The student that samples: π_k, then the one the previous round exported (a server serves that folder).
+        sampler = work / f"round_{r - 1:03d}" / "student" if r else run.policy_dir(k)
+        backend = run.actors.backend(sampler, lambda: student, round_dir)
         samples = acting.rollouts(backend, acting.agent_config(c), run.worlds.train, tasks,
                                   samples=c.distill.samples, seed=run.seed(k, "train") + r, directory=round_dir,
                                   prefix="student", batch_tasks=c.extract.batch_tasks, progress=c.progress_bar)
+        run.stop_serving()  # the trainer gets the accelerators back
         annotated = annotate_injections(samples, spec)
         storage.write_jsonl(round_dir / "annotated.jsonl", (t.to_json() for t in annotated))
         data = _examples(run, annotated, str(round_dir / "annotated.jsonl"))
