@@ -63,7 +63,7 @@ class PaperPrograms:
 
 def paper_programs(model: str, target: str, mesh: tuple[int, int, int] | None = None) -> PaperPrograms:
     """The programs of ``configs/paper/<model>.py:<target>``; ``mesh`` (data, fsdp, tensor) replaces
-    the target's layout (its chip's budget is kept)."""
+    the target's layout (its chip's budget and the config's micro-batches are kept)."""
     from expint_jax.analysis.compiled_memory import H100, V4, V5P, SamplerCase, TrainCase
     from expint_jax.config import bind, load_config_file
     from expint_jax.distill.batch import BatchShape, bucket_length
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
-    parser.add_argument("--mesh", default="", help="data,fsdp,tensor replacing every target's layout")
+    parser.add_argument("--mesh", default="", help="data,fsdp,tensor replacing every target's layout (micro-batches kept)")
     args = parser.parse_args(argv)
     models, targets = args.models.split(","), args.targets.split(",")
     for given, known in ((models, MODELS), (targets, TARGETS)):
