@@ -19,6 +19,11 @@ The hardware is one key, the config file's argument: ``--config=configs/paper/qw
     v5p-32    16 chips x 95 GB, 4 hosts     2, 8, 1                     8               32
     8xh100    8 GPUs x 80 GB, 1 node        1, 8, 1                     16              16
 
+By the compile check (``benchmarks/bench_compile_memory.py``, figures in BENCHMARKS.md) the
+Qwen3-4B train step at 32K tokens needs about 61 GB per chip: a v4-8 runs the rollouts (prefill
+and decode fit its 32 GB) but not that step. Qwen3-8B changes the v5p-8 and 8xh100 layouts
+(``qwen3_8b.LAYOUTS``).
+
 Environment variables (names only; set them before ``expint run``, ``expint doctor`` checks):
 DEEPSEEK_API_KEY (writer, selector, page summarizer, judge), SERPER_API_KEY (search),
 JINA_API_KEY (visit). Task files: data/webwalkerqa/train.jsonl and data/webwalkerqa/eval.jsonl

@@ -50,7 +50,7 @@ from expint_jax.distill.losses import (
     chunked_weighted_loss,
     reduce_losses,
 )
-from expint_jax.distill.optim import MasterWeightsState, apply_updates, needs_master_weights
+from expint_jax.distill.optim import MasterWeightsState, apply_updates, needs_master_weights, state_shardings
 from expint_jax.distill.views import tree_attention_mask
 
 Metrics = dict[str, jax.Array]
@@ -123,9 +123,11 @@ class TrainState:
 
 
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
-    """Splits ``model`` and initializes ``optimizer``; parameters below float32 need master weights."""
+    """Splits ``model`` and initializes ``optimizer`` (its state placed like the parameters,
+    ``optim.state_shardings``); parameters below float32 need master weights."""
     graphdef, params = nnx.split(model, nnx.Param)
-    opt_state = jax.jit(optimizer.init)(params)
+    shardings = state_shardings(jax.eval_shape(optimizer.init, params), params)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings)(params)
     if needs_master_weights(params) and not isinstance(opt_state, MasterWeightsState):
         dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
         raise ValueError(
@@ -201,10 +203,18 @@ def _micro_losses(
 
 
 def _split_micro_batches(batch: DistillBatch, micro_batches: int) -> DistillBatch:
-    rows = batch.student_ids.shape[0]
+    """[rows, ...] -> [micro_batches, rows // micro_batches, ...], micro-batch i = rows i, i + m, i + 2m, ...
+
+    Strided, not contiguous: the batch is sharded by rows, so each device holds a contiguous block
+    and gives every micro-batch its share of rows, and the scan slices micro-batches without moving
+    data. (Contiguous micro-batches would each live on one device: the compiler then gathers the
+    whole batch onto every device.) The loss is normalized by the whole batch, so which rows share
+    a micro-batch does not change the step's result beyond floating-point summation order."""
+    rows = jax.tree.leaves(batch)[0].shape[0]
     if rows % micro_batches:
         raise ValueError(f"a batch of {rows} rows does not split into {micro_batches} micro-batches")
-    return jax.tree.map(lambda x: x.reshape((micro_batches, rows // micro_batches) + x.shape[1:]), batch)
+    return jax.tree.map(lambda x: x.reshape((rows // micro_batches, micro_batches) + x.shape[1:]).swapaxes(0, 1),
+                        batch)
 
 
 def _accumulate(params, teacher_params, batch, *, graphdef, teacher_graphdef, config, with_grad: bool):
