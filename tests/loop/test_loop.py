@@ -44,6 +44,7 @@ def test_loop_tiny_runs_every_stage_and_says_when_there_is_nothing_to_distill(tm
     assert (run_dir / "iter_000" / "train" / "policy" / "config.json").exists()
     report = (run_dir / "report.md").read_text()
     assert "| π_0 | none |" in report and "| π_1 | none |" in report and "kept_policy" in report
+    assert "What this testbed builds in" not in report  # a random network: nothing designed to state
     assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == [
         "acceptance.png", "accuracy.png", "assistant_turns.png", "pool.png", "premature_answers.png"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -78,6 +79,7 @@ def test_every_stage_of_the_reference_loop_sees_real_data(reference_run):
     assert evaluated["heldout_kl"] == {"before": train["kl_before"], "after": train["kl_after"]}
     report = (run_dir / "report.md").read_text()
     assert "| π_1 | stepwise |" in report and f"{data['acceptance_rate']:.3f}" in report
+    assert "## What this testbed builds in" in report and "Open the source" in report  # the designed effects
 
 
 def test_off_policy_data_are_judged_correct_teacher_samples_with_experience(reference_run):
