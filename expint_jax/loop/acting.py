@@ -120,7 +120,7 @@ def acting_backend(config: LoopConfig, model: Any, tokenizer: Any, mesh: Any) ->
     from expint_jax.llm.local import LocalEngine
 
     return LocalEngine(model, tokenizer, mesh=mesh, max_batch_size=config.policy.max_batch_size,
-                       max_context=config.policy.max_context)
+                       max_context=config.policy.max_context, enable_thinking=config.model.enable_thinking)
 
 
 def agent_config(config: LoopConfig) -> AgentConfig:
