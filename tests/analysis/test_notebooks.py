@@ -19,7 +19,7 @@ from tests.loop.conftest import loop_config
 
 nbformat = pytest.importorskip("nbformat")  # the `test` extra
 nbclient = pytest.importorskip("nbclient")
-matplotlib = pytest.importorskip("matplotlib")
+image = pytest.importorskip("matplotlib.image")
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -48,9 +48,9 @@ def assert_plots(directory: Path, names: list[str]) -> None:
     """Exactly these PNG files, each a real figure (not a blank canvas)."""
     assert sorted(p.name for p in directory.glob("*.png")) == sorted(names)
     for name in names:
-        image = matplotlib.image.imread(directory / name)
-        assert image.ndim == 3 and image.shape[0] >= 200 and image.shape[1] >= 300, (name, image.shape)
-        assert len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)) > 50, f"{name}: almost one colour"
+        pixels = image.imread(directory / name)
+        assert pixels.ndim == 3 and pixels.shape[0] >= 200 and pixels.shape[1] >= 300, (name, pixels.shape)
+        assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 50, f"{name}: almost one colour"
 
 
 @pytest.fixture(scope="module")
