@@ -26,7 +26,7 @@ from expint_jax import storage
 from expint_jax.config import ConfigError, to_dict
 from expint_jax.loop import acting, layout
 from expint_jax.loop.config import LoopConfig
-from expint_jax.loop.stages import STAGE_FUNCTIONS, STAGES, EmptyStage, Run, stage_key
+from expint_jax.loop.stages import STAGE_FUNCTIONS, STAGES, EmptyStage, Run, extraction_plan, stage_key
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ def open_run(config: LoopConfig) -> Run:
                acting.Worlds.of(config))
 
 
+# The keys that make each environment's two worlds, named when they share tasks.
+WORLD_KEYS = {"webwalker": "config.webwalker.train_file / config.webwalker.eval_file",
+              "math": "config.math.train_split / config.math.test_split"}
+
+
 def check_task_split(run: Run) -> None:
     """Evaluation and held-out tasks never overlap the extraction or teacher tasks (``ConfigError``).
     Extraction and teacher tasks may coincide (the paper distills on its extraction tasks), also
@@ -84,12 +89,16 @@ def check_task_split(run: Run) -> None:
                            ids(acting.pick(run.worlds.train.tasks(), c.distill.tasks)), evaluation,
                            granularity=c.extract.granularity, allow_instance_overlap=True)
     except TaskOverlapError as e:
-        raise ConfigError(f"task split: {e}") from None
+        raise ConfigError(f"{WORLD_KEYS.get(c.env, f'config.{c.env}')}: the held-out world's tasks (config.eval.tasks, "
+                          f"config.distill.heldout_tasks) must not be training-world tasks (config.extract.tasks, "
+                          f"config.distill.tasks): {e}") from None
 
 
 def plan(run: Run, order: list[layout.StageId]) -> dict[str, dict]:
     """Every stage's key, in order, checked against the disk (``StaleStageError`` on a mismatch)."""
     check_task_split(run)
+    if run.config.extract.schedule == "release_steps":
+        extraction_plan(run, 0)  # the extraction tasks fill the schedule's batches (else ConfigError)
     keys = {}
     for stage in order:
         key = stage_key(run, stage.iteration, stage.name)
@@ -150,6 +159,8 @@ def run_loop(config: LoopConfig, *, restart_from: str | None = None, echo: Calla
             storage.write_json(run.run_dir / "stopped.json", {"stage": str(stage), "reason": str(e)})
             report_path = _report(run, echo)
             return LoopResult(run.run_dir, tuple(ran), tuple(skipped), message, report_path)
+        finally:
+            run.stop_serving()  # a policy server lives for one stage, however the stage ends
         summary = {**summary, "seconds": round(time.monotonic() - started, 2)}
         folder.publish(key, summary)
         ran.append(str(stage))
