@@ -33,6 +33,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -108,6 +109,16 @@ class LocalEngine:
             tokenizer_path = path
         log.info("LocalEngine: model from %s, tokenizer from %s", path, tokenizer_path or "the offline Qwen3 build")
         return cls(model, load_tokenizer(tokenizer_path), mesh=mesh, **kwargs)
+
+    def with_thinking(self, enable_thinking: bool) -> LocalEngine:
+        """This engine prompting in the other thinking mode: the same weights, compiled functions
+        and settings, another chat format (``self`` when the mode is already the one asked for).
+        ``set_params`` on one does not reach the other."""
+        if enable_thinking == self.chat_format.enable_thinking:
+            return self
+        other = copy.copy(self)
+        other.chat_format = ChatFormat(self.chat_format.tokenizer, enable_thinking=enable_thinking)
+        return other
 
     @property
     def state(self) -> nnx.State:

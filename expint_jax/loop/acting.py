@@ -169,7 +169,9 @@ class Actors:
             return self._backend
         self.close()
         self._server = PolicyServer(self.config.policy.server, directory, log_dir / "server.log").start()
-        self._backend = self._server.backend(self.count_tokens)
+        # Thinking off travels as chat_template_kwargs; the default sends nothing (as before).
+        self._backend = self._server.backend(self.count_tokens,
+                                             enable_thinking=None if self.config.model.enable_thinking else False)
         return self._backend
 
     def close(self) -> None:

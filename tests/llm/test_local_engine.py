@@ -171,7 +171,10 @@ def test_bad_configuration_is_a_backend_error(engine):
 def test_thinking_off_generates_after_the_empty_think_block(engine):
     """Qwen3's thinking-off prompt (models.chat): the block ends the prompt and counts in the
     context budget; the completion is what follows it."""
-    off = LocalEngine(engine.model, engine.chat_format.tokenizer, max_batch_size=2, enable_thinking=False)
+    off = engine.with_thinking(False)
+    assert off.state is engine.state and engine.with_thinking(True) is engine and engine.chat_format.enable_thinking
+    assert LocalEngine(engine.model, engine.chat_format.tokenizer, enable_thinking=False).chat_format.render(
+        CONVERSATIONS[0], add_generation_prompt=True) == off.chat_format.render(CONVERSATIONS[0], add_generation_prompt=True)
     conversation = CONVERSATIONS[0]
     prompt = off.chat_format.encode_prompt(conversation)
     assert off.chat_format.tokenizer.decode(prompt[-7:]) == "<|im_start|>assistant\n<think>\n\n</think>\n\n"
