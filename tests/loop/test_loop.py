@@ -146,25 +146,6 @@ def test_run_axes_tabulates_a_finished_cell(reference_run):
     assert "| recipe | π_0 | none |" in text and "| recipe | π_1 | stepwise |" in text
 
 
-def test_the_iterations_notebook_runs_on_a_run_and_saves_its_plots(reference_run, tmp_path, monkeypatch):
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    _, _, runs, _ = reference_run
-    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "iterations.ipynb"
-    monkeypatch.setenv("EXPINT_ITERATIONS_RUNS", str(runs / "loop_tiny"))
-    monkeypatch.setenv("EXPINT_ITERATIONS_OUT", str(tmp_path / "plots"))
-    monkeypatch.chdir(notebook.parent)
-    namespace = {"__name__": "__main__"}
-    for i, cell in enumerate(c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"):
-        exec(compile("".join(cell["source"]), f"{notebook.name}, code cell {i}", "exec"), namespace)
-    plt.close("all")
-    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
-        "accuracy.png", "assistant_turns.png", "distillation.png", "pool_changes.png", "premature_answers.png"]
-    assert namespace["pool_changes"]["loop_tiny"][0]["added"] > 0
-
-
 def test_the_stage_commands_work_over_a_run_directory(reference_run, tmp_path, capsys):
     from expint_jax.cli import stages as stage_commands
 
