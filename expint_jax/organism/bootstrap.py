@@ -9,10 +9,11 @@
      thousand rows instead of 151,936 while the tokenization of SimWeb text stays Qwen3's;
   3. a Qwen3 of ``OrganismConfig.shape`` (tied embeddings) initialised from ``seed`` and trained by
      the distillation trainer in two phases:
-       a. language modelling on every token of the ``lm_corpus`` conversations (``targets="all"``):
-          pages, search results and the agent's turns alike. Copying names and URLs from the
-          context is most of what acting on SimWeb takes, and every token of a trajectory
-          practises it, where the agent's own turns are a sixth of the tokens;
+       a. language modelling on every token of the ``lm_corpus`` conversations (``targets="all"``)
+          after their system prompt: the question, pages, search results and the agent's turns
+          alike. Copying names and URLs from the context is most of what acting on SimWeb takes,
+          and every token of a trajectory practises it, where the agent's own turns are a sixth
+          of the tokens; the system prompt (the same 400 tokens every time) is left to phase b;
        b. the ``nll`` loss on the agent's turns of ``corpus`` in the *teacher's* layout
           (``StepConfig(student_view="teacher")``): every assistant turn is learned with exactly
           the experience that turn saw in context (global block, or its own step-wise block);
@@ -64,6 +65,9 @@ class OrganismShape:
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
+    # Qwen3's 1e6 is for 40K-token contexts; the organism's are 4K, where RoPE's usual 1e4 gives
+    # every head a finer sense of "the token after this one", which copying names and URLs needs.
+    rope_theta: float = 10_000.0
 
 
 NO_EXPERIENCE = ContextMix(none=1.0, global_=0.0, stepwise=0.0, stepwise_random=0.0, stepwise_instance=0.0)
@@ -119,6 +123,10 @@ def corpus_texts(trajectories: Iterable[Trajectory]) -> list[str]:
     return texts
 
 
+def _without_system(trajectory: Trajectory) -> Trajectory:
+    return dataclasses.replace(trajectory, messages=tuple(m for m in trajectory.messages if m.role != "system"))
+
+
 def organism_model_config(vocab: SubVocabulary, tokenizer, shape: OrganismShape) -> Qwen3Config:
     return Qwen3Config(vocab_size=vocab.padded_size, tie_word_embeddings=True, max_position_embeddings=8192,
                        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **dataclasses.asdict(shape))
@@ -129,7 +137,7 @@ def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str]
     out = Path(out)
     work = out.with_name(out.name + ".train")
     started = time.time()
-    plain = bootstrap_trajectories(config.lm_corpus) if config.lm.epochs else []
+    plain = [_without_system(t) for t in bootstrap_trajectories(config.lm_corpus)] if config.lm.epochs else []
     trajectories = bootstrap_trajectories(config.corpus)
     base = load_tokenizer(None)
     vocab = SubVocabulary.from_corpus(base, corpus_texts([*plain, *trajectories]), max_tokens=config.vocab_tokens)

@@ -73,6 +73,10 @@ class CorpusConfig:
     mix: ContextMix = ContextMix()
     max_llm_calls: int = 10
     max_context_tokens: int = 4096
+    # The scripted agent's <think> lines before each action. Off: the organism acts in tool calls
+    # and answers only (its mistakes and their response to lessons are in the actions), which
+    # halves what it writes per turn and what a rollout decodes.
+    think: bool = False
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -110,7 +114,8 @@ class WorldPools:
 
 def world_pools(env: SimWebEnv, config: CorpusConfig, seed: int) -> WorldPools:
     """The pools the offline writer makes from the plain scripted agent's rollouts on ``env``."""
-    groups = group_rollouts(run_reference_agent(env, n=config.pool_samples, seed=seed, mistakes=config.mistakes))
+    groups = group_rollouts(run_reference_agent(env, n=config.pool_samples, seed=seed, mistakes=config.mistakes,
+                                                think=config.think))
     return WorldPools(*(write_offline(groups, ExperiencePool(), OfflineWriterConfig(granularity=g), iteration=0)
                         for g in ("principle", "instance")))
 
@@ -139,7 +144,8 @@ def draw_contexts(task_ids: Sequence[str], config: CorpusConfig, seed: int) -> l
 
 def bootstrap_trajectories(config: CorpusConfig) -> list[Trajectory]:
     """See the module docstring."""
-    policy = ReferencePolicy(ReferenceAgentConfig(mistakes=config.mistakes, sensitivity=Sensitivity()))
+    policy = ReferencePolicy(ReferenceAgentConfig(mistakes=config.mistakes, sensitivity=Sensitivity(),
+                                                  think=config.think))
     out: list[Trajectory] = []
     for seed in config.seeds:
         env = SimWebEnv(SimWebConfig(seed=seed, split="train", tasks_per_level=config.tasks_per_level,
