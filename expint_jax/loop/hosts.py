@@ -23,7 +23,10 @@ them. The decisions, and why:
     each reads the published data, builds the same examples and feeds its own rows
     (``distill.pipeline``); the jitted steps, the held-out KL measurements and the export of
     π_{k+1} (gathered by ``models.hf.save_checkpoint``) are collectives that every process enters
-    in the same order. Process 0 claims the stage folder before and publishes it after.
+    in the same order. Process 0 claims the stage folder before and publishes it after. The
+    on-policy regime samples the student between training rounds inside this stage: process 0
+    does it alone, with its own copy of the student (π_k, or the student the previous round
+    exported), and the others read the samples it wrote (``stages._student_samples``).
   * **One writer per artefact.** Process 0 writes every stage folder, marker (``claim.json``,
     ``done.json``), pool, evaluation, the report with its plots and TensorBoard scalars, the run's
     ``config.json`` and ``stopped.json``; the trainer writes its metrics (JSONL, TensorBoard) and
@@ -33,8 +36,7 @@ them. The decisions, and why:
 
 ``check`` refuses, at start-up and on every process, what cannot work under several processes: a
 mesh that leaves out some process's devices, a batch whose rows do not split evenly over the
-processes, an acting mesh process 0's devices cannot form, and the on-policy regime (its student
-samples between training rounds, inside the collective stage; not supported yet).
+processes, and an acting mesh process 0's devices cannot form.
 """
 
 from __future__ import annotations
@@ -67,10 +69,6 @@ def check(config: LoopConfig, mesh: jax.sharding.Mesh, processes: Processes) -> 
     if rows % n:
         raise ConfigError(f"config.trainer.batching.rows={rows}: every one of the {n} processes feeds the same number "
                           "of rows; choose a multiple of the process count")
-    if config.distill.regime == "on_policy":
-        raise ConfigError(f"config.distill.regime='on_policy' under {n} processes: its student samples between "
-                          "training rounds inside the collective train stage, which the multi-host loop does not "
-                          "support yet; run it as one process, or use off_policy or sft")
     spanned = {d.process_index for d in mesh.devices.flat}
     if spanned != set(range(n)):
         raise ConfigError(f"config.mesh: the mesh uses the devices of processes {sorted(spanned)} only, but {n} "

@@ -107,10 +107,11 @@ class Processes:
             self.client.key_value_set(f"{key}/started", "")
             try:
                 value = work()
+                outcome = json.dumps({"value": value})  # a result that cannot be sent is process 0's failure too
             except BaseException as error:
                 self.client.key_value_set(f"{key}/outcome", json.dumps({"error": f"{type(error).__name__}: {error}"}))
                 raise
-            self.client.key_value_set(f"{key}/outcome", json.dumps({"value": value}))
+            self.client.key_value_set(f"{key}/outcome", outcome)
             return value
         log.info("process %d of %d: waiting for process 0 to finish %s (call %d)", self.index, self.count, name,
                  self.calls)
