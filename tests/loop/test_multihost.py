@@ -213,3 +213,22 @@ def test_process_zero_acts_on_its_own_devices_with_the_runs_tensor_axis():
     assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
     with pytest.raises(ValueError, match="do not divide"):
         hosts.acting_mesh(MeshConfig(tensor=3), jax.devices()[:4])
+
+
+def test_a_stage_failing_on_process_zero_stops_every_process_with_one_line(tmp_path):
+    """Process 0's writer endpoint is unreachable at ``extract``: it fails the stage as one process
+    would, and process 1, waiting for that stage, stops at once with one line naming both."""
+    args = [*ARGS, "--config.policy.backend=reference", "--config.extract.writer=llm",
+            "--config.extract.endpoint.base_url=http://127.0.0.1:9/v1", "--config.extract.endpoint.model=writer-model",
+            "--config.extract.endpoint.max_attempts=1", "--config.extract.endpoint.timeout_s=5",
+            f"--config.runs_dir={tmp_path}"]
+    leader, other = run_processes(["-m", "expint_jax.cli", "run", *args], count=2, devices=2, timeout=600)
+    failure = "EndpointError: endpoint http://127.0.0.1:9/v1 (model writer-model)"
+    lines = [line for line in leader.stderr.splitlines() if line.startswith("expint run:")]
+    assert leader.returncode == 2 and len(lines) == 1 and lines[0].startswith(
+        "expint run: endpoint http://127.0.0.1:9/v1 (model writer-model)"), leader.stderr[-3000:]
+    lines = [line for line in other.stderr.splitlines() if line.startswith("expint run:")]
+    assert other.returncode == 2 and len(lines) == 1, other.stderr[-3000:]
+    assert lines[0].startswith(f"expint run: process 1: process 0 failed at iter_000/extract: {failure}")
+    assert (tmp_path / "loop_tiny/iter_000/rollouts/done.json").exists()
+    assert (tmp_path / "loop_tiny/iter_000/extract.partial").is_dir()  # left for a rerun to resume
