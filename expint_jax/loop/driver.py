@@ -32,7 +32,7 @@ from expint_jax import storage
 from expint_jax.config import ConfigError, to_dict
 from expint_jax.loop import acting, hosts, layout
 from expint_jax.loop.config import LoopConfig
-from expint_jax.loop.stages import STAGE_FUNCTIONS, STAGES, EmptyStage, Run, stage_key
+from expint_jax.loop.stages import STAGE_FUNCTIONS, STAGES, EmptyStage, Run, extraction_plan, stage_key
 from expint_jax.parallel import coordination
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,11 @@ def open_run(config: LoopConfig) -> Run:
                acting.Worlds.of(config))
 
 
+# The keys that make each environment's two worlds, named when they share tasks.
+WORLD_KEYS = {"webwalker": "config.webwalker.train_file / config.webwalker.eval_file",
+              "math": "config.math.train_split / config.math.test_split"}
+
+
 def check_task_split(run: Run) -> None:
     """Evaluation and held-out tasks never overlap the extraction or teacher tasks (``ConfigError``).
     Extraction and teacher tasks may coincide (the paper distills on its extraction tasks), also
@@ -90,12 +95,16 @@ def check_task_split(run: Run) -> None:
                            ids(acting.pick(run.worlds.train.tasks(), c.distill.tasks)), evaluation,
                            granularity=c.extract.granularity, allow_instance_overlap=True)
     except TaskOverlapError as e:
-        raise ConfigError(f"task split: {e}") from None
+        raise ConfigError(f"{WORLD_KEYS.get(c.env, f'config.{c.env}')}: the held-out world's tasks (config.eval.tasks, "
+                          f"config.distill.heldout_tasks) must not be training-world tasks (config.extract.tasks, "
+                          f"config.distill.tasks): {e}") from None
 
 
 def plan(run: Run, order: list[layout.StageId]) -> dict[str, dict]:
     """Every stage's key, in order, checked against the disk (``StaleStageError`` on a mismatch)."""
     check_task_split(run)
+    if run.config.extract.schedule == "release_steps":
+        extraction_plan(run, 0)  # the extraction tasks fill the schedule's batches (else ConfigError)
     keys = {}
     for stage in order:
         key = stage_key(run, stage.iteration, stage.name)
@@ -195,18 +204,20 @@ def _run_stage(run: Run, stage: layout.StageId, key: dict, processes: coordinati
         folder.publish(key, summary)
         return {"state": "ran", "summary": summary}
 
-    def attempt(call: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
+    def attempt(acting_run: Run) -> tuple[dict[str, Any] | None, str | None]:
         try:
-            return call(), None
+            return function(acting_run, stage.iteration, folder.partial), None
         except EmptyStage as e:
             return None, str(e)
+        finally:
+            acting_run.stop_serving()  # a policy server lives for one stage, however the stage ends
 
     if stage.name in hosts.SPMD_STAGES:
         outcome = processes.leader_runs(f"{stage} (claim)", claim)
         if outcome["state"] == "done":
             return outcome
         started = time.monotonic()
-        result = attempt(lambda: function(run, stage.iteration, folder.partial))
+        result = attempt(run)
         outcome = processes.leader_runs(f"{stage} (publish)", lambda: finish(*result, started))
     else:
         def act() -> dict[str, Any]:
@@ -214,8 +225,7 @@ def _run_stage(run: Run, stage: layout.StageId, key: dict, processes: coordinati
             if claimed["state"] == "done":
                 return claimed
             started = time.monotonic()
-            return finish(*attempt(lambda: function(hosts.acting_run(run, processes), stage.iteration,
-                                                    folder.partial)), started)
+            return finish(*attempt(hosts.acting_run(run, processes)), started)
 
         outcome = processes.leader_runs(str(stage), act)
     if outcome["state"] == "ran" and not processes.is_leader:

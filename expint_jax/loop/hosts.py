@@ -11,8 +11,8 @@ them. The decisions, and why:
     alternative, every process running the agent in lockstep so that the local engine's sampler
     could be sharded over all hosts, would repeat every tool call, endpoint call and judge call
     once per process and needs identical host randomness everywhere; it is not done. Hence π_k
-    must fit on one host's devices to act through the local engine; larger models act through an
-    inference server.
+    must fit on one host's devices to act through the local engine; the scale path is
+    ``policy.backend='server'``, whose server process 0 starts on its host for the stage.
   * **The others wait, then read.** Process 0 hands each stage's outcome (its summary, or its
     error) to the other processes through the coordination service
     (``parallel.coordination.Processes.leader_runs``; deadlines and errors are described there)
@@ -92,10 +92,11 @@ def acting_mesh(config: MeshConfig, devices: list[Any] | None = None) -> jax.sha
 
 def acting_run(run: Any, processes: Processes) -> Any:
     """``run`` as process 0 acts with it: on ``acting_mesh`` when several processes run (the same
-    ``Run`` otherwise). Stage hashes stay shared."""
+    ``Run`` otherwise), with actors (policy servers) of its own; stage hashes stay shared. The
+    caller stops its server (``stop_serving``)."""
     if processes.count == 1:
         return run
-    return dataclasses.replace(run, mesh=acting_mesh(run.config.mesh))
+    return dataclasses.replace(run, mesh=acting_mesh(run.config.mesh), _actors=None)
 
 
 def await_published(folder: layout.StageDir, processes: Processes) -> None:
