@@ -2,11 +2,12 @@
 
 One iteration of ``configs/loop_tiny.py`` runs twice: as 2 processes with 2 fake CPU devices each
 (``jax.distributed`` on localhost, gloo collectives) and as 1 process with 4 devices, both on the
-mesh (data=1, fsdp=4), in three cases (``CASES``): ``policy.backend='reference'`` makes every stage
+mesh (data=1, fsdp=4), in four cases (``CASES``): ``policy.backend='reference'`` makes every stage
 see real data (a pool of lessons, accepted teacher rollouts, a trained step); the default local
 backend (the tiny random network acts through the local engine; its groups are uninformative, so
-the policy is kept); and the on-policy regime over two rounds (process 0 samples the student
-between them).
+the policy is kept); the on-policy regime over two rounds (process 0 samples the student between
+them); and a policy server (a scripted stand-in process 0 starts for each acting stage, serving
+π_0 that process 0 exported alone).
 
 What must be equal:
   * bitwise: every file the acting stages wrote (rollouts, pool, diff, granularity, base
@@ -49,13 +50,18 @@ from tests.multiprocess import REPO, run_processes, single_env
 ARGS = ["--config", "configs/loop_tiny.py", "--config.mesh.devices=0", "--config.mesh.fsdp=-1"]
 VOLATILE = {"elapsed_s", "seconds", "finished_at", "loss_tokens_per_second", "student_tokens_per_second",
             "step_seconds"}
+SCRIPTED_SERVER = ("{python} -m tests.fakes.policy_server --scripted --checkpoint {checkpoint} --host {host} "
+                   "--port {port} --model-name {model_name}")
 CASES = {  # extra arguments of each compared pair of runs
     "reference": ["--config.policy.backend=reference"],
     "local": ["--config.policy.backend=local"],
     # two rounds: process 0 samples round 1 with the student that round 0 exported
     "on_policy": ["--config.policy.backend=reference", "--config.distill.regime=on_policy",
                   "--config.trainer.epochs=2"],
+    # process 0 exports π_0 alone and serves it (a scripted server: always wrong, so π_0 is kept)
+    "server": ["--config.policy.backend=server", f"--config.policy.server.command={SCRIPTED_SERVER}"],
 }
+TRAINS = {"reference": True, "local": False, "on_policy": True, "server": False}  # else the policy is kept
 ORBAX = "/trainer/checkpoints/"
 # Floats of these stages come after a training step: compared to float tolerance, the rest bitwise.
 TRAINED = ("iter_000/train/", "iter_000/eval/")
@@ -142,7 +148,9 @@ def test_multi_process_run_equals_the_single_process_run(runs):
         assert {m: a[m] for m in ("none", "global", "stepwise")} == {m: b[m] for m in ("none", "global", "stepwise")}
     if case == "on_policy":  # process 0 sampled both rounds, the second with round 0's student
         assert {"iter_000/train/round_000/annotated.jsonl", "iter_000/train/round_001/annotated.jsonl"} <= files
-    assert any(f.endswith("metrics/train.jsonl") for f in files) == (case != "local")  # trained, or kept π_0
+    assert any(f.endswith("metrics/train.jsonl") for f in files) == TRAINS[case]
+    if case == "server":
+        assert any(f.startswith("base_policy_") for f in files) and "iter_000/rollouts/server.log" in files
 
 
 @pytest.mark.slow
@@ -157,7 +165,7 @@ def test_multi_process_policy_equals_the_single_process_policy(runs, tmp_path):
                      for d in (dirs["single"], dirs["multi"]))
     assert single.keys() == multi.keys()
     status = json.loads((dirs["single"] / "loop_tiny/iter_000/train/done.json").read_text())["summary"]["status"]
-    assert status == ("kept_policy" if case == "local" else "trained")
+    assert status == ("trained" if TRAINS[case] else "kept_policy")
     worst = max(float(np.max(np.abs(single[k] - multi[k]))) for k in single)
     if status == "kept_policy":  # π_0 re-exported: gathered across processes, bitwise
         assert worst == 0.0
