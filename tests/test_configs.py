@@ -39,6 +39,8 @@ def test_every_paper_config_binds_on_every_target(path, target):
     assert config.extract.max_pool_size == 50 and config.agent.temperature == 0.7 and config.agent.max_llm_calls == 100
     assert config.extract.writer == "llm" and config.extract.endpoint.api_key_env == "DEEPSEEK_API_KEY"
     assert config.webwalker.judge == "llm"
+    # Thinking off for the hybrid Qwen3-8B (every 8B cell); Qwen3-4B-Instruct-2507 has no thinking mode.
+    assert config.model.enable_thinking is not path.name.startswith("qwen3_8b")
 
 
 def test_the_target_sets_the_mesh_and_an_unknown_one_names_the_choices():

@@ -2,7 +2,8 @@
 
 Contract:
   * ``chat(conversations, params)`` encodes each conversation with ``ChatFormat.encode_prompt``
-    (the generation prompt appended), groups them by sampling strategy, penalties and stop strings, sorts
+    (the generation prompt appended; with ``enable_thinking=False`` it holds Qwen3's empty think
+    block, which is not part of the returned text), groups them by sampling strategy, penalties and stop strings, sorts
     each group by prompt length, cuts it into micro-batches of at most ``max_batch_size``, and
     returns one ``Completion`` per conversation in input order.
     Each micro-batch is left-padded to bucketed widths and to a batch size that the mesh's batch
@@ -32,6 +33,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -69,6 +71,7 @@ class LocalEngine:
         mesh: jax.sharding.Mesh | None = None,
         max_batch_size: int = 8,
         max_context: int | None = None,
+        enable_thinking: bool = True,
     ):
         if max_batch_size < 1:
             raise BackendError(f"LocalEngine: max_batch_size must be >= 1, got {max_batch_size}")
@@ -78,7 +81,7 @@ class LocalEngine:
             raise BackendError(f"LocalEngine: max_context must be >= 2, got {self.max_context}")
         self.mesh = mesh
         self.max_batch_size = max_batch_size
-        self.chat_format = ChatFormat(tokenizer)
+        self.chat_format = ChatFormat(tokenizer, enable_thinking=enable_thinking)
         self.token_bytes = TokenBytes.from_tokenizer(tokenizer, config.vocab_size)
         self._graphdef, state = nnx.split(model)
         # Committed arrays from the start: parameters swapped in later are committed too (device_put),
@@ -106,6 +109,16 @@ class LocalEngine:
             tokenizer_path = path
         log.info("LocalEngine: model from %s, tokenizer from %s", path, tokenizer_path or "the offline Qwen3 build")
         return cls(model, load_tokenizer(tokenizer_path), mesh=mesh, **kwargs)
+
+    def with_thinking(self, enable_thinking: bool) -> LocalEngine:
+        """This engine prompting in the other thinking mode: the same weights, compiled functions
+        and settings, another chat format (``self`` when the mode is already the one asked for).
+        ``set_params`` on one does not reach the other."""
+        if enable_thinking == self.chat_format.enable_thinking:
+            return self
+        other = copy.copy(self)
+        other.chat_format = ChatFormat(self.chat_format.tokenizer, enable_thinking=enable_thinking)
+        return other
 
     @property
     def state(self) -> nnx.State:

@@ -9,8 +9,10 @@ Endpoints: ``GET /v1/models`` (lists ``--model-name``), ``GET /health``, and ``P
 served name, else 404), ``temperature``, ``top_p``, ``top_k``, ``max_tokens`` (or
 ``max_completion_tokens``; default: the room left in the context), ``stop``, ``seed``,
 ``presence_penalty``, ``frequency_penalty``, ``logprobs``, ``top_logprobs`` (at most
-``--max-logprobs``, 20 by default as in vLLM), ``return_tokens_as_token_ids`` and ``n`` (1 only);
-other fields are ignored. A bad request, or a prompt that leaves no room in ``--max-context``,
+``--max-logprobs``, 20 by default as in vLLM), ``return_tokens_as_token_ids``, ``n`` (1 only)
+and ``chat_template_kwargs.enable_thinking`` (Qwen3's thinking switch, as vLLM and SGLang pass it
+to the template: false opens the generation prompt with the empty think block; its other keys
+are ignored); other fields are ignored. A bad request, or a prompt that leaves no room in ``--max-context``,
 is answered 400 with ``{"error": {"message": ...}}``.
 
 Semantics: each request is one ``LocalEngine`` conversation with its own ``SamplingParams``, so
@@ -64,6 +66,7 @@ class ChatRequest:
     params: SamplingParams
     logprobs: bool
     token_ids: bool  # name tokens "token_id:<id>"
+    enable_thinking: bool = True  # chat_template_kwargs.enable_thinking
 
 
 def parse_request(body: Any, *, model_name: str, max_context: int, max_logprobs: int) -> ChatRequest:
@@ -97,8 +100,14 @@ def parse_request(body: Any, *, model_name: str, max_context: int, max_logprobs:
             frequency_penalty=float(body.get("frequency_penalty") or 0.0), top_logprobs=top_logprobs)
     except (TypeError, ValueError) as e:
         raise BadRequest(f"invalid sampling parameters: {e}") from None
+    template_kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(template_kwargs, dict):
+        raise BadRequest("chat_template_kwargs must be a JSON object")
+    enable_thinking = template_kwargs.get("enable_thinking", True)
+    if not isinstance(enable_thinking, bool):
+        raise BadRequest(f"chat_template_kwargs.enable_thinking={enable_thinking!r}: expected true or false")
     return ChatRequest(messages, params, bool(body.get("logprobs")) or top_logprobs > 0,
-                       bool(body.get("return_tokens_as_token_ids")))
+                       bool(body.get("return_tokens_as_token_ids")), enable_thinking)
 
 
 def completion_body(completion: Completion, request: ChatRequest, *, model_name: str, prompt_tokens: int,
@@ -167,14 +176,17 @@ class _Batcher:
                     jobs.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                completions = self.engine.chat([j.request.messages for j in jobs], [j.request.params for j in jobs])
-                for job, completion in zip(jobs, completions, strict=True):
-                    job.completion = completion
-            except Exception as e:  # noqa: BLE001 - reported to each waiting request as a 500
-                log.exception("engine call failed")
-                for job in jobs:
-                    job.error = e
+            for mode in sorted({j.request.enable_thinking for j in jobs}):  # one engine call per thinking mode
+                group = [j for j in jobs if j.request.enable_thinking == mode]
+                try:
+                    completions = self.engine.with_thinking(mode).chat([j.request.messages for j in group],
+                                                                       [j.request.params for j in group])
+                    for job, completion in zip(group, completions, strict=True):
+                        job.completion = completion
+                except Exception as e:  # noqa: BLE001 - reported to each waiting request as a 500
+                    log.exception("engine call failed")
+                    for job in group:
+                        job.error = e
             for job in jobs:
                 job.done.set()
 
@@ -215,7 +227,8 @@ def make_server(engine: Any, *, host: str, port: int, model_name: str, max_logpr
                                         max_logprobs=max_logprobs)
                 completion = batcher.complete(request)
                 answer = completion_body(completion, request, model_name=model_name,
-                                         prompt_tokens=engine.count_tokens(request.messages),
+                                         prompt_tokens=engine.with_thinking(request.enable_thinking).count_tokens(
+                                             request.messages),
                                          token_text=lambda t: tokenizer.decode([t]), request_id=f"chatcmpl-{next(ids)}")
             except BadRequest as e:
                 self._send(e.status, _error(str(e), e.status))

@@ -330,11 +330,14 @@ class PolicyServer(contextlib.AbstractContextManager):
 
     # ------------------------------------------------------------------ client
 
-    def backend(self, count_tokens: Callable[[Sequence[Message]], int] | None = None) -> ServedBackend:
+    def backend(self, count_tokens: Callable[[Sequence[Message]], int] | None = None, *,
+                enable_thinking: bool | None = None) -> ServedBackend:
+        """``enable_thinking``: sent as the chat template's switch (``OpenAICompatible``); None: nothing."""
         spec = self.spec
         client = OpenAICompatible(self.url, spec.model_name, api_key_env=spec.api_key_env or None,
                                   max_concurrency=spec.max_concurrency,
-                                  retry=RetryPolicy(max_attempts=spec.max_attempts, timeout_s=spec.request_timeout_s))
+                                  retry=RetryPolicy(max_attempts=spec.max_attempts, timeout_s=spec.request_timeout_s),
+                                  enable_thinking=enable_thinking)
         return ServedBackend(self, client, count_tokens)
 
     # ------------------------------------------------------------------ messages

@@ -127,7 +127,7 @@ def acting_backend(config: LoopConfig, model: Any, tokenizer: Any, mesh: Any) ->
     from expint_jax.llm.local import LocalEngine
 
     return LocalEngine(model, tokenizer, mesh=mesh, max_batch_size=config.policy.max_batch_size,
-                       max_context=config.policy.max_context)
+                       max_context=config.policy.max_context, enable_thinking=config.model.enable_thinking)
 
 
 def policy_key(policy: PolicySection) -> dict[str, Any]:
@@ -169,7 +169,9 @@ class Actors:
             return self._backend
         self.close()
         self._server = PolicyServer(self.config.policy.server, directory, log_dir / "server.log").start()
-        self._backend = self._server.backend(self.count_tokens)
+        # Thinking off travels as chat_template_kwargs; the default sends nothing (as before).
+        self._backend = self._server.backend(self.count_tokens,
+                                             enable_thinking=None if self.config.model.enable_thinking else False)
         return self._backend
 
     def close(self) -> None:

@@ -71,7 +71,8 @@ def open_run(config: LoopConfig) -> Run:
     from expint_jax.parallel.mesh import make_mesh
 
     tokenizer = load_tokenizer(config.model.checkpoint or None)
-    return Run(config, Path(config.runs_dir) / config.name, tokenizer, ChatFormat(tokenizer), make_mesh(config.mesh),
+    chat = ChatFormat(tokenizer, enable_thinking=config.model.enable_thinking)
+    return Run(config, Path(config.runs_dir) / config.name, tokenizer, chat, make_mesh(config.mesh),
                acting.Worlds.of(config))
 
 

@@ -166,3 +166,21 @@ def test_bad_configuration_is_a_backend_error(engine):
         _engine_like(engine, max_batch_size=0)
     with pytest.raises(BackendError, match="max_context must be >= 2"):
         _engine_like(engine, max_context=1)
+
+
+def test_thinking_off_generates_after_the_empty_think_block(engine):
+    """Qwen3's thinking-off prompt (models.chat): the block ends the prompt and counts in the
+    context budget; the completion is what follows it."""
+    off = engine.with_thinking(False)
+    assert off.state is engine.state and engine.with_thinking(True) is engine and engine.chat_format.enable_thinking
+    assert LocalEngine(engine.model, engine.chat_format.tokenizer, enable_thinking=False).chat_format.render(
+        CONVERSATIONS[0], add_generation_prompt=True) == off.chat_format.render(CONVERSATIONS[0], add_generation_prompt=True)
+    conversation = CONVERSATIONS[0]
+    prompt = off.chat_format.encode_prompt(conversation)
+    assert off.chat_format.tokenizer.decode(prompt[-7:]) == "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert off.count_tokens(conversation) == len(prompt) == engine.count_tokens(conversation) + 4
+    (completion,) = off.chat([conversation], GREEDY)
+    graphdef, state = nnx.split(off.model)
+    (expected,) = generate(graphdef, state, [prompt], strategy=Greedy(), max_new_tokens=8,
+                           eos_ids=off.chat_format.eos_ids, batch_size=2, pad_id=off.chat_format.pad_id)
+    assert completion.token_ids == expected.token_ids

@@ -251,3 +251,60 @@ def test_the_standin_serves_what_the_local_engine_computes(tiny_checkpoint, tmp_
         np.testing.assert_array_equal(got.top_ids, want.top_ids[:n])
         np.testing.assert_allclose(got.top_logprobs, want.top_logprobs[:n], rtol=0, atol=1e-6)
         assert got.k == 8
+
+
+# ---------------------------------------------------------------------- thinking off
+
+
+def test_a_served_backend_sends_the_thinking_switch_only_when_asked(site, tmp_path):
+    with PolicyServer(_static(), site, tmp_path / "server.log") as server:
+        assert server.backend(enable_thinking=False).client.extra_body == {
+            "chat_template_kwargs": {"enable_thinking": False}}
+        assert server.backend().client.extra_body == {}
+
+
+def test_the_standin_prompts_each_request_in_its_thinking_mode():
+    """``chat_template_kwargs.enable_thinking`` as vLLM reads it: each mode is its own engine call,
+    with the engine in that mode (``LocalEngine.with_thinking``)."""
+    import threading
+
+    from expint_jax.llm import serve
+    from expint_jax.records import Completion
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    parse = lambda extra: serve.parse_request({**body, **extra}, model_name="m", max_context=64,  # noqa: E731
+                                              max_logprobs=8)
+    assert parse({}).enable_thinking and parse({"chat_template_kwargs": {"add_vision_id": True}}).enable_thinking
+    assert not parse({"chat_template_kwargs": {"enable_thinking": False}}).enable_thinking
+    with pytest.raises(serve.BadRequest, match="enable_thinking='no': expected true or false"):
+        parse({"chat_template_kwargs": {"enable_thinking": "no"}})
+    with pytest.raises(serve.BadRequest, match="chat_template_kwargs must be a JSON object"):
+        parse({"chat_template_kwargs": ["enable_thinking"]})
+
+    class Engine:  # records each call's mode and size
+        def __init__(self, thinking=True, calls=None):
+            self.thinking, self.calls = thinking, [] if calls is None else calls
+
+        def with_thinking(self, mode):
+            return self if mode == self.thinking else Engine(mode, self.calls)
+
+        def chat(self, conversations, params):
+            self.calls.append((self.thinking, len(conversations)))
+            return [Completion(text=f"thinking={self.thinking}") for _ in conversations]
+
+    engine = Engine()
+    batcher = serve._Batcher(engine, max_batch=8)
+    requests = [parse({"chat_template_kwargs": {"enable_thinking": i % 2 == 0}}) for i in range(4)]
+    answers = [None] * 4
+
+    def ask(i):
+        answers[i] = batcher.complete(requests[i]).text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert answers == ["thinking=True", "thinking=False", "thinking=True", "thinking=False"]
+    assert sum(n for _, n in engine.calls) == 4 and all(
+        sum(n for mode, n in engine.calls if mode is thinking) == 2 for thinking in (True, False))

@@ -195,3 +195,30 @@ def test_the_loop_with_a_served_network_and_the_teachers_signal_from_its_top_log
     for name in ("rollouts", "base_eval", "data", "eval"):
         assert "ready at" in (run.stage_dir(0, name) / "server.log").read_text()
     assert not any(group_alive(pid) for pid in _pids(run.run_dir))
+
+
+@pytest.mark.parametrize("thinking, sent", [(False, False), (True, None)])
+def test_thinking_off_reaches_the_served_policy_as_the_template_switch(tmp_path, monkeypatch, thinking, sent):
+    from expint_jax.loop import acting
+
+    asked = []
+
+    class Server:  # records what the loop asks of the policy server
+        def __init__(self, spec, checkpoint, log_path):
+            self.checkpoint = checkpoint
+
+        def start(self):
+            return self
+
+        def backend(self, count_tokens=None, *, enable_thinking=None):
+            asked.append(enable_thinking)
+            return object()
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(acting, "PolicyServer", Server)
+    config = loop_config(tmp_path, policy__backend="server", policy__server__command=SCRIPTED,
+                         model__enable_thinking=thinking)
+    acting.Actors(config, None, None, tmp_path).backend(tmp_path / "policy", lambda: None, tmp_path / "logs")
+    assert asked == [sent]  # thinking on (the default) sends nothing, as before
