@@ -3,7 +3,8 @@ into π_{k+1}, π_{k+1} is evaluated, and again.
 
 ``run_loop(LoopConfig)`` runs (or resumes) it; ``driver`` holds the schedule, ``stages`` the work
 of each stage, ``regimes`` the three distillation regimes, ``layout`` the run directory and its
-atomically published stages, ``metrics`` the evaluation figures, ``report`` the report;
+atomically published stages, ``metrics`` the evaluation figures, ``report`` the report,
+``hosts`` who does what when several JAX processes (hosts) run the loop together;
 ``cells`` runs several configs over seeds and ``comparison`` turns them into the paper's comparisons
 (intervals across seeds, one table and figure per axis).
 """

@@ -54,12 +54,13 @@ from expint_jax.experience.extract.steps import (StepPlan, problem_with_experien
                                                  run_extraction_steps)
 from expint_jax.experience.inject import InjectionSpec, annotate_injections, make_injection
 from expint_jax.experience.select import make_selector
-from expint_jax.loop import acting
+from expint_jax.loop import acting, hosts
 from expint_jax.loop.config import LoopConfig
 from expint_jax.loop.metrics import evaluate
 from expint_jax.loop.regimes import acceptance, make_regime, round_steps
 from expint_jax.models.hf import save_checkpoint
 from expint_jax.models.source import build_model, load_model
+from expint_jax.parallel import coordination
 from expint_jax.records import Message, SamplingParams, Trajectory, read_trajectories
 from expint_jax.rollout.agent import ReActAgent
 from expint_jax.rollout.envs.base import Environment, Task
@@ -602,27 +603,21 @@ def _on_policy_rounds(run: Run, k: int, work: Path, trainer, student, teacher,
     spec = run.injection(run.pool(k), c.injection.mode)
     plan: list[int] | None = None
     steps_done = r = 0
+    processes = coordination.current()
     while plan is None or r < len(plan):
         round_dir = work / f"round_{r:03d}"
-        # The student that samples: π_k, then the one the previous round exported (a server serves that folder).
-        sampler = work / f"round_{r - 1:03d}" / "student" if r else run.policy_dir(k)
-        backend = run.actors.backend(sampler, lambda: student, round_dir)
-        samples = acting.rollouts(backend, acting.agent_config(c), run.worlds.train, tasks,
-                                  samples=c.distill.samples, seed=run.seed(k, "train") + r, directory=round_dir,
-                                  prefix="student", batch_tasks=c.extract.batch_tasks, progress=c.progress_bar)
-        run.stop_serving()  # the trainer gets the accelerators back
-        annotated = annotate_injections(samples, spec)
-        storage.write_jsonl(round_dir / "annotated.jsonl", (t.to_json() for t in annotated))
+        annotated = _student_samples(run, k, r, student, work, tasks, spec, processes)
         data = _examples(run, annotated, str(round_dir / "annotated.jsonl"))
         if not data.examples:
-            raise RuntimeError(f"{round_dir}: none of the student's {len(samples)} samples gives a training example "
+            raise RuntimeError(f"{round_dir}: none of the student's {len(annotated)} samples gives a training example "
                                f"(counts: {data.counts.to_json()}); check the length budget (config.budget)")
         batches = math.ceil(len(data.examples) / trainer.batching.rows)
         if plan is None:
             total = trainer.epochs * batches if trainer.max_steps is None else min(trainer.max_steps,
                                                                                  trainer.epochs * batches)
             plan = round_steps(total, regime.refresh_every or 0, batches)
-            storage.write_json(work / "rounds.json", {"steps_per_round": plan})
+            if processes.is_leader:
+                storage.write_json(work / "rounds.json", {"steps_per_round": plan})
         steps = plan[r]
         round_config = dataclasses.replace(trainer, epochs=math.ceil(steps / batches), max_steps=steps)
         steps_done += train(round_config, student, teacher, data, eval_data, output_dir=round_dir / "trainer",
@@ -631,6 +626,35 @@ def _on_policy_rounds(run: Run, k: int, work: Path, trainer, student, teacher,
             save_checkpoint(student, round_dir / "student", tokenizer=run.tokenizer)
         r += 1  # train() left the trained weights in ``student``: they act in the next round
     return work / "round_000" / "trainer", work / f"round_{r - 1:03d}" / "trainer", steps_done
+
+
+def _student_samples(run: Run, k: int, r: int, student, work: Path, tasks, spec: InjectionSpec,
+                     processes: coordination.Processes) -> list[Trajectory]:
+    """Round ``r``'s samples of the student (no experience) with the teacher's contexts attached,
+    also written to ``round_<r>/annotated.jsonl``. The student that samples: π_k, then the one the
+    previous round exported (a server serves that folder). Several processes: process 0 samples
+    with its own copy of it (``hosts``), the others read the file."""
+    c = run.config
+    path = work / f"round_{r:03d}" / "annotated.jsonl"
+    sampler = work / f"round_{r - 1:03d}" / "student" if r else run.policy_dir(k)
+    annotated: list[Trajectory] = []
+
+    def sample() -> None:
+        acting_run = hosts.acting_run(run, processes)
+        load = (lambda: student) if acting_run is run else (
+            lambda: acting_run.load_policy(k) if r == 0 else load_model(sampler, c.model, acting_run.mesh))
+        try:
+            backend = acting_run.actors.backend(sampler, load, path.parent)
+            samples = acting.rollouts(backend, acting.agent_config(c), run.worlds.train, tasks,
+                                      samples=c.distill.samples, seed=run.seed(k, "train") + r, directory=path.parent,
+                                      prefix="student", batch_tasks=c.extract.batch_tasks, progress=c.progress_bar)
+        finally:
+            acting_run.stop_serving()  # the trainer gets the accelerators back
+        annotated.extend(annotate_injections(samples, spec))
+        storage.write_jsonl(path, (t.to_json() for t in annotated))
+
+    processes.leader_runs(f"{path.parent.relative_to(run.run_dir)} (student samples)", sample)
+    return annotated if processes.is_leader else read_trajectories(path)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run, int, Path], dict[str, Any]]] = {
