@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     boot.add_argument("--lm-learning-rate", type=float, default=default.lm.learning_rate)
     boot.add_argument("--epochs", type=int, default=default.sft.epochs, help="phase b epochs")
     boot.add_argument("--learning-rate", type=float, default=default.sft.learning_rate)
+    boot.add_argument("--rows", type=int, default=default.rows, help="trajectories per training batch")
     boot.add_argument("--hidden", type=int, default=default.shape.hidden_size)
     boot.add_argument("--layers", type=int, default=default.shape.num_layers)
     boot.add_argument("--seed", type=int, default=default.seed)
@@ -62,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shape=dataclasses.replace(default.shape, hidden_size=args.hidden, num_layers=args.layers,
                                       intermediate_size=3 * args.hidden),
             lm=dataclasses.replace(default.lm, epochs=args.lm_epochs, learning_rate=args.lm_learning_rate),
-            sft=dataclasses.replace(default.sft, epochs=args.epochs, learning_rate=args.learning_rate), seed=args.seed)
+            sft=dataclasses.replace(default.sft, epochs=args.epochs, learning_rate=args.learning_rate),
+            rows=args.rows, seed=args.seed)
         path = bootstrap(config, args.out, command=["expint", "organism", *(sys.argv[2:] if argv is None else argv)])
         record = storage.read_json(path / RECORD_FILE)
         steps = " + ".join(f"{phase['steps']} {name}" for name, phase in record["phases"].items())

@@ -66,6 +66,9 @@ class CorpusConfig:
     seeds: tuple[int, ...] = (101, 102, 103, 104, 105, 106, 107, 108)
     levels: tuple[str, ...] = ("easy", "medium")
     tasks_per_level: int = 60
+    # Few tasks per site: many distinct sites, so that a network learns to copy a site's name from
+    # the question rather than to recall the names of the sites it trained on.
+    tasks_per_site: int = 2
     samples: int = 2  # bootstrap rollouts per task, each under its own drawn context
     pool_samples: int = 4  # plain rollouts per task that the pools are written from
     mistake_rate: float = 0.35
@@ -149,7 +152,7 @@ def bootstrap_trajectories(config: CorpusConfig) -> list[Trajectory]:
     out: list[Trajectory] = []
     for seed in config.seeds:
         env = SimWebEnv(SimWebConfig(seed=seed, split="train", tasks_per_level=config.tasks_per_level,
-                                     levels=config.levels))
+                                     levels=config.levels, tasks_per_site=config.tasks_per_site))
         pools = world_pools(env, config, seed)
         tasks = list(env.tasks())
         drawn = draw_contexts([t.task_id for t in tasks], config, seed)
