@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="config override applied to every cell (repeatable)")
     parser.add_argument("--out", default="axes.md", help="where to write the table (Markdown)")
     args = parser.parse_args(argv)
-    from expint_jax.loop.cells import plan_runs, run_all
+    from expint_jax.loop.cells import exit_status, plan_runs, run_all
 
     try:
         runs = plan_runs(args.configs, overrides=args.set)
@@ -67,11 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     storage.write_text(args.out, text)
     print(text)
     print(f"table: {args.out}")
-    failed = [o.run.label for o in outcomes if o.status == "failed"]
-    if failed:
-        print(f"run_axes: {len(failed)} cell(s) failed: {', '.join(failed)} (see their logs)", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status("run_axes", outcomes)
 
 
 if __name__ == "__main__":

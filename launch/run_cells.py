@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be >= 1")
-    from expint_jax.loop.cells import expint_run_command, is_finished, plan_runs, run_all
+    from expint_jax.loop.cells import exit_status, expint_run_command, failed_labels, is_finished, plan_runs, run_all
     from expint_jax.loop.comparison import CellResult, write_comparisons
 
     try:
@@ -62,15 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         mine = [run for run in runs if run.cell == name]
         cells.append(CellResult.read(name, mine[0].config_file, to_dict(mine[0].config),
                                      {run.seed: run.run_dir for run in mine}))
-    failed = [o.run.label for o in outcomes if o.status == "failed"]
     command = shlex.join(["python", "launch/run_cells.py", *argv])
-    written = write_comparisons(args.out, cells, reference=runs[0].cell, command=command, failed=failed)
+    written = write_comparisons(args.out, cells, reference=runs[0].cell, command=command,
+                                failed=failed_labels(outcomes))
     print((Path(args.out) / "cells.md").read_text())
     print("written: " + ", ".join(str(p) for p in written))
-    if failed:
-        print(f"run_cells: {len(failed)} run(s) failed: {', '.join(failed)} (see their logs)", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status("run_cells", outcomes)
 
 
 if __name__ == "__main__":

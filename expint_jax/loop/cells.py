@@ -172,3 +172,17 @@ def run_all(runs: Sequence[PlannedRun], *, jobs: int = 1, echo: Callable[[str], 
         for i, outcome in zip(todo, pool.map(lambda i: _launch(runs[i], command, echo), todo)):
             outcomes[i] = outcome
     return [outcomes[i] for i in range(len(runs))]
+
+
+def failed_labels(outcomes: Sequence[Outcome]) -> list[str]:
+    """The labels of the runs that failed, in order."""
+    return [o.run.label for o in outcomes if o.status == "failed"]
+
+
+def exit_status(script: str, outcomes: Sequence[Outcome]) -> int:
+    """A runner script's exit status: 0, or 1 after one stderr line naming the failed runs."""
+    failed = failed_labels(outcomes)
+    if not failed:
+        return 0
+    print(f"{script}: {len(failed)} run(s) failed: {', '.join(failed)} (see their logs)", file=sys.stderr)
+    return 1

@@ -277,13 +277,16 @@ def test_run_all_reads_finished_runs_back_and_launches_the_rest(tmp_path):
     assert cells_mod.is_finished(runs[0])  # stopped early (on_empty=stop): a rerun stops at the same place
 
 
-def test_run_all_reports_a_failed_run_with_its_log_and_goes_on(tmp_path):
+def test_run_all_reports_a_failed_run_with_its_log_and_goes_on(tmp_path, capsys):
     runs = cells_mod.plan_runs([TINY], seeds=[0], overrides=[f"runs_dir={tmp_path}"])
     failing = cells_mod.plan_runs([TINY], overrides=[f"runs_dir={tmp_path}", "name=fail"])
     command = lambda argv: [sys.executable, "-c", FAKE_EXPINT, str(tmp_path / "calls"), *argv]  # noqa: E731
     outcomes = cells_mod.run_all([*failing, *runs], echo=lambda line: None, command=command)
     assert [o.status for o in outcomes] == ["failed", "ran"]
     assert outcomes[0].detail == "exit status 2: expint run: config.x: something is wrong"
+    assert cells_mod.exit_status("run_cells", outcomes) == 1
+    assert capsys.readouterr().err == "run_cells: 1 run(s) failed: fail (see their logs)\n"
+    assert cells_mod.exit_status("run_cells", outcomes[1:]) == 0
     with pytest.raises(ConfigError, match="--jobs 0"):
         cells_mod.run_all(runs, jobs=0, command=command)
 

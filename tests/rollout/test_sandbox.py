@@ -18,6 +18,7 @@ from expint_jax.rollout.sandbox import (
     truncate_middle,
 )
 from expint_jax.rollout.tools import ToolError
+from tests.fakes.processes import group_alive
 
 LIMITS = SandboxLimits(wall_time_s=20.0, cpu_time_s=5, memory_bytes=1 << 30, max_output_chars=2000)
 
@@ -36,14 +37,6 @@ def hook_only():
 @pytest.fixture(params=["all_layers", "hook_only"])
 def any_sandbox(request, sandbox, hook_only):
     return {"all_layers": sandbox, "hook_only": hook_only}[request.param]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_normal_code_prints_and_computes(sandbox):
@@ -77,7 +70,7 @@ def test_fork_bomb_is_refused_quickly_and_leaves_no_process(sandbox):
     result = sandbox.run("import os\nwhile True:\n    os.fork()")
     assert time.monotonic() - started < 5
     assert "sandbox: starting or signalling processes is not allowed (os.fork)" in result.stderr
-    assert not _alive(result.pid)
+    assert not group_alive(result.pid)
     for code in ("import subprocess\nsubprocess.run(['true'])", "import os\nos.system('true')"):
         assert "starting or signalling processes is not allowed" in sandbox.run(code).stderr
 
@@ -128,7 +121,7 @@ def test_endless_loop_hits_the_cpu_limit():
     result = Sandbox(limits).run("while True:\n    pass")
     assert result.killed_reason == "cpu_time" and result.exit_status is None and not result.timed_out
     assert "more than 1 s of CPU time" in observation(result, limits)
-    assert not _alive(result.pid)
+    assert not group_alive(result.pid)
 
 
 def test_sleeping_forever_hits_the_wall_clock_limit():
@@ -138,7 +131,7 @@ def test_sleeping_forever_hits_the_wall_clock_limit():
     assert time.monotonic() - started < 5
     assert result.timed_out and result.killed_reason == "wall_time" and result.stdout == "start\n"
     assert "time limit of 0.5 s" in observation(result, limits)
-    assert not _alive(result.pid)
+    assert not group_alive(result.pid)
 
 
 def test_writes_outside_the_scratch_directory_are_refused(any_sandbox, tmp_path):
