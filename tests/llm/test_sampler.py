@@ -42,6 +42,7 @@ from expint_jax.llm.sampler import (
     generate,
     penalties_from_params,
 )
+from expint_jax.llm.sampler.prefix_cache import PAGE_TOKENS
 from expint_jax.llm.sampler.sampling import TOP_P_CANDIDATES, first_argmax, token_log_probs, top_p_filter
 from expint_jax.llm.sampler.stops import MATCHED, StopTable
 from tests.models.hf_fixtures import make_checkpoint
@@ -210,29 +211,31 @@ def _same_generations(got, want):
 
 
 def test_prefix_cache_reuses_earlier_turns_and_equals_prefilling_from_scratch(parity):
-    graphdef, state, prompts = parity["graphdef"], parity["state"], parity["prompts"]
+    graphdef, state = parity["graphdef"], parity["state"]
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 512, n) for n in (40, 21, 50, 33)]
     cache, counters = PrefixCache(parity_config(parity), "float32", max_tokens=4096), GenerationCounters()
     run = dict(strategy=SAMPLED, max_new_tokens=6, seed=5)
     first = generate(graphdef, state, prompts, **run, prefix_cache=cache, counters=counters)
     _same_generations(first, generate(graphdef, state, prompts, **run))
     assert counters.reused_tokens == 0 and len(cache) == len(prompts)
 
-    rng = np.random.default_rng(1)
     tool = [rng.integers(0, 512, n) for n in (30, 5, 1, 4)]
     second = [np.concatenate([p, g.token_ids, t]) for p, g, t in zip(prompts, first, tool)]
     second[1] = np.concatenate([prompts[1], first[1].token_ids[:-2], tool[1]])  # as after a stop-string cut
-    second[3] = np.concatenate([prompts[3][:2], tool[3]])  # diverges early: reused up to the divergence
+    second[3] = np.concatenate([prompts[3][:20], tool[3]])  # diverges early: reused up to the divergence
     run |= dict(seed=6, row_ids=[3, 1, 0, 2])
-    reused_before = counters.reused_tokens
     _same_generations(generate(graphdef, state, second, **run, prefix_cache=cache, counters=counters),
                       generate(graphdef, state, second, **run))
-    # Each row reuses exactly its common prefix with what the first call stored (prompt + fed tokens).
-    stored = [np.concatenate([p, g.token_ids]) for p, g in zip(prompts, first)]
-    expected = [min(_common(s, q), len(q) - 1) for s, q in zip(stored, second)]
-    assert counters.reused_tokens - reused_before == sum(expected) > 0
+    # Each row reuses its common prefix with what the first call stored: the prompt and the generated
+    # tokens that entered the cache (all but the last), when that covers at least one whole page.
+    stored = [np.concatenate([p, g.token_ids[:-1]]) for p, g in zip(prompts, first)]
+    common = [min(_common(s, q), len(q) - 1) for s, q in zip(stored, second)]
+    expected = [n if n >= PAGE_TOKENS else 0 for n in common]
+    assert counters.reused_tokens == sum(expected) and all(expected)
     layout = Layout.of(np.asarray([len(q) for q in second]), np.asarray(expected), 6)
-    assert counters.prefill_slots == 4 * bucket(max(PROMPT_LENGTHS)) + 4 * layout.chunk_width
-    assert layout.chunk_width < layout.width  # only the chunk after the reused prefix was prefilled
+    assert counters.prefill_slots == 4 * bucket(50) + 4 * layout.chunk_width
+    assert layout.chunk_width < layout.width  # only what follows the reused prefixes was prefilled
 
 
 def _common(a, b):

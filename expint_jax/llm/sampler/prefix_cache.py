@@ -24,8 +24,9 @@ Contract:
     them cached instead of evicting, call after call, exactly the entries the next batch needs.
   * ``match(prompt)`` gives the entry with the longest common prefix with ``prompt`` and its
     length, at most ``len(prompt) - 1`` (the last prompt token is always fed, for its logits).
-    Candidates are found through a hash chain of whole pages; the length is then counted on the
-    token ids themselves, so a hash collision can only shorten a match, never corrupt one.
+    Candidates are found through a hash chain of whole pages, so a common prefix shorter than one
+    page is not found; the length is then counted on the token ids themselves, so a hash collision
+    can only shorten a match, never corrupt one.
   * ``assemble`` builds a generation batch's ``KVCache`` with each row's matched prefix in its
     slots (row r's sequence starts at slot ``starts[r]``); ``store`` keeps each row's sequence
     from a finished batch cache. Neither changes a computed value: a reused prefix holds the keys
