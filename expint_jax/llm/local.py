@@ -8,16 +8,17 @@ Contract:
     returns one ``Completion`` per conversation in input order.
   * Shapes: a micro-batch is left-padded to bucketed widths (``generation.Layout``) and has
     ``max_batch_size`` rows whenever its group has more conversations than that (the last one
-    padded with inactive rows), else the group's size rounded up to a power of two; either way a
-    multiple of the mesh's batch shards. A stage of lockstep agent rollouts so hits one batch size
-    and a handful of widths (``compile_counts`` tells how many programs were compiled).
+    padded with inactive rows), else the group's size rounded up to a power of two, at least
+    ``min(MIN_BATCH_ROWS, max_batch_size)``; either way a multiple of the mesh's batch shards.
+    A stage of lockstep agent rollouts so hits one batch size and a handful of widths
+    (``compile_counts`` tells how many programs were compiled).
   * Prefix cache (``prefix_cache_mib`` > 0; 512 MiB by default, 0 turns it off): the keys and
     values of recent prompts and their completions are kept (``sampler.prefix_cache``: at most
-    that much memory, eviction rules there), and a prompt that starts with a kept sequence prefills only the rest:
-    an agent's next turn re-feeds only the reply, the tool result and the experience block, and
-    rollouts of a stage share their system prompt. Results do not depend on what the cache holds,
-    up to floating-point reassociation (the same caveat as micro-batching). ``counters`` sums the
-    work done (prompt, reused, prefilled and generated tokens).
+    that much memory, eviction rules there), and a prompt that starts with a kept sequence
+    prefills only the rest: an agent's next turn re-feeds only the reply, the tool result and the
+    experience block, and rollouts of a stage share their system prompt. Results do not depend on
+    what the cache holds, up to floating-point reassociation (the same caveat as micro-batching).
+    ``counters`` sums the work done (prompt, reused, prefilled and generated tokens).
   * ``Completion``: ``text`` without the eos token or stop string; ``finish_reason`` "stop" (eos
     or a stop string, ``stop_string`` names which) or "length"; ``token_ids``/``logprobs`` are the
     tokens of ``text`` and their log-probabilities under the unmodified model distribution.
@@ -76,6 +77,9 @@ log = logging.getLogger(__name__)
 # each at the end, their system prompt shared). The arena grows on demand, so less is held
 # while less is used.
 DEFAULT_PREFIX_CACHE_MIB = 512.0
+# Fewest rows a micro-batch has: the last turns of a stage (a few rollouts left) then reuse the
+# programs compiled for its full micro-batches instead of compiling new ones for 1, 2 and 4 rows.
+MIN_BATCH_ROWS = 8
 
 
 class LocalEngine:
@@ -236,9 +240,12 @@ class LocalEngine:
 
     def _batch_size(self, requests: int) -> int:
         """Rows of every micro-batch for a group of ``requests``: ``max_batch_size`` when they fill
-        more than one micro-batch, else rounded up to a power of two; then a multiple of the mesh's
-        batch shards."""
-        size = self.max_batch_size if requests > self.max_batch_size else 1 << max(requests - 1, 0).bit_length()
+        more than one micro-batch, else rounded up to a power of two but at least
+        ``min(MIN_BATCH_ROWS, max_batch_size)``; then a multiple of the mesh's batch shards."""
+        if requests > self.max_batch_size:
+            size = self.max_batch_size
+        else:
+            size = max(1 << max(requests - 1, 0).bit_length(), min(MIN_BATCH_ROWS, self.max_batch_size))
         return math.ceil(size / self._batch_divisor) * self._batch_divisor
 
 
