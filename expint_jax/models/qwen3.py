@@ -335,7 +335,8 @@ class Qwen3(nnx.Module):
             def body(carry, layer_inputs):
                 x, k_all, v_all = carry
                 params, layer = layer_inputs
-                out, (k_all, v_all) = layer_fn(params, x, positions, mask, (k_all, v_all, layer, cache.end, token_valid))
+                layer_cache = (k_all, v_all, layer, cache.end, token_valid)
+                out, (k_all, v_all) = layer_fn(params, x, positions, mask, layer_cache)
                 return (out, k_all, v_all), None
 
             layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)

@@ -175,7 +175,8 @@ def _second_turns(first_turns, replies):
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_completions_do_not_depend_on_the_prefix_cache(engine, params):
-    cached, uncached = _engine_like(engine, max_batch_size=2), _engine_like(engine, max_batch_size=2, prefix_cache_mib=0)
+    cached = _engine_like(engine, max_batch_size=2)
+    uncached = _engine_like(engine, max_batch_size=2, prefix_cache_mib=0)
     assert uncached.prefix_cache is None and cached.prefix_cache is not None
     first = cached.chat(CONVERSATIONS, params)
     _same_completions(first, uncached.chat(CONVERSATIONS, params))

@@ -53,10 +53,11 @@ def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
 
 
 # Top-p accounts probability mass in fixed point: each token's probability rounded to a multiple of
-# 2**-30 (the total stays below 2**31 for any vocabulary under ~4M tokens), summed as integers. Integer sums do not depend on the order of the terms, so the kept set
-# is one exact function of the logits, whichever way it is searched for (below: the k largest
-# logits, else a bisection), and never needs a full sort of the vocabulary (XLA:CPU's sort of
-# [8, 8192] logits took ~20 ms, several times a whole decode step of the organism-sized model).
+# 2**-30 (the total stays below 2**31 for any vocabulary under ~4M tokens), summed as integers.
+# Integer sums do not depend on the order of the terms, so the kept set is one exact function of
+# the logits, whichever way it is searched for (below: the k largest logits, else a bisection), and
+# never needs a full sort of the vocabulary (XLA:CPU's sort of [8, 8192] logits took ~20 ms,
+# several times a whole decode step of the organism-sized model).
 MASS_SCALE = 2**30
 TOP_P_CANDIDATES = 64  # the nucleus is searched among this many largest logits first
 
