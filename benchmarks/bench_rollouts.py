@@ -224,7 +224,7 @@ class Instruments:
         self.seconds = collections.Counter()
         self.tokens = collections.Counter()
         self.compiles = collections.Counter()
-        self.compile_seconds = 0.0
+        self.compile_seconds = collections.Counter()  # by jitted function
         self.generation = generation
         self.functions = {name: getattr(generation, name) for name in ("prefill", "extend", "decode")
                           if hasattr(generation, name)}
@@ -239,7 +239,7 @@ class Instruments:
 
         def listen(event, duration, **kwargs):
             if event == "/jax/core/compile/backend_compile_duration":
-                self.compile_seconds += duration
+                self.compile_seconds[str(kwargs.get("fun_name", "?"))] += duration
 
         jax.monitoring.register_event_duration_secs_listener(listen)
 
@@ -265,10 +265,11 @@ class Instruments:
 
     def take(self) -> dict:
         """What was measured since the last ``take``."""
-        record = dict(seconds_by=dict(self.seconds), tokens=dict(self.tokens), compile_seconds=self.compile_seconds)
-        self.seconds.clear()
-        self.tokens.clear()
-        self.compile_seconds = 0.0
+        record = dict(seconds_by=dict(self.seconds), tokens=dict(self.tokens),
+                      compile_seconds=sum(self.compile_seconds.values()),
+                      compile_seconds_by={k: round(v, 1) for k, v in self.compile_seconds.most_common(6)})
+        for counter in (self.seconds, self.tokens, self.compile_seconds):
+            counter.clear()
         return record
 
 
@@ -288,12 +289,17 @@ def _side(args, backend, instruments=None, engine=None):
         calls += 1
         measured = instruments.take() if instruments else {}
         if calls == 1 and instruments:
-            warmup["compiles"] = sum(instruments.compile_counts().values())
+            warmup["compiles_by"] = instruments.compile_counts()
+            warmup["compiles"] = sum(warmup["compiles_by"].values())
             warmup["compile_seconds"] = measured["compile_seconds"]
+            warmup["compile_seconds_by"] = measured["compile_seconds_by"]
         elif os.environ.get(STATS):  # the first call is the harness's untimed warm-up
             record = {
                 "side": args.worker, "seconds": seconds, "rollouts": len(trajectories),
                 "turns": sum(t.num_assistant_turns for t in trajectories), **measured, **warmup,
+                "prefix_cache_mib": (engine.prefix_cache.arena_tokens * engine.prefix_cache.token_bytes(
+                    engine.prefix_cache.config, engine.prefix_cache.dtype) / 2**20
+                    if getattr(engine, "prefix_cache", None) is not None else None),
                 "new_compiles": sum(instruments.compile_counts().values()) - warmup["compiles"] if instruments else 0,
             }
             counters = getattr(engine, "counters", None)
@@ -375,16 +381,17 @@ def report(path: str) -> None:
         for line in f:
             record = json.loads(line)
             records[record["side"]].append(record)
-    print("| side | prefill s | decode s | rest s | prefill tokens/s (slots/s) | decode tokens/s | "
+    print("| side | rollouts/s | prefill s | decode s | rest s | prefill tokens/s (slots/s) | decode tokens/s | "
           "turns/rollout | prompt tokens reused | compiles (s), all in the warm-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for side, calls in records.items():
         def median(f, calls=calls):
             return statistics.median(f(c) for c in calls)
 
         last = calls[-1]
+        rate = median(lambda c: c["rollouts"] / c["seconds"])
         if "seconds_by" not in last:
-            print(f"| {side} | - | - | {median(lambda c: c['seconds']):.1f} | - | - | "
+            print(f"| {side} | {rate:,.2f} | - | - | {median(lambda c: c['seconds']):.1f} | - | - | "
                   f"{last['turns'] / last['rollouts']:.2f} | - | - |")
             continue
         secs = {k: median(lambda c, k=k: c["seconds_by"].get(k, 0.0)) for k in ("prefill", "decode", "cache copies")}
@@ -396,9 +403,14 @@ def report(path: str) -> None:
                   if last.get("prompt_tokens") else "-")
         copies = f" + {secs['cache copies']:.1f} cache copies" if secs["cache copies"] else ""
         new = f", {last['new_compiles']} more in timed calls" if last.get("new_compiles") else ""
-        print(f"| {side} | {secs['prefill']:.1f} | {secs['decode']:.1f} | {rest:.1f}{copies} | "
+        print(f"| {side} | {rate:,.2f} | {secs['prefill']:.1f} | {secs['decode']:.1f} | {rest:.1f}{copies} | "
               f"{prefill_rate:,.0f} ({slot_rate:,.0f}) | {decode_rate:,.0f} | {last['turns'] / last['rollouts']:.2f} | "
               f"{reused} | {last['compiles']} ({last['compile_seconds']:.1f}){new} |")
+    for side, calls in records.items():
+        last = calls[-1]
+        if "compiles_by" in last:
+            arena = f"; prefix cache arena {last['prefix_cache_mib']:.0f} MiB" if last.get("prefix_cache_mib") else ""
+            print(f"# {side}: programs {last['compiles_by']}; compile s by function {last['compile_seconds_by']}{arena}")
 
 
 def report_generation_rate(args) -> None:

@@ -47,20 +47,21 @@ def test_stored_keys_come_back_in_the_slots_of_a_later_prompt():
     assert cache.counters.hits == 2 and cache.counters.reused_tokens == 35 + 39
 
 
-def test_an_extension_shares_whole_pages_and_replaces_its_source():
+def test_a_continuation_shares_whole_pages_and_replaces_its_source():
     cache = PrefixCache(CONFIG, "float32", max_tokens=1024)
     a = sequence(0, 40)
     cache.store([a], np.asarray([0]), [NO_MATCH], batch_cache(1))
     longer = np.concatenate([a, sequence(1, 30)])
     found = cache.match(longer)
     cache.store([longer], np.asarray([0]), [found], batch_cache(1))
-    assert len(cache) == 1  # a's ids start the new entry: a is dropped
-    assert cache.pages_in_use == 5  # 2 whole pages shared, 3 new ones for tokens 32..69
-    # Under step-wise injection the old request carried a block the new one lacks: kept, but superseded.
+    assert len(cache) == 1 and cache.pages_in_use == 5  # 2 whole pages shared, 3 new ones for tokens 32..69
+    # Under step-wise injection the next request parts from the old one before its end (the block).
     blocked = np.concatenate([longer[:50], sequence(2, 10)])
     cache.store([blocked], np.asarray([0]), [cache.match(blocked)], batch_cache(1))
-    assert len(cache) == 2 and cache.pages_in_use == 5 + 1  # 3 pages shared, 1 new one for tokens 48..59
-    assert sorted(e.superseded for e in cache._entries.values()) == [False, True]
+    assert len(cache) == 1 and cache.pages_in_use == 4  # 3 pages shared, 1 new one for tokens 48..59
+    assert cache.match(longer).length == 50 and cache.counters.evictions == 2
+    keys = np.asarray(cache.assemble([cache.match(blocked)], np.asarray([0]), batch=1, num_slots=64, end=0).k)
+    np.testing.assert_array_equal(keys[0, 0, 0, :59, 0], 1000 + np.arange(59))  # every store's row 0, slot = token
 
 
 def test_memory_stays_bounded_and_entries_in_use_are_not_evicted():

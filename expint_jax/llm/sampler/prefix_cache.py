@@ -14,14 +14,14 @@ Contract:
     (``token_bytes``), plus the token ids of the entries on the host.
   * An entry is one stored sequence (a prompt and the generated tokens that entered the cache):
     its token ids and its pages. Entries that share a prefix share its whole pages (reference
-    counted). An entry that a newer one was built from is superseded: dropped at once when its
-    ids are a prefix of the newer one's (that serves every prompt it could), else first in line
-    for eviction (under step-wise injection its tail is an experience block and a reply that no
-    later prompt holds). When pages run out, superseded entries go first, then the least recently
-    used (a match or a store is a use) among those not used in the current or the previous epoch
-    (``new_epoch``: the engine starts one per chat call). When only those are left, the new
-    sequence is not stored: a stage with more live conversations than fit keeps a stable part of
-    them cached instead of evicting, call after call, exactly the entries the next batch needs.
+    counted). An entry that a newer one was built from is dropped when the newer one is stored:
+    the newer one holds its pages up to where the two part, and what came after (a turn's reply
+    and, under step-wise injection, the experience block before it) no later prompt of that
+    conversation holds. When pages run out, the least recently used entry (a match or a store is
+    a use) among those not used in the current or the previous epoch is evicted (``new_epoch``:
+    the engine starts one per chat call); when only those are left, the new sequence is not
+    stored: a stage with more live conversations than fit keeps a stable part of them cached
+    instead of evicting, call after call, exactly the entries the next batch needs.
   * ``match(prompt)`` gives the entry with the longest common prefix with ``prompt`` and its
     length, at most ``len(prompt) - 1`` (the last prompt token is always fed, for its logits).
     Candidates are found through a hash chain of whole pages, so a common prefix shorter than one
@@ -70,7 +70,6 @@ class _Entry:
     hashes: list[int]  # chain hash of each whole page
     last_use: int
     epoch: int  # the last epoch it was used in
-    superseded: bool = False
 
 
 @dataclasses.dataclass
@@ -241,10 +240,7 @@ class PrefixCache:
             created.add(self._insert(ids, pages))
             self.counters.stored_tokens += ids.size
             if donor is not None and found.entry in self._entries:
-                if ids.size >= donor.ids.size and np.array_equal(ids[:donor.ids.size], donor.ids):
-                    self._evict(found.entry)  # the new entry extends it
-                else:
-                    donor.superseded = True
+                self._evict(found.entry)  # superseded by the new entry (module docstring)
         if created:
             self._arena = _scatter(*self._arena, cache.k, cache.v, index)
 
@@ -293,9 +289,7 @@ class PrefixCache:
             if self.arena_tokens < self.max_tokens:
                 self._grow(count - len(self._free))
                 continue
-            victims = [eid for eid, e in self._entries.items() if eid not in keep and e.superseded]
-            victims = victims or [eid for eid, e in self._entries.items()
-                                  if eid not in keep and e.epoch < self._epoch - 1]
+            victims = [eid for eid, e in self._entries.items() if eid not in keep and e.epoch < self._epoch - 1]
             if not victims:
                 return None
             self._evict(min(victims, key=lambda eid: self._entries[eid].last_use))
