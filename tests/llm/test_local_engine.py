@@ -158,6 +158,10 @@ def test_sharded_engine_equals_single_device(checkpoint, engine):
     assert sharded._batch_size(3) == 4 and sharded._batch_size(1) == 4
     completions = sharded.chat(CONVERSATIONS, SAMPLED)
     assert [c.token_ids for c in completions] == [c.token_ids for c in engine.chat(CONVERSATIONS, SAMPLED)]
+    again = _second_turns(CONVERSATIONS, completions)  # reuses the first call's keys and values, sharded
+    reused = sharded.counters.reused_tokens
+    assert [c.token_ids for c in sharded.chat(again, SAMPLED)] == [c.token_ids for c in engine.chat(again, SAMPLED)]
+    assert sharded.counters.reused_tokens > reused
 
 
 def _same_completions(got, want):
