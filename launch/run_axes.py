@@ -3,32 +3,25 @@
     python launch/run_axes.py configs/recipe.py configs/instance.py configs/global_injection.py \
         configs/on_policy.py configs/sft.py [--set key=value ...] [--out axes.md]
 
-Each config runs through ``expint run`` (resumable: a finished cell is only read back), with the
-``--set`` overrides applied to every cell (e.g. ``--set iterations=2 --set policy.backend=reference``).
-The table has one row per cell and mode for the base π_0 and the final policy: accuracy (Avg.
-Pass@n), Δ against π_0, premature-answer rate, assistant turns, and the cell's last held-out KL.
+Each config runs once, as configured, through ``expint run`` (``expint_jax/loop/cells.py``: every
+config bound and checked before any starts; a finished cell is only read back, an unfinished one
+resumes; its log is ``<runs_dir>/<name>.log``), with the ``--set`` overrides applied to every cell
+(e.g. ``--set iterations=2 --set policy.backend=reference``). The table has one row per cell and
+mode for the base π_0 and the final policy: accuracy (Avg. Pass@n), Δ against π_0, premature-answer
+rate, assistant turns, and the cell's last held-out KL. Several seeds per cell, intervals and
+figures: ``launch/run_cells.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 from expint_jax import storage
+from expint_jax.cli import errors
+from expint_jax.config import ConfigError
 from expint_jax.loop.report import collect
-
-
-def run_cell(config: str, overrides: list[str]) -> Path:
-    """Runs one cell; returns its run directory (read from the command's final line)."""
-    command = [sys.executable, "-m", "expint_jax.cli", "run", f"--config={config}",
-               *(f"--config.{o}" for o in overrides)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{config}: expint run failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    report = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)[-1]
-    return Path(report).parent
 
 
 def table(cells: dict[str, Path]) -> str:
@@ -56,17 +49,28 @@ def table(cells: dict[str, Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = errors.ArgumentParser(prog="launch/run_axes.py", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="+", help="loop config files, one per cell")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every cell (repeatable)")
     parser.add_argument("--out", default="axes.md", help="where to write the table (Markdown)")
     args = parser.parse_args(argv)
-    cells = {Path(config).stem: run_cell(config, args.set) for config in args.configs}
-    text = table(cells)
+    from expint_jax.loop.cells import plan_runs, run_all
+
+    try:
+        runs = plan_runs(args.configs, overrides=args.set)
+    except ConfigError as e:
+        return errors.refuse("run_axes", e)
+    outcomes = run_all(runs)
+    text = table({Path(run.config_file).stem: run.run_dir for run in runs})
     storage.write_text(args.out, text)
     print(text)
     print(f"table: {args.out}")
+    failed = [o.run.label for o in outcomes if o.status == "failed"]
+    if failed:
+        print(f"run_axes: {len(failed)} cell(s) failed: {', '.join(failed)} (see their logs)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -39,6 +39,8 @@ def test_every_paper_config_binds_on_every_target(path, target):
     assert config.extract.max_pool_size == 50 and config.agent.temperature == 0.7 and config.agent.max_llm_calls == 100
     assert config.extract.writer == "llm" and config.extract.endpoint.api_key_env == "DEEPSEEK_API_KEY"
     assert config.webwalker.judge == "llm"
+    # Thinking off for the hybrid Qwen3-8B (every 8B cell); Qwen3-4B-Instruct-2507 has no thinking mode.
+    assert config.model.enable_thinking is not path.name.startswith("qwen3_8b")
 
 
 def test_the_target_sets_the_mesh_and_an_unknown_one_names_the_choices():
@@ -72,3 +74,32 @@ def test_the_recipe_is_principle_stepwise_off_policy_and_each_ablation_changes_o
         ablation = _paper(PAPER / f"{model}_{cell}.py", "v5p-8")
         assert _differences(to_dict(recipe), to_dict(ablation)) == {"name"} | changed
         assert ablation.name == f"{model}_{cell}"
+
+
+# Top-level ablation cells: base config -> {cell config: the keys it changes besides ``name``}.
+TOP_LEVEL_ABLATIONS = {
+    "recipe.py": {"instance.py": {"extract.granularity"}, "global_injection.py": {"injection.mode"},
+                  "on_policy.py": {"distill.regime"}, "sft.py": {"distill.regime"}},
+    "simweb_demo.py": {"simweb_demo_instance.py": {"extract.granularity"},
+                       "simweb_demo_global.py": {"injection.mode"},
+                       "simweb_demo_on_policy.py": {"distill.regime"}, "simweb_demo_sft.py": {"distill.regime"}},
+}
+
+
+@pytest.mark.parametrize("base, cell, changed",
+                         [(b, c, k) for b, cells in TOP_LEVEL_ABLATIONS.items() for c, k in cells.items()],
+                         ids=lambda x: x if isinstance(x, str) else None)
+def test_each_top_level_ablation_changes_one_axis_of_its_base(base, cell, changed):
+    recipe = bind(LoopConfig, load_config_file(ROOT / base))
+    assert (recipe.extract.granularity, recipe.injection.mode, recipe.distill.regime) == (
+        "principle", "stepwise", "off_policy")
+    ablation = bind(LoopConfig, load_config_file(ROOT / cell))
+    assert _differences(to_dict(recipe), to_dict(ablation)) == {"name"} | changed
+    assert ablation.name == Path(cell).stem
+
+
+def test_every_ablation_cell_in_configs_is_in_the_table():
+    """A new ``<base>_<axis>.py`` cell beside a base must be listed above, so its one-axis check runs."""
+    listed = {cell for cells in TOP_LEVEL_ABLATIONS.values() for cell in cells}
+    found = {p.name for p in ROOT.glob("simweb_demo_*.py")}
+    assert found <= listed, f"cells missing from TOP_LEVEL_ABLATIONS: {sorted(found - listed)}"

@@ -24,6 +24,7 @@ LAYERS = (
     "expint_jax.rollout",
     "expint_jax.distill",
     "expint_jax.analysis",
+    "expint_jax.organism",
     "expint_jax.loop",
     "expint_jax.cli",
 )

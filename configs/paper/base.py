@@ -1,10 +1,12 @@
 """The paper's setting on WebWalkerQA, shared by every config in configs/paper/ (no model yet).
 
-Principle-level experience, step-wise injection chosen by an LLM selector, off-policy
-distillation; 3 iterations, lr 1e-5, batch 128, 5 epochs, 32K context, pool <= 50 items,
-temperature 0.7, <= 100 LLM calls per trajectory. Web tools on WebWalkerQA (Serper search, Jina
-visit with pages summarized by the writer's endpoint), an LLM judge, and DeepSeek as the
-OpenAI-compatible writer and selector. The model files (qwen3_4b.py, qwen3_8b.py) add the
+Principle-level experience built by the release's schedule (3 epochs x 25 steps of 4 queries x 5
+rollouts, the pool so far in every rollout's prompt), step-wise injection chosen by an LLM
+selector, off-policy distillation; 3 iterations, lr 1e-5, batch 128, 5 epochs, 32K context, pool
+<= 50 items, <= 100 LLM calls per trajectory; the release's sampling (agent: temperature 0.7,
+top_p 0.95, presence penalty 1.1; experience LLM: temperature 0, 8192 tokens). Web tools on
+WebWalkerQA (Serper search, Jina visit with pages summarized by the writer's endpoint), an LLM
+judge, and DeepSeek as the OpenAI-compatible writer and selector. The model files (qwen3_4b.py, qwen3_8b.py) add the
 checkpoint; the ablation files change one axis each.
 
 The hardware is one key, the config file's argument: ``--config=configs/paper/qwen3_4b.py:v5p-32``
@@ -16,6 +18,11 @@ The hardware is one key, the config file's argument: ``--config=configs/paper/qw
     v4-8      4 chips x 32 GB, 1 host       1, 4, 1                     32              8
     v5p-32    16 chips x 95 GB, 4 hosts     2, 8, 1                     8               32
     8xh100    8 GPUs x 80 GB, 1 node        1, 8, 1                     16              16
+
+By the compile check (``benchmarks/bench_compile_memory.py``, figures in BENCHMARKS.md) the
+Qwen3-4B train step at 32K tokens needs about 61 GB per chip: a v4-8 runs the rollouts (prefill
+and decode fit its 32 GB) but not that step. Qwen3-8B changes the v5p-8 and 8xh100 layouts
+(``qwen3_8b.LAYOUTS``).
 
 Environment variables (names only; set them before ``expint run``, ``expint doctor`` checks):
 DEEPSEEK_API_KEY (writer, selector, page summarizer, judge), SERPER_API_KEY (search),
@@ -65,12 +72,20 @@ def get_config(target="v5p-8"):
     c.policy.max_context = CONTEXT
     c.agent.max_llm_calls = 100
     c.agent.max_context_tokens = CONTEXT
-    c.agent.temperature = 0.7
+    c.agent.temperature = 0.7  # the release's agent sampling, stated here so a schema default cannot move it
+    c.agent.top_p = 0.95
+    c.agent.presence_penalty = 1.1
     c.agent.max_tokens = 4096  # per assistant turn
 
     c.extract.granularity = "principle"
     c.extract.writer = "llm"
-    c.extract.samples = 5  # the release's rollouts per extraction task
+    c.extract.temperature = 0.0  # the release's experience LLM
+    c.extract.max_tokens = 8192
+    c.extract.schedule = "release_steps"  # the release's extraction: 3 epochs x 25 steps of 4 queries x 5 rollouts
+    c.extract.steps.epochs = 3
+    c.extract.steps.batches_per_epoch = 25
+    c.extract.steps.queries_per_batch = 4
+    c.extract.samples = 5  # the release's rollouts per extraction query
     c.extract.max_pool_size = 50
     c.injection.mode = "stepwise"
     c.injection.selector = "llm"

@@ -2,6 +2,7 @@
 
 Pure helpers for notebooks (``notebooks/loss_landscape.ipynb``):
   * ``interpolate(a, b, alpha)``: (1 - alpha) * a + alpha * b, leaf by leaf;
+  * ``relative_distance(a, b)``: ||b - a|| / ||a|| over all leaves (how far a training moved);
   * ``filter_normalized_direction(params, key)``: a Gaussian direction with **per-filter
     normalization** (Li et al., 2018, "Visualizing the Loss Landscape of Neural Nets"): every
     filter of the direction is rescaled to the norm of the same filter of the parameters, so that
@@ -33,6 +34,15 @@ from expint_jax.distill.trainer import aggregate_eval
 
 def interpolate(a: nnx.State, b: nnx.State, alpha: float) -> nnx.State:
     return jax.tree.map(lambda x, y: ((1 - alpha) * x + alpha * y).astype(x.dtype), a, b)
+
+
+def relative_distance(a: nnx.State, b: nnx.State) -> float:
+    """||b - a|| / ||a||, the global (all-leaf) Euclidean norms, in float32."""
+    def squares(tree) -> jax.Array:
+        return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+    diff = jax.tree.map(lambda x, y: y.astype(jnp.float32) - x.astype(jnp.float32), a, b)
+    return float(jnp.sqrt(squares(diff) / squares(a)))
 
 
 def filter_axes(logical_axes: Sequence[str | None]) -> tuple[int, ...]:

@@ -52,6 +52,8 @@ COMMANDS: dict[str, Command] = {
     "check-model": Command("expint_jax.cli.check_model", "load a Qwen3 checkpoint onto a mesh and check parity with transformers"),
     "granularity": Command("expint_jax.cli.granularity", "share of URLs, numbers, entities and strategy statements in a pool",
                            uses_devices=False),
+    "organism": Command("expint_jax.cli.organism", "the SimWeb model organism: bootstrap its π_0, measure its use of "
+                        "experience (gate)"),
     "doctor": Command("expint_jax.cli.doctor", "versions, devices, mesh, and the endpoints and API keys a config needs"),
 }
 

@@ -30,9 +30,11 @@ from typing import Any
 USAGE = __doc__
 PACKAGES = ("expint-jax", "jax", "jaxlib", "libtpu", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint",
             "grain", "ml-collections", "transformers", "numpy")
-# Read by expint_jax.parallel.distributed (and the cluster launchers JAX knows).
+# Read by expint_jax.parallel.distributed (and the cluster launchers JAX knows), the deadlines by
+# expint_jax.parallel.coordination.
 MULTIHOST_VARIABLES = ("EXPINT_COORDINATOR", "EXPINT_NUM_PROCESSES", "EXPINT_PROCESS_ID", "SLURM_NTASKS",
-                       "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+                       "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "EXPINT_WAIT_TIMEOUT_S",
+                       "EXPINT_START_TIMEOUT_S")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,8 @@ USER_ERRORS = frozenset({
     "expint_jax.distill.run.InputError",
     "expint_jax.loop.layout.StaleStageError",
     "expint_jax.loop.stages.EndpointError",
+    "expint_jax.parallel.coordination.LeaderFailed",
+    "expint_jax.parallel.coordination.WaitTimeout",
     "expint_jax.rollout.envs.web.WebToolConfigError",
     "expint_jax.llm.base.BackendError",
     "expint_jax.llm.http.HttpError",

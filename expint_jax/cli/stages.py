@@ -111,8 +111,11 @@ def _export(run_dir: Path, config, options: dict[str, str]) -> int:
     if not (policy / "config.json").exists():
         raise ValueError(f"{policy}: iteration {k} has not finished training")
     out = Path(options["--out"])
-    save_checkpoint(load_model(policy, config.model), out, dtype=options.get("--dtype"),
-                    tokenizer=load_tokenizer(str(policy)))
+    import jax
+
+    if jax.process_index() == 0:  # a model on this process's devices alone: one process exports it
+        save_checkpoint(load_model(policy, config.model), out, dtype=options.get("--dtype"),
+                        tokenizer=load_tokenizer(str(policy)))
     print(f"π_{k + 1} exported to {out}")
     return 0
 

@@ -8,6 +8,11 @@ keeps float32 **master weights** in the optimizer state (``MasterWeightsState``)
 AdamW run on float32 gradients and the master copy, and the model's parameters become the master
 rounded to their own dtype (``apply_updates``). ``step.init_train_state`` refuses non-float32
 parameters without master weights.
+
+Placement: ``state_shardings`` places every optimizer-state leaf that mirrors a parameter (Adam's
+moments, the master weights) like that parameter, so a sharded model gets a sharded optimizer
+state; left to the compiler, ``jit(optimizer.init)`` replicates the moments (they are zeros that
+depend on no input's placement), which costs two parameter copies on every device.
 """
 
 from __future__ import annotations
@@ -112,6 +117,27 @@ def apply_updates(params: optax.Params, updates: optax.Updates, opt_state: optax
 def needs_master_weights(params: nnx.State) -> bool:
     """Whether any floating-point parameter is stored below float32 (e.g. bfloat16)."""
     return any(jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32 for x in jax.tree.leaves(params))
+
+
+def state_shardings(opt_state: optax.OptState, params: nnx.State) -> optax.OptState | None:
+    """A sharding per leaf of ``opt_state`` (arrays or shapes): a leaf whose key path ends with a
+    parameter's path and has its shape gets that parameter's sharding, every other leaf (step
+    counts) is replicated on the parameters' mesh. None when the parameters are not placed on a
+    mesh (``NamedSharding``): then there is nothing to follow."""
+    placed = {path: x for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    shardings = [getattr(x, "sharding", None) for x in placed.values()]
+    if not shardings or not all(isinstance(s, jax.sharding.NamedSharding) for s in shardings):
+        return None
+    replicated = jax.sharding.NamedSharding(shardings[0].mesh, jax.sharding.PartitionSpec())
+
+    def follow(path, leaf):
+        for length in range(len(path)):  # the longest parameter path that ends this leaf's path
+            param = placed.get(tuple(path[length:]))
+            if param is not None and param.shape == leaf.shape:
+                return param.sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(follow, opt_state)
 
 
 def make_optimizer(config: OptimizerConfig, *, master_weights: bool = False

@@ -51,7 +51,7 @@ import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grain
 import jax
@@ -59,7 +59,7 @@ import numpy as np
 
 from expint_jax.distill.batch import DistillBatch, batch_shape, collate
 from expint_jax.distill.teacher_signal import SignalMismatch, align_signal
-from expint_jax.distill.views import DistillExample, ViewBudget, ViewError, build_example
+from expint_jax.distill.views import DistillExample, ViewBudget, ViewError, build_example, build_lm_example
 from expint_jax.models.chat import ChatFormat
 from expint_jax.records import Trajectory, read_jsonl
 from expint_jax.token_signal import TrajectorySignal, read_signals, signal_path
@@ -107,11 +107,16 @@ class ExampleSet:
 
 def build_examples(records: Iterable[tuple[str, Trajectory]], chat: ChatFormat,
                    budget: ViewBudget = ViewBudget(),
-                   signals: Iterable[TrajectorySignal] | None = None) -> ExampleSet:
+                   signals: Iterable[TrajectorySignal] | None = None,
+                   targets: Literal["assistant", "all"] = "assistant") -> ExampleSet:
     """Views of ``(where, trajectory)`` pairs; ``where`` (e.g. ``"file:line"``) goes into warnings.
 
     ``signals`` (one per record, same order): attach each trajectory's rollout signal; examples
-    whose signal does not align are skipped and counted (module docstring)."""
+    whose signal does not align are skipped and counted (module docstring). ``targets="all"``:
+    language modelling on every token of the stored conversation (``views.build_lm_example``;
+    trajectories without experience only, no signals)."""
+    if targets == "all" and signals is not None:
+        raise ValueError("build_examples: targets='all' (language modelling) takes no teacher signals")
     examples: list[DistillExample] = []
     counts = dict.fromkeys((f.name for f in dataclasses.fields(ExampleCounts)), 0)
     paired = ((r, None) for r in records) if signals is None else zip(records, signals, strict=True)
@@ -124,7 +129,7 @@ def build_examples(records: Iterable[tuple[str, Trajectory]], chat: ChatFormat,
             counts["skipped_no_loss"] += 1
             continue
         try:
-            example = build_example(trajectory, chat, budget)
+            example = (build_lm_example if targets == "all" else build_example)(trajectory, chat, budget)
         except ViewError as e:
             log.warning("%s: skipping task %r, its views cannot be aligned: %s", where, trajectory.task_id, e)
             counts["skipped_unaligned"] += 1

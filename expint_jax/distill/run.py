@@ -278,7 +278,7 @@ def run(config: DistillRunConfig, teacher: nnx.Module | None = None, *, overwrit
         raise StaleOutputError(describe_stale(config.output_dir, stale))
     config.model.check_exists()
     tokenizer = load_tokenizer(config.model.checkpoint or None)
-    chat = ChatFormat(tokenizer)
+    chat = ChatFormat(tokenizer, enable_thinking=config.model.enable_thinking)
     try:
         mesh = make_mesh(config.mesh)
     except ValueError as e:

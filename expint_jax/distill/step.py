@@ -2,7 +2,9 @@
 
 ``make_train_step`` returns ``step(state, teacher_params, batch) -> (state, metrics)``:
   * the teacher (frozen parameters, its own tree-masked layout) runs inside the same jitted
-    function under ``stop_gradient``; the student runs on the plain layout;
+    function under ``stop_gradient``; the student runs on the plain layout (or, with
+    ``student_view="teacher"`` and the ``nll`` loss, on the teacher's layout: SFT with experience
+    in context);
   * hidden states are gathered at the loss positions first, then ``chunked_token_losses``
     projects them chunk by chunk (no ``[batch, seq, vocab]`` tensor);
   * the batch is split into ``micro_batches`` scanned with gradient accumulation; the loss is
@@ -48,12 +50,13 @@ from expint_jax.distill.losses import (
     chunked_weighted_loss,
     reduce_losses,
 )
-from expint_jax.distill.optim import MasterWeightsState, apply_updates, needs_master_weights
+from expint_jax.distill.optim import MasterWeightsState, apply_updates, needs_master_weights, state_shardings
 from expint_jax.distill.views import tree_attention_mask
 
 Metrics = dict[str, jax.Array]
 _ZERO_SUMS = LossSums(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
 TeacherSource = Literal["recompute", "from_rollout"]
+StudentView = Literal["plain", "teacher"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,10 @@ class StepConfig:
     micro_batches: int = 1
     track_kl: bool = True  # also report forward KL when the loss is another divergence
     teacher: TeacherSource = "recompute"  # "from_rollout": the batch's recorded teacher signal, no teacher model
+    # "teacher": the student reads the teacher's layout (experience in context, step-wise branches
+    # tree-packed) -- with the ``nll`` loss, supervised training of behaviour *with* experience in
+    # context (the SimWeb model organism's bootstrap). Distillation keeps "plain".
+    student_view: StudentView = "plain"
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1:
@@ -77,6 +84,12 @@ class StepConfig:
                 f"StepConfig.teacher='from_rollout' needs the 'topk' divergence at temperature 1 (the rollout "
                 f"records the teacher's top-k + tail at temperature 1), got kind={self.divergence.kind!r}, "
                 f"temperature={self.divergence.temperature}")
+        if self.student_view not in get_args(StudentView):
+            raise ValueError(f"StepConfig.student_view must be one of {get_args(StudentView)}, got {self.student_view!r}")
+        if self.student_view == "teacher" and self.divergence.kind != "nll":
+            raise ValueError(f"StepConfig.student_view='teacher' trains on the teacher's own context, where a "
+                             f"divergence from the teacher means nothing; it needs the 'nll' loss, got "
+                             f"{self.divergence.kind!r}")
 
     @property
     def from_rollout(self) -> bool:
@@ -110,9 +123,11 @@ class TrainState:
 
 
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
-    """Splits ``model`` and initializes ``optimizer``; parameters below float32 need master weights."""
+    """Splits ``model`` and initializes ``optimizer`` (its state placed like the parameters,
+    ``optim.state_shardings``); parameters below float32 need master weights."""
     graphdef, params = nnx.split(model, nnx.Param)
-    opt_state = jax.jit(optimizer.init)(params)
+    shardings = state_shardings(jax.eval_shape(optimizer.init, params), params)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings)(params)
     if needs_master_weights(params) and not isinstance(opt_state, MasterWeightsState):
         dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
         raise ValueError(
@@ -141,9 +156,14 @@ def _micro_losses(
     """Sum-reduced loss of one micro-batch (for the gradient) and its (loss, kl) sums."""
     student = nnx.merge(graphdef, params)
     rows, steps = batch.student_ids.shape
-    positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (rows, steps))
-    hidden = student.hidden_states(batch.student_ids, positions, segment_ids=batch.student_valid.astype(jnp.int32))
-    student_hidden = _gather(hidden, batch.student_loss_index)
+    if config.student_view == "teacher":
+        mask = tree_attention_mask(batch.teacher_branch, batch.teacher_attach, batch.teacher_valid)
+        hidden = student.hidden_states(batch.teacher_ids, batch.teacher_positions, attention_mask=mask)
+        student_hidden = _gather(hidden, batch.teacher_loss_index)
+    else:
+        positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (rows, steps))
+        hidden = student.hidden_states(batch.student_ids, positions, segment_ids=batch.student_valid.astype(jnp.int32))
+        student_hidden = _gather(hidden, batch.student_loss_index)
     student_unembed = student.unembedding()
 
     teacher_hidden = teacher_unembed = None
@@ -183,10 +203,18 @@ def _micro_losses(
 
 
 def _split_micro_batches(batch: DistillBatch, micro_batches: int) -> DistillBatch:
-    rows = batch.student_ids.shape[0]
+    """[rows, ...] -> [micro_batches, rows // micro_batches, ...], micro-batch i = rows i, i + m, i + 2m, ...
+
+    Strided, not contiguous: the batch is sharded by rows, so each device holds a contiguous block
+    and gives every micro-batch its share of rows, and the scan slices micro-batches without moving
+    data. (Contiguous micro-batches would each live on one device: the compiler then gathers the
+    whole batch onto every device.) The loss is normalized by the whole batch, so which rows share
+    a micro-batch does not change the step's result beyond floating-point summation order."""
+    rows = jax.tree.leaves(batch)[0].shape[0]
     if rows % micro_batches:
         raise ValueError(f"a batch of {rows} rows does not split into {micro_batches} micro-batches")
-    return jax.tree.map(lambda x: x.reshape((micro_batches, rows // micro_batches) + x.shape[1:]), batch)
+    return jax.tree.map(lambda x: x.reshape((rows // micro_batches, micro_batches) + x.shape[1:]).swapaxes(0, 1),
+                        batch)
 
 
 def _accumulate(params, teacher_params, batch, *, graphdef, teacher_graphdef, config, with_grad: bool):

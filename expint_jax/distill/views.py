@@ -120,6 +120,30 @@ def build_example(trajectory: Trajectory, chat: ChatFormat, budget: ViewBudget =
     return None
 
 
+def build_lm_example(trajectory: Trajectory, chat: ChatFormat, budget: ViewBudget = ViewBudget()) -> DistillExample | None:
+    """Language modelling on the stored conversation: every token after the first is a target
+    (system prompt, question, tool results and the agent's turns alike), no experience anywhere, the
+    teacher layout equal to the student's. A conversation over ``budget.max_student_tokens`` keeps
+    its first tokens (``overflow="drop"``: None). Trajectories carrying experience are refused: their
+    behaviour was shaped by text this view does not show."""
+    if trajectory.global_injection or any(block.strip() for block in trajectory.step_injections):
+        raise ValueError(f"trajectory {trajectory.task_id!r} carries experience; a language-modelling example "
+                         "shows the stored conversation only")
+    ids = chat.encode(trajectory.messages).token_ids.astype(np.int32)
+    if len(ids) > budget.max_student_tokens:
+        if budget.overflow == "drop":
+            return None
+        ids = ids[:budget.max_student_tokens]
+    if len(ids) < 2:
+        return None
+    index = np.arange(len(ids) - 1, dtype=np.int32)
+    return DistillExample(
+        task_id=trajectory.task_id, student_ids=ids, teacher_ids=ids, teacher_positions=np.arange(len(ids), dtype=np.int32),
+        teacher_branch=np.zeros(len(ids), np.int32), teacher_attach=np.arange(len(ids), dtype=np.int32),
+        student_loss_index=index, teacher_loss_index=index, targets=ids[1:], loss_turn=np.zeros(len(index), np.int32),
+        num_turns=trajectory.num_assistant_turns, truncated_turns=0)
+
+
 def _build(trajectory: Trajectory, chat: ChatFormat, truncated: int) -> DistillExample:
     student = chat.encode(trajectory.messages)
     trunk = chat.encode(inject(trajectory.messages, trajectory.global_injection, ""))

@@ -11,7 +11,9 @@ Contract (every selector):
     embedding rankings break ties by pool order, the LLM selector passes a seed to the backend.
 
 Selectors: ``all`` (every item), ``bm25`` (lexical, query = task question + latest assistant and
-tool text), ``embedding`` (MiniLM cosine similarity, optional ``embedding`` extra) and ``llm``.
+tool text), ``embedding`` (MiniLM cosine similarity, optional ``embedding`` extra), ``llm`` and
+``random`` (``k`` items drawn by a hash of ``seed`` and the history: relevance-blind, the control
+for a selector, and the organism's way of showing lessons out of their situation).
 
 The LLM selector follows the release's retrieval prompt (evaluation/prompt_step_wise.py), in our
 words: the model reads the library and the conversation, works out the core question, what has
@@ -33,6 +35,7 @@ this is a deliberate deviation.) The conversation is shown whole, as in the rele
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -106,6 +109,30 @@ class AllSelector(_OneFromBatch):
 
     def select_batch(self, histories: Sequence[Sequence[Message]], pool: Mapping[str, str]) -> list[Selection]:
         return [Selection(tuple(pool)) for _ in histories]
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomSelector(_OneFromBatch):
+    """``k`` items drawn without replacement, seeded by ``seed`` and the history's text (so the same
+    history always gets the same items, and every turn of a rollout a fresh draw)."""
+
+    k: int = 4
+    seed: int = 0
+    name: str = dataclasses.field(default="random", init=False)
+
+    def __post_init__(self) -> None:
+        _check_sizes(1, self.k, "RandomSelector")
+
+    def select_batch(self, histories: Sequence[Sequence[Message]], pool: Mapping[str, str]) -> list[Selection]:
+        ids = list(pool)
+        out = []
+        for history in histories:
+            digest = hashlib.sha256(f"{self.seed}\x00".encode() + "\x00".join(
+                f"{m.role}:{m.content}" for m in history).encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            picked = rng.permutation(len(ids))[: self.k]
+            out.append(Selection(tuple(ids[i] for i in picked)))
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +389,7 @@ def make_selector(name: str, *, backend: ChatBackend | None = None, **options: A
     """Builds a selector by its configured name.
 
     Args:
-      name: ``all`` | ``bm25`` | ``embedding`` | ``llm``.
+      name: ``all`` | ``bm25`` | ``embedding`` | ``llm`` | ``random``.
       backend: the chat backend the ``llm`` selector asks.
       **options: passed to the selector's constructor (e.g. ``k``, the number of items).
     """
@@ -370,10 +397,12 @@ def make_selector(name: str, *, backend: ChatBackend | None = None, **options: A
         return AllSelector(**options)
     if name == "bm25":
         return BM25Selector(**options)
+    if name == "random":
+        return RandomSelector(**options)
     if name == "embedding":
         return EmbeddingSelector(**options)
     if name == "llm":
         if backend is None:
             raise ValueError("selector 'llm' needs a chat backend")
         return LLMSelector(backend, **options)
-    raise ValueError(f"unknown selector {name!r}; expected one of all, bm25, embedding, llm")
+    raise ValueError(f"unknown selector {name!r}; expected one of all, bm25, embedding, llm, random")

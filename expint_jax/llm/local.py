@@ -2,9 +2,11 @@
 
 Contract:
   * ``chat(conversations, params)`` encodes each conversation with ``ChatFormat.encode_prompt``
-    (the generation prompt appended), groups them by sampling strategy, penalties and stop strings, sorts
-    each group by the length of what must be prefilled (the prompt, less what the prefix cache
-    holds) and then by prompt length, cuts it into micro-batches of at most ``max_batch_size``, and
+    (the generation prompt appended; with ``enable_thinking=False`` it holds Qwen3's empty think
+    block, which is not part of the returned text), groups them by sampling strategy, penalties
+    and stop strings, sorts each group by the length of what must be prefilled (the prompt, less
+    what the prefix cache holds) and then by prompt length, cuts it into micro-batches of at most
+    ``max_batch_size``, and
     returns one ``Completion`` per conversation in input order.
   * Shapes: a micro-batch is left-padded to bucketed widths (``generation.Layout``) and has
     ``max_batch_size`` rows whenever its group has more conversations than that (the last one
@@ -45,6 +47,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -93,6 +96,7 @@ class LocalEngine:
         mesh: jax.sharding.Mesh | None = None,
         max_batch_size: int = 8,
         max_context: int | None = None,
+        enable_thinking: bool = True,
         prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
     ):
         if max_batch_size < 1:
@@ -103,7 +107,7 @@ class LocalEngine:
             raise BackendError(f"LocalEngine: max_context must be >= 2, got {self.max_context}")
         self.mesh = mesh
         self.max_batch_size = max_batch_size
-        self.chat_format = ChatFormat(tokenizer)
+        self.chat_format = ChatFormat(tokenizer, enable_thinking=enable_thinking)
         self.token_bytes = TokenBytes.from_tokenizer(tokenizer, config.vocab_size)
         self._graphdef, state = nnx.split(model)
         # Committed arrays from the start: parameters swapped in later are committed too (device_put),
@@ -139,6 +143,17 @@ class LocalEngine:
         log.info("LocalEngine: model from %s, tokenizer from %s", path, tokenizer_path or "the offline Qwen3 build")
         return cls(model, load_tokenizer(tokenizer_path), mesh=mesh, **kwargs)
 
+    def with_thinking(self, enable_thinking: bool) -> LocalEngine:
+        """This engine prompting in the other thinking mode: the same weights, compiled functions
+        and settings, another chat format (``self`` when the mode is already the one asked for).
+        ``set_params`` on one does not reach the other; they share the prefix cache, which every
+        call binds to its own engine's weights (``PrefixCache.bind``)."""
+        if enable_thinking == self.chat_format.enable_thinking:
+            return self
+        other = copy.copy(self)
+        other.chat_format = ChatFormat(self.chat_format.tokenizer, enable_thinking=enable_thinking)
+        return other
+
     @property
     def state(self) -> nnx.State:
         """The current parameters (as ``nnx.split`` returns them)."""
@@ -172,6 +187,7 @@ class LocalEngine:
         shared = isinstance(params, SamplingParams)
         each = per_conversation(params, len(conversations))
         if self.prefix_cache is not None:
+            self.prefix_cache.bind(self._state)  # a copy (``with_thinking``) may have other weights
             self.prefix_cache.new_epoch()
         call_seed = int(self._seeds.integers(2**31))
         results: list[Completion | None] = [None] * len(conversations)

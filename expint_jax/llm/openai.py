@@ -30,6 +30,12 @@ distribution after the last token is reported, so a turn whose stored ``<|im_end
 string gets no signal there. The server must report the model's unmodified distribution (vLLM V1:
 ``--logprobs-mode raw_logprobs``, its default). A reply whose tokens are not ids, or whose entries
 are malformed, has ``top_logprobs=None`` (a warning says why).
+
+Thinking (Qwen3's hybrid models behind vLLM or SGLang): ``enable_thinking=False`` sends
+``chat_template_kwargs: {"enable_thinking": false}``, which both servers pass to the chat template
+(it then opens the generation prompt with an empty think block, as ``ChatFormat`` does with
+``enable_thinking=False``; the server's template renders earlier assistant turns without the block,
+which ``ChatFormat`` keeps); ``None`` (the default) sends nothing, for servers without templates.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ class OpenAICompatible:
         retry: RetryPolicy = RetryPolicy(),
         logprobs: bool = False,
         extra_body: Mapping[str, Any] | None = None,
+        enable_thinking: bool | None = None,
     ):
         if not base_url.startswith(("http://", "https://")):
             raise BackendError(f"OpenAICompatible: base_url must start with http:// or https://, got {base_url!r}")
@@ -91,6 +98,9 @@ class OpenAICompatible:
         self.retry = retry
         self.logprobs = logprobs
         self.extra_body = dict(extra_body or {})
+        if enable_thinking is not None:  # merged into any chat_template_kwargs extra_body already has
+            self.extra_body["chat_template_kwargs"] = {**self.extra_body.get("chat_template_kwargs", {}),
+                                                       "enable_thinking": enable_thinking}
         self._api_key = api_key
         self._slots = threading.BoundedSemaphore(max_concurrency)
 

@@ -11,6 +11,10 @@
     order (easy, medium, hard, easy, ...), so every level is represented.
   * ``acting_backend(config, model, tokenizer, mesh)``: the ``ChatBackend`` that acts for π_k:
     the local engine holding ``model``'s weights, or SimWeb's scripted ``ReferencePolicy``.
+  * ``Actors``: who acts for a policy given by its Hugging Face directory during one stage; with
+    ``policy.backend='server'`` an inference server of that directory (``llm.server``), kept up
+    while the stage asks for the same policy and stopped by ``close()`` (the driver calls it when
+    the stage ends, however it ends).
   * ``rollouts(...)``: ``n`` rollouts per task with the ReAct agent under an injection spec, in
     batches of tasks; each finished batch is written to ``<directory>/<prefix>_<b>.jsonl`` at once
     and reused on a rerun, so a killed stage redoes at most one batch. Rollout seeds derive from
@@ -28,10 +32,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from expint_jax import storage
+from expint_jax.config import to_dict
 from expint_jax.experience.inject import InjectionSpec, NoInjection
 from expint_jax.llm.base import ChatBackend
-from expint_jax.loop.config import Endpoint, LoopConfig, WebWalkerSection, webwalker_tasks
-from expint_jax.records import SamplingParams, Trajectory, read_trajectories
+from expint_jax.llm.server import PolicyServer
+from expint_jax.loop.layout import key_hash
+from expint_jax.loop.config import Endpoint, LoopConfig, PolicySection, WebWalkerSection, webwalker_tasks
+from expint_jax.records import Message, SamplingParams, Trajectory, read_trajectories
 from expint_jax.rollout.agent import AgentConfig, ReActAgent
 from expint_jax.rollout.envs.base import Environment, Task
 from expint_jax.rollout.envs.simweb import SimWebConfig, SimWebEnv
@@ -120,7 +127,67 @@ def acting_backend(config: LoopConfig, model: Any, tokenizer: Any, mesh: Any) ->
     from expint_jax.llm.local import LocalEngine
 
     return LocalEngine(model, tokenizer, mesh=mesh, max_batch_size=config.policy.max_batch_size,
-                       max_context=config.policy.max_context)
+                       max_context=config.policy.max_context, enable_thinking=config.model.enable_thinking)
+
+
+def policy_key(policy: PolicySection) -> dict[str, Any]:
+    """The ``policy`` settings in the keys of the stages where the policy acts. A server's command
+    (engine, dtype, flags) can change what the policy does; its port, host, time-outs and client
+    settings cannot and are left out, and without a server the key is what it was before servers."""
+    values = to_dict(policy)
+    server = values.pop("server")
+    if policy.backend == "server":
+        values["server"] = {"command": server["command"]}
+    return values
+
+
+class Actors:
+    """The backends acting for policies during one stage (module docstring).
+
+    ``backend(checkpoint, load, log_dir)``: ``checkpoint`` is the policy's Hugging Face directory
+    (None: π_0, which is ``model.checkpoint`` or, for the tiny random model, ``load()`` exported
+    once under ``run_dir``, in a folder named by the model section's hash); ``load()`` builds the
+    model for the local engine. The server backend
+    starts one server at a time, logging to ``log_dir/server.log``: asking for another checkpoint
+    stops the running one first, so two policies never hold the accelerators at once."""
+
+    def __init__(self, config: LoopConfig, tokenizer: Any, mesh: Any, run_dir: Path,
+                 count_tokens: Callable[[Sequence[Message]], int] | None = None):
+        self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+        self.base_dir = run_dir / f"base_policy_{key_hash(to_dict(config.model))}"
+        self.count_tokens = count_tokens
+        self._server: PolicyServer | None = None
+        self._backend: ChatBackend | None = None
+
+    def backend(self, checkpoint: Path | None, load: Callable[[], Any], log_dir: Path) -> ChatBackend:
+        if self.config.policy.backend != "server":
+            return acting_backend(self.config, None if self.config.policy.backend == "reference" else load(),
+                                  self.tokenizer, self.mesh)
+        directory = checkpoint or self._base_checkpoint(load)
+        if self._server is not None and self._server.checkpoint == directory:
+            assert self._backend is not None
+            return self._backend
+        self.close()
+        self._server = PolicyServer(self.config.policy.server, directory, log_dir / "server.log").start()
+        # Thinking off travels as chat_template_kwargs; the default sends nothing (as before).
+        self._backend = self._server.backend(self.count_tokens,
+                                             enable_thinking=None if self.config.model.enable_thinking else False)
+        return self._backend
+
+    def close(self) -> None:
+        """Stops the running server, if any."""
+        server, self._server, self._backend = self._server, None, None
+        if server is not None:
+            server.stop()
+
+    def _base_checkpoint(self, load: Callable[[], Any]) -> Path:
+        if self.config.model.checkpoint:
+            return Path(self.config.model.checkpoint)
+        if not (self.base_dir / "config.json").exists():  # save_checkpoint publishes the folder whole
+            from expint_jax.models.hf import save_checkpoint
+
+            save_checkpoint(load(), self.base_dir, tokenizer=self.tokenizer)
+        return self.base_dir
 
 
 def agent_config(config: LoopConfig) -> AgentConfig:

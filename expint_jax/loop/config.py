@@ -19,12 +19,15 @@ import dataclasses
 import importlib.util
 import os
 import random
+import shlex
+import shutil
 from pathlib import Path
 from typing import Literal
 
 from expint_jax.config import ConfigError
 from expint_jax.distill.trainer import TrainerConfig
 from expint_jax.distill.views import ViewBudget
+from expint_jax.llm.server import ServerSpec, check_command
 from expint_jax.models.source import ModelSpec
 from expint_jax.parallel.mesh import MeshConfig
 from expint_jax.records import RecordError
@@ -39,9 +42,16 @@ MODES = ("none", "global", "stepwise")
 class PolicySection:
     """Who acts. ``local``: π_k itself through the local JAX engine. ``reference``: SimWeb's scripted
     agent (``ReferencePolicy``) stands in for the model in every rollout, so that every stage sees
-    real data on a CPU; the weights are still trained and exported, but they do not act."""
+    real data on a CPU; the weights are still trained and exported, but they do not act.
+    ``server``: π_k's Hugging Face directory served by an inference engine (vLLM, SGLang, or
+    ``python -m expint_jax.llm.serve``) started from ``server.command`` for each stage in which π_k
+    acts and stopped after it (``llm.server``). The block sits here rather than in a rollout
+    section because it replaces the local engine wherever the policy acts: the extraction
+    rollouts, the teacher's rollouts, the evaluations, the on-policy student's samples and the
+    ``self`` writer."""
 
-    backend: Literal["local", "reference"] = "local"
+    backend: Literal["local", "reference", "server"] = "local"
+    server: ServerSpec = ServerSpec()  # backend "server"
     max_batch_size: int = 8  # local engine: rows decoded together
     max_context: int = 4096  # local engine: prompt + generation tokens per row
     reference_mistake_rate: float = 0.3  # reference backend: chance of each scripted mistake
@@ -81,9 +91,30 @@ class Endpoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExtractStepsSection:
+    """The release's extraction schedule (``extract.schedule="release_steps"``): each epoch draws a
+    fresh sample of ``batches_per_epoch`` x ``queries_per_batch`` extraction tasks; each batch is one
+    step: π_k rolls out ``extract.samples`` times per query with the pool so far in its prompt, then
+    the writer updates the pool. The defaults are the release's: 3 epochs x 25 batches of 4 queries."""
+
+    epochs: int = 3
+    batches_per_epoch: int = 25  # 0: as many whole batches as the extraction tasks fill
+    queries_per_batch: int = 4
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.queries_per_batch < 1 or self.batches_per_epoch < 0:
+            raise ValueError(f"extract.steps: epochs and queries_per_batch must be >= 1 and batches_per_epoch >= 0, "
+                             f"got {self.epochs}, {self.queries_per_batch}, {self.batches_per_epoch}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExtractSection:
+    """``schedule``: ``single`` writes E_k once from all of the ``rollouts`` stage's rollouts;
+    ``release_steps`` builds it over the release's many small steps (``ExtractStepsSection``),
+    the extract stage rolling out each step itself (the ``rollouts`` stage then records nothing)."""
+
     tasks: int = 0  # extraction tasks (the first N of the training world); 0 = all
-    samples: int = 4  # rollouts of π_k per extraction task
+    samples: int = 4  # rollouts of π_k per extraction task (release_steps: per query of a step)
     granularity: Literal["principle", "instance"] = "principle"
     writer: Literal["offline", "llm", "self"] = "offline"
     endpoint: Endpoint = Endpoint()  # writer "llm" (and selector "llm")
@@ -93,6 +124,8 @@ class ExtractSection:
     batch_tasks: int = 8  # tasks per rollout batch: the unit of resume (and of the running pool)
     temperature: float = 0.0  # writer sampling (self / llm)
     max_tokens: int = 8192
+    schedule: Literal["single", "release_steps"] = "single"
+    steps: ExtractStepsSection = ExtractStepsSection()  # schedule "release_steps"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,9 +287,12 @@ def check_config(config: LoopConfig, environ: dict[str, str] | None = None) -> N
         if config.distill.regime != "off_policy":
             raise ConfigError(f"config.trainer.step.teacher='from_rollout': the teacher's signal comes from its own "
                               f"rollouts, which only off_policy trains on (distill.regime={config.distill.regime!r})")
-        if config.policy.backend != "local":
+        if config.policy.backend == "reference":
             raise ConfigError("config.trainer.step.teacher='from_rollout': the reference policy records no "
-                              "log-probabilities; use policy.backend='local'")
+                              "log-probabilities; use policy.backend='local' or 'server'")
+    if config.extract.schedule == "release_steps" and config.extract.inject_running_pool:
+        raise ConfigError("config.extract.inject_running_pool: under extract.schedule='release_steps' every step "
+                          "already rolls out with the pool so far in its prompt; set it False")
     if config.policy.backend == "reference" and config.extract.writer == "self":
         raise ConfigError("config.extract.writer='self': the reference policy is a script and cannot write "
                           "experience; use writer 'offline' or 'llm', or policy.backend='local'")
@@ -272,6 +308,8 @@ def check_config(config: LoopConfig, environ: dict[str, str] | None = None) -> N
                           "trajectories; env 'math' needs writer 'llm' or 'self'")
     if config.env == "webwalker":
         _check_webwalker(config.webwalker, environ)
+    if config.policy.backend == "server":
+        _check_server(config.policy.server, environ)
 
 
 def required_env_vars(config: LoopConfig) -> dict[str, str]:
@@ -279,6 +317,8 @@ def required_env_vars(config: LoopConfig) -> dict[str, str]:
     needed: dict[str, str] = {}
     if config.extract.endpoint.api_key_env and (config.extract.writer == "llm" or config.injection.selector == "llm"):
         needed["extract.endpoint.api_key_env"] = config.extract.endpoint.api_key_env
+    if config.policy.backend == "server" and config.policy.server.api_key_env:
+        needed["policy.server.api_key_env"] = config.policy.server.api_key_env
     if config.env == "webwalker":
         w = config.webwalker
         for key in ("search_api_key_env", "visit_api_key_env"):
@@ -299,6 +339,21 @@ def _check_endpoint(endpoint: Endpoint, key: str, why: str, environ: dict[str, s
     if endpoint.api_key_env and not environ.get(endpoint.api_key_env):
         raise ConfigError(f"config.{key}.api_key_env={endpoint.api_key_env!r}: {why} reads the API key "
                           f"from ${endpoint.api_key_env}, which is not set")
+
+
+def _check_server(server: ServerSpec, environ: dict[str, str]) -> None:
+    try:
+        check_command(server.command)
+    except ValueError as e:
+        raise ConfigError(f"config.policy.server.command={server.command!r}: {e}") from None
+    program = shlex.split(server.command)[0]
+    path = dict(item.split("=", 1) for item in server.env).get("PATH", environ.get("PATH"))  # the server's own
+    if "{" not in program and shutil.which(program, path=path) is None:
+        raise ConfigError(f"config.policy.server.command: {program!r} is not an executable on PATH "
+                          "(is the inference engine installed here?)")
+    if server.api_key_env and not environ.get(server.api_key_env):
+        raise ConfigError(f"config.policy.server.api_key_env={server.api_key_env!r}: the policy server's API key "
+                          f"is read from ${server.api_key_env}, which is not set")
 
 
 def _check_webwalker(w: WebWalkerSection, environ: dict[str, str]) -> None:

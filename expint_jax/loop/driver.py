@@ -9,6 +9,11 @@ are removed first. Then finished stages are skipped (one line each) and the rest
 each published whole (``layout``). After every evaluation the report is rewritten. A stage with
 nothing to work with under ``on_empty="stop"`` ends the loop with one line and the report.
 
+Several JAX processes (multi-host): every process runs ``run_loop`` with the same configuration;
+process 0 restarts, checks, runs every stage but ``train`` and writes everything, the others wait
+for each outcome and join ``train`` (``hosts`` says who does what and why;
+``parallel.coordination`` how the others wait, with deadlines). Only process 0 echoes.
+
 Raising: a failing stage (e.g. an unreachable writer endpoint) propagates after its partial
 folder is left as it was (a rerun resumes it); completed stages are never touched.
 """
@@ -21,12 +26,14 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from expint_jax import storage
 from expint_jax.config import ConfigError, to_dict
-from expint_jax.loop import acting, layout
+from expint_jax.loop import acting, hosts, layout
 from expint_jax.loop.config import LoopConfig
-from expint_jax.loop.stages import STAGE_FUNCTIONS, STAGES, EmptyStage, Run, stage_key
+from expint_jax.loop.stages import STAGE_FUNCTIONS, STAGES, EmptyStage, Run, extraction_plan, stage_key
+from expint_jax.parallel import coordination
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +71,14 @@ def open_run(config: LoopConfig) -> Run:
     from expint_jax.parallel.mesh import make_mesh
 
     tokenizer = load_tokenizer(config.model.checkpoint or None)
-    return Run(config, Path(config.runs_dir) / config.name, tokenizer, ChatFormat(tokenizer), make_mesh(config.mesh),
+    chat = ChatFormat(tokenizer, enable_thinking=config.model.enable_thinking)
+    return Run(config, Path(config.runs_dir) / config.name, tokenizer, chat, make_mesh(config.mesh),
                acting.Worlds.of(config))
+
+
+# The keys that make each environment's two worlds, named when they share tasks.
+WORLD_KEYS = {"webwalker": "config.webwalker.train_file / config.webwalker.eval_file",
+              "math": "config.math.train_split / config.math.test_split"}
 
 
 def check_task_split(run: Run) -> None:
@@ -83,12 +96,16 @@ def check_task_split(run: Run) -> None:
                            ids(acting.pick(run.worlds.train.tasks(), c.distill.tasks)), evaluation,
                            granularity=c.extract.granularity, allow_instance_overlap=True)
     except TaskOverlapError as e:
-        raise ConfigError(f"task split: {e}") from None
+        raise ConfigError(f"{WORLD_KEYS.get(c.env, f'config.{c.env}')}: the held-out world's tasks (config.eval.tasks, "
+                          f"config.distill.heldout_tasks) must not be training-world tasks (config.extract.tasks, "
+                          f"config.distill.tasks): {e}") from None
 
 
 def plan(run: Run, order: list[layout.StageId]) -> dict[str, dict]:
     """Every stage's key, in order, checked against the disk (``StaleStageError`` on a mismatch)."""
     check_task_split(run)
+    if run.config.extract.schedule == "release_steps":
+        extraction_plan(run, 0)  # the extraction tasks fill the schedule's batches (else ConfigError)
     keys = {}
     for stage in order:
         key = stage_key(run, stage.iteration, stage.name)
@@ -113,6 +130,12 @@ def run_loop(config: LoopConfig, *, restart_from: str | None = None, echo: Calla
     """Runs (or resumes) the loop; see the module docstring. ``only``: run just these stages (each
     needs its inputs finished; ``expint eval`` / ``extract`` / ``distill`` on one iteration)."""
     run = run or open_run(config)
+    processes = coordination.current()
+    hosts.check(config, run.mesh, processes)
+    if not processes.is_leader:
+        echo(f"process {processes.index} of {processes.count}: process 0 acts and writes the run; this process "
+             "joins the training steps")
+        echo = _silent
     order = schedule(config.iterations)
     if only is not None:
         unknown = [str(s) for s in only if s not in order]
@@ -123,49 +146,102 @@ def run_loop(config: LoopConfig, *, restart_from: str | None = None, echo: Calla
             if missing and not all(m in only for m in missing):
                 raise ConfigError(f"{stage} needs {', '.join(map(str, missing))} finished first "
                                   f"(expint run resumes the whole loop)")
-    if restart_from is not None:
-        start = parse_restart(restart_from, order)
-        removed = layout.restart(run.run_dir, order[start:])
-        if removed:
-            echo(f"restart from {order[start]}: removed {', '.join(map(str, removed))}")
-    keys = plan(run, order)
-    storage.write_json(run.run_dir / "config.json", to_dict(config))
+    start = parse_restart(restart_from, order) if restart_from is not None else None
+    keys: dict[str, dict] = {}
+
+    def begin_run() -> None:
+        if start is not None:
+            removed = layout.restart(run.run_dir, order[start:])
+            if removed:
+                echo(f"restart from {order[start]}: removed {', '.join(map(str, removed))}")
+        keys.update(plan(run, order))
+        storage.write_json(run.run_dir / "config.json", to_dict(config))
+
+    processes.leader_runs("start", begin_run)
+    keys = keys or plan(run, order)  # the other processes: the same keys, after process 0's restart
     ran, skipped = [], []
     report_path = None
     for stage in order if only is None else [s for s in order if s in only]:
-        folder = layout.StageDir(run.run_dir, stage)
-        key = keys[str(stage)]
-        if folder.is_done():
+        outcome = _run_stage(run, stage, keys[str(stage)], processes)
+        if outcome["state"] == "done":
             skipped.append(str(stage))
-            echo(f"{stage}: done earlier ({_summary_line(folder.marker()['summary'])})")
+            echo(f"{stage}: done earlier ({_summary_line(outcome['summary'])})")
             continue
-        work = folder.begin(key)
-        started = time.monotonic()
-        try:
-            summary = STAGE_FUNCTIONS[stage.name](run, stage.iteration, work)
-        except EmptyStage as e:
-            message = f"{stage}: nothing to work with ({e}); on_empty=stop: the loop stops here"
+        if outcome["state"] == "stopped":
+            message = f"{stage}: nothing to work with ({outcome['reason']}); on_empty=stop: the loop stops here"
             echo(message)
-            storage.write_json(run.run_dir / "stopped.json", {"stage": str(stage), "reason": str(e)})
-            report_path = _report(run, echo)
+            report_path = _report(run, processes, echo, f"{stage} stopped")
             return LoopResult(run.run_dir, tuple(ran), tuple(skipped), message, report_path)
-        summary = {**summary, "seconds": round(time.monotonic() - started, 2)}
-        folder.publish(key, summary)
+        summary = outcome["summary"]
         ran.append(str(stage))
         echo(f"{stage}: {_summary_line(summary)}")
         if summary.get("empty") and stage.name in ("extract", "data"):
             echo(f"{stage}: nothing to work with ({summary['empty']}); on_empty={config.on_empty}")
         if stage.name in ("base_eval", "eval"):
-            report_path = _report(run, echo=None)
-    (run.run_dir / "stopped.json").unlink(missing_ok=True)
-    report_path = _report(run, echo)
+            report_path = _report(run, processes, None, f"{stage} report")
+    processes.leader_runs("finish", lambda: (run.run_dir / "stopped.json").unlink(missing_ok=True))
+    report_path = _report(run, processes, echo, "final report")
     return LoopResult(run.run_dir, tuple(ran), tuple(skipped), None, report_path)
 
 
-def _report(run: Run, echo: Callable[[str], None] | None) -> Path:
+def _run_stage(run: Run, stage: layout.StageId, key: dict, processes: coordination.Processes) -> dict[str, Any]:
+    """Runs ``stage`` unless it is finished; ``{"state": "done" | "ran", "summary": ...}`` or
+    ``{"state": "stopped", "reason": ...}`` on every process. Process 0 claims, publishes and writes
+    (``hosts``): an acting stage runs on it alone, an SPMD stage on every process."""
+    folder = layout.StageDir(run.run_dir, stage)
+    function = STAGE_FUNCTIONS[stage.name]
+
+    def claim() -> dict[str, Any]:
+        if folder.is_done():
+            return {"state": "done", "summary": folder.marker()["summary"]}
+        folder.begin(key)
+        return {"state": "begun"}
+
+    def finish(summary: dict[str, Any] | None, stopped: str | None, started: float) -> dict[str, Any]:
+        if stopped is not None:
+            storage.write_json(run.run_dir / "stopped.json", {"stage": str(stage), "reason": stopped})
+            return {"state": "stopped", "reason": stopped}
+        summary = {**summary, "seconds": round(time.monotonic() - started, 2)}
+        folder.publish(key, summary)
+        return {"state": "ran", "summary": summary}
+
+    def attempt(acting_run: Run) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            return function(acting_run, stage.iteration, folder.partial), None
+        except EmptyStage as e:
+            return None, str(e)
+        finally:
+            acting_run.stop_serving()  # a policy server lives for one stage, however the stage ends
+
+    if stage.name in hosts.SPMD_STAGES:
+        outcome = processes.leader_runs(f"{stage} (claim)", claim)
+        if outcome["state"] == "done":
+            return outcome
+        started = time.monotonic()
+        result = attempt(run)
+        outcome = processes.leader_runs(f"{stage} (publish)", lambda: finish(*result, started))
+    else:
+        def act() -> dict[str, Any]:
+            claimed = claim()
+            if claimed["state"] == "done":
+                return claimed
+            started = time.monotonic()
+            return finish(*attempt(hosts.acting_run(run, processes)), started)
+
+        outcome = processes.leader_runs(str(stage), act)
+    if outcome["state"] == "ran" and not processes.is_leader:
+        hosts.await_published(folder, processes)
+    return outcome
+
+
+def _silent(line: str) -> None:
+    log.info("%s", line)
+
+
+def _report(run: Run, processes: coordination.Processes, echo: Callable[[str], None] | None, name: str) -> Path:
     from expint_jax.loop.report import write_report
 
-    path = write_report(run.run_dir)
+    path = Path(processes.leader_runs(name, lambda: str(write_report(run.run_dir))))
     if echo is not None:
         echo(f"report: {path}")
     return path

@@ -9,7 +9,8 @@ report can be rebuilt at any time (``expint report RUN_DIR``) and never shows a 
     assistant tokens, the accuracy delta against π_0 in the same mode and each round's Pass@1;
     then one row per iteration with the pool (size, diff, granularity shares), the acceptance
     rate, the held-out KL before/after training and the training status (e.g. a kept policy and
-    why).
+    why); then, for a SimWeb run, what the testbed builds in and what is learned
+    (``describe_testbed``: the scripted agent's designed effects, or the model organism's record).
   * ``plots/``: ``accuracy.png`` (internalized = mode none vs in-context modes across policies,
     the base as a dashed line, as in the paper's figures), ``assistant_turns.png``,
     ``premature_answers.png``, ``acceptance.png``, ``pool.png`` (size and granularity shares).
@@ -66,8 +67,43 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
         if facts:
             iterations[k] = facts
     stopped = run_dir / "stopped.json"
+    config = run_dir / "config.json"
     return {"policies": policies, "iterations": iterations,
-            "stopped": storage.read_json(stopped) if stopped.exists() else None}
+            "stopped": storage.read_json(stopped) if stopped.exists() else None,
+            "config": storage.read_json(config) if config.exists() else None}
+
+
+def describe_testbed(config: Mapping[str, Any] | None) -> str:
+    """What a SimWeb run's results can and cannot show ("" for other environments)."""
+    if not config or config.get("env", "simweb") != "simweb":
+        return ""
+    from expint_jax.rollout.envs.simweb.sensitivity import Sensitivity, designed_effects
+
+    policy = config.get("policy", {})
+    lines = ["## What this testbed builds in", ""]
+    if policy.get("backend") == "reference":
+        sensitive = policy.get("reference_sensitive", True)
+        lines.append(f"Every rollout is SimWeb's scripted agent (mistake rate {policy.get('reference_mistake_rate')}); "
+                     "the network is trained and exported but never acts, so internalized accuracy cannot move. "
+                     + ("Its response to experience in context is designed, not learned:" if sensitive
+                        else "It ignores experience (`policy.reference_sensitive=False`)."))
+        if sensitive:
+            lines += ["", designed_effects(Sensitivity())]
+        return "\n".join(lines) + "\n"
+    checkpoint = Path(config.get("model", {}).get("checkpoint") or "")
+    record = checkpoint / "organism.json" if str(checkpoint) else None
+    if record is not None and record.is_file():
+        made = storage.read_json(record)
+        lines += [f"π_0 is the SimWeb model organism (`{checkpoint}`, made by `{' '.join(made.get('command', []))}`): "
+                  "a small Qwen3 trained from scratch to imitate SimWeb's scripted agent under a mix of contexts.",
+                  "", "* Designed in: the scripted agent it imitated, whose mistakes and whose response to lessons "
+                  "in context are set by hand (below). The network saw those lessons in training, so its use of "
+                  "them is learned imitation of a designed response (measured with `expint organism gate`).",
+                  "* Not designed: everything that happens across iterations. No rule moves the network's behaviour "
+                  "without lessons; internalization, its gains or its collapse, come from the distillation alone.",
+                  "", designed_effects(Sensitivity())]
+        return "\n".join(lines) + "\n"
+    return ""
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -128,6 +164,9 @@ def render_markdown(data: Mapping[str, Any], title: str) -> str:
     if data.get("stopped"):
         lines += ["", f"**The loop stopped at {data['stopped']['stage']}**: {data['stopped']['reason']} "
                       "(on_empty=stop)."]
+    note = describe_testbed(data.get("config"))
+    if note:
+        lines += ["", note]
     lines += ["", "Plots: `plots/accuracy.png`, `plots/assistant_turns.png`, `plots/premature_answers.png`, "
                   "`plots/acceptance.png`, `plots/pool.png`; TensorBoard: `tensorboard --logdir tensorboard`.", ""]
     return "\n".join(lines)

@@ -6,10 +6,15 @@ folder. Each stage also has a *key*: the configuration it depends on plus the ke
 it reads, so a changed setting is caught at the first stage it affects.
 
   rollouts   π_k acts ``extract.samples`` times on each extraction task (optionally with the pool
-             built so far injected globally, batch by batch): ``rollouts_<b>.jsonl``.
+             built so far injected globally, batch by batch): ``rollouts_<b>.jsonl``. Under
+             ``extract.schedule="release_steps"`` nothing: the extract stage rolls out per step.
   extract    E_k from those rollouts by the configured writer (offline | llm | self), starting
              from an empty pool or E_{k-1} (``extract.warm_start``): ``pool.jsonl``, ``pool.json``,
-             ``granularity.json``, ``diff.json``.
+             ``granularity.json``, ``diff.json``. Under ``release_steps`` E_k is built over the
+             release's steps (``experience.extract.steps``): each step π_k rolls out on a batch of
+             queries with the pool so far in the prompt, judged by the training world, and the
+             writer updates the pool; the folder also holds the release's ``epoch_<e>/``,
+             ``step_<k>/`` and ``stats.json``, and a killed stage resumes at its first unfinished step.
   base_eval  (k = 0 only) π_0 evaluated in every mode with E_0: ``eval.json`` + rollouts.
   data       the regime's data: off_policy / sft: the teacher (π_k with E_k) rolls out on the
              distillation tasks and only judged-correct rollouts are kept (``accepted.jsonl``,
@@ -32,27 +37,33 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from expint_jax import storage
-from expint_jax.config import to_dict
+from expint_jax.config import ConfigError, to_dict
 from expint_jax.distill.pipeline import ExampleSet, build_examples
 from expint_jax.distill.trainer import train
 from expint_jax.experience.bank import ExperiencePool, diff_pools, read_pool, write_pool_files
 from expint_jax.experience.extract.groups import group_rollouts
+from expint_jax.experience.extract.steps import (StepPlan, problem_with_experience, read_step_rollouts,
+                                                 run_extraction_steps)
 from expint_jax.experience.inject import InjectionSpec, annotate_injections, make_injection
 from expint_jax.experience.select import make_selector
-from expint_jax.loop import acting
+from expint_jax.loop import acting, hosts
 from expint_jax.loop.config import LoopConfig
 from expint_jax.loop.metrics import evaluate
 from expint_jax.loop.regimes import acceptance, make_regime, round_steps
 from expint_jax.models.hf import save_checkpoint
 from expint_jax.models.source import build_model, load_model
-from expint_jax.records import SamplingParams, Trajectory, read_trajectories
+from expint_jax.parallel import coordination
+from expint_jax.records import Message, SamplingParams, Trajectory, read_trajectories
+from expint_jax.rollout.agent import ReActAgent
+from expint_jax.rollout.envs.base import Environment, Task
 from expint_jax.token_signal import read_signals, signal_path, write_signals
 
 log = logging.getLogger(__name__)
@@ -75,6 +86,7 @@ class Run:
     mesh: Any
     worlds: acting.Worlds
     stage_hashes: dict[str, str] = dataclasses.field(default_factory=dict)  # "iter_000/extract" -> hash
+    _actors: acting.Actors | None = dataclasses.field(default=None, repr=False)
 
     def stage_dir(self, k: int, name: str) -> Path:
         return self.run_dir / f"iter_{k:03d}" / name
@@ -96,6 +108,22 @@ class Run:
         if directory is None:
             return build_model(self.config.model, self.mesh, remat=remat)
         return load_model(directory, self.config.model, self.mesh, remat=remat)
+
+    @property
+    def actors(self) -> acting.Actors:
+        if self._actors is None:
+            self._actors = acting.Actors(self.config, self.tokenizer, self.mesh, self.run_dir,
+                                         count_tokens=lambda messages: len(self.chat.encode_prompt(messages)))
+        return self._actors
+
+    def acting_backend(self, k: int, log_dir: Path):
+        """The backend acting for π_k in the current stage; a policy server's log goes to ``log_dir``."""
+        return self.actors.backend(self.policy_dir(k), lambda: self.load_policy(k), log_dir)
+
+    def stop_serving(self) -> None:
+        """Stops the stage's policy server, if one runs (the driver calls this when a stage ends)."""
+        if self._actors is not None:
+            self._actors.close()
 
     def pool(self, k: int) -> ExperiencePool:
         return read_pool(self.stage_dir(k, "extract") / "pool.jsonl")
@@ -164,7 +192,11 @@ def stage_key(run: Run, k: int, name: str) -> dict[str, Any]:
     c = run.config
     # extract.batch_tasks partitions every stage's rollout files: a resumed stage must keep it.
     # The env is named by its own section (simweb | webwalker | math): a SimWeb key is as before.
-    acting_keys = {**_section(c, "model", "policy", c.env, "agent", "seed"), "batch_tasks": c.extract.batch_tasks}
+    acting_keys = {**_section(c, "model", c.env, "agent", "seed"), "policy": acting.policy_key(c.policy),
+                   "batch_tasks": c.extract.batch_tasks}
+    release_steps = c.extract.schedule == "release_steps"
+    if name == "rollouts" and release_steps:  # records nothing (the extract stage rolls out per step)
+        return {"extract": {"schedule": c.extract.schedule}}
     if name == "rollouts":
         extract = to_dict(c.extract)
         used = {key: extract[key] for key in ("tasks", "samples", "batch_tasks", "inject_running_pool")}
@@ -174,7 +206,11 @@ def stage_key(run: Run, k: int, name: str) -> dict[str, Any]:
         return {**acting_keys, "extract": used, "policy_of": run.policy_key(k),
                 "previous_pool": run.upstream(k - 1, "extract") if c.extract.warm_start and k else ""}
     if name == "extract":
-        return {"extract": to_dict(c.extract), "rollouts": run.upstream(k, "rollouts"),
+        extract = to_dict(c.extract)
+        if not release_steps:  # the schedule's settings do not apply (and a key made before they existed holds)
+            del extract["schedule"], extract["steps"]
+        acts = {**acting_keys, "policy_of": run.policy_key(k)} if release_steps else {}
+        return {**acts, "extract": extract, "rollouts": run.upstream(k, "rollouts"),
                 "previous_pool": run.upstream(k - 1, "extract") if c.extract.warm_start and k else ""}
     if name in ("base_eval", "eval"):
         policy = run.policy_key(0) if name == "base_eval" else run.upstream(k, "train")
@@ -194,8 +230,9 @@ def stage_key(run: Run, k: int, name: str) -> dict[str, Any]:
 
 
 def write_experience(run: Run, k: int, trajectories: list[Trajectory], start: ExperiencePool,
-                     workdir: Path) -> tuple[ExperiencePool, dict[str, Any]]:
-    """E from scored rollouts by the configured writer; ``(pool, facts)``."""
+                     workdir: Path, *, self_backend=None) -> tuple[ExperiencePool, dict[str, Any]]:
+    """E from scored rollouts by the configured writer; ``(pool, facts)``. Writer ``self`` writes
+    through ``self_backend`` when given (π_k's acting backend), else through π_k loaded anew."""
     c = run.config.extract
     groups = group_rollouts(trajectories)
     informative = [g for g in groups if g.is_informative]
@@ -215,7 +252,7 @@ def write_experience(run: Run, k: int, trajectories: list[Trajectory], start: Ex
     if c.writer == "llm":
         backend = _endpoint(run.config)
     else:  # "self": π_k writes its own experience through the local engine
-        backend = acting.acting_backend(run.config, run.load_policy(k), run.tokenizer, run.mesh)
+        backend = self_backend or run.acting_backend(k, workdir)
     settings = ExtractionConfig(granularity=c.granularity, max_pool_size=c.max_pool_size,
                                 sampling=SamplingParams(temperature=c.temperature, max_tokens=c.max_tokens))
     with tqdm(total=len(EXTRACTION_STAGES), desc=f"extract ({c.writer})", unit="stage", leave=False,
@@ -234,8 +271,10 @@ def _start_pool(run: Run, k: int) -> ExperiencePool:
 
 def rollouts_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
     c = run.config
+    if c.extract.schedule == "release_steps":
+        return {"rollouts": 0, "skipped": "extract.schedule='release_steps': the extract stage rolls out per step"}
     tasks = acting.pick(run.worlds.train.tasks(), c.extract.tasks)
-    backend = acting.acting_backend(c, run.load_policy(k), run.tokenizer, run.mesh)
+    backend = run.acting_backend(k, work)
     injection: InjectionSpec | Callable[[int], InjectionSpec] = make_injection("none")
     running: dict[int, ExperiencePool] = {}
     after_batch = None
@@ -277,7 +316,9 @@ def extract_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
     trajectories = acting.read_rollouts(run.stage_dir(k, "rollouts"), "rollouts")
     start = _start_pool(run, k)
     running = run.stage_dir(k, "rollouts") / "running_final" / "pool.jsonl"
-    if c.inject_running_pool and running.exists():
+    if c.schedule == "release_steps":
+        pool, facts = _extract_in_steps(run, k, work)
+    elif c.inject_running_pool and running.exists():
         groups = group_rollouts(trajectories)
         pool, facts = read_pool(running), {"groups": len(groups),
                                            "informative_groups": sum(g.is_informative for g in groups),
@@ -298,10 +339,89 @@ def extract_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
     return summary
 
 
-def _evaluate_policy(run: Run, model, pool: ExperiencePool, k: int, stage: str, work: Path) -> dict[str, Any]:
+def extraction_plan(run: Run, k: int) -> StepPlan:
+    """The release schedule's plan of iteration ``k`` (``ConfigError`` when the extraction tasks cannot
+    fill an epoch's batches)."""
+    c = run.config.extract
+    available = len(acting.pick(run.worlds.train.tasks(), c.tasks))
+    per_epoch = c.steps.batches_per_epoch * c.steps.queries_per_batch
+    if per_epoch > available or available < c.steps.queries_per_batch:
+        raise ConfigError(f"config.extract.steps: batches_per_epoch={c.steps.batches_per_epoch} x queries_per_batch="
+                          f"{c.steps.queries_per_batch} need {max(per_epoch, c.steps.queries_per_batch)} extraction "
+                          f"tasks per epoch; the training world gives {available} (extract.tasks={c.tasks})")
+    return StepPlan(epochs=c.steps.epochs, batch_size=c.steps.queries_per_batch, rollouts_per_query=c.samples,
+                    queries_per_epoch=per_epoch or None, seed=run.seed(k, "extract"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _AsGiven:
+    """The training world for tasks whose question carries the pool: tools and judge see each task
+    as given (an LLM judge must not read the pool as part of the question)."""
+
+    env: Environment
+    given: Mapping[str, Task]
+
+    def tools(self, task: Task):
+        return self.env.tools(self.given[task.task_id])
+
+    def score(self, task: Task, prediction: str | None) -> float:
+        return self.env.score(self.given[task.task_id], prediction)
+
+
+def _step_rollout(run: Run, k: int, backend):
+    """One step's rollouts as the release makes them: π_k's ReAct agent on each query written with
+    ``problem_with_experience`` (the pool entering the step; the plain question while it is empty).
+    The stored trajectory keeps the plain question (the pool it saw is ``step_<s>/experiences.json``;
+    ``metadata["experience_in_prompt"]`` counts its items), as every trajectory here stores no experience."""
+    c = run.config
+
+    def rollout(tasks: Sequence[Task], pool: ExperiencePool, step: int) -> list[Trajectory]:
+        items = pool.as_mapping()
+        asked = [dataclasses.replace(t, question=problem_with_experience(t.question, items)) for t in tasks]
+        prompts = {t.task_id: (a.question, t.question) for t, a in zip(tasks, asked, strict=True)}
+        seed = int(np.random.SeedSequence([run.seed(k, "extract"), step]).generate_state(1)[0])
+        found = ReActAgent(backend, acting.agent_config(c)).run_batch(
+            asked, _AsGiven(run.worlds.train, {t.task_id: t for t in tasks}), n=c.extract.samples, seed=seed)
+        return [_with_question(t, *prompts[t.task_id], len(items)) for t in found]
+
+    return rollout
+
+
+def _with_question(trajectory: Trajectory, prompt: str, question: str, items: int) -> Trajectory:
+    messages = list(trajectory.messages)
+    first = next(i for i, m in enumerate(messages) if m.role == "user")
+    messages[first] = Message("user", messages[first].content.replace(prompt, question, 1))
+    return dataclasses.replace(trajectory, messages=tuple(messages),
+                               metadata={**trajectory.metadata, "experience_in_prompt": items})
+
+
+def _extract_in_steps(run: Run, k: int, work: Path) -> tuple[ExperiencePool, dict[str, Any]]:
+    """E_k by the release's schedule (``extract.schedule="release_steps"``), laid out in ``work``."""
+    c = run.config
+    tasks = acting.pick(run.worlds.train.tasks(), c.extract.tasks)
+    plan = extraction_plan(run, k)
+    backend = run.acting_backend(k, work)
+
+    def write(trajectories: Sequence[Trajectory], pool: ExperiencePool, workdir: Path) -> ExperiencePool:
+        return write_experience(run, k, list(trajectories), pool, workdir,
+                                self_backend=backend if c.extract.writer == "self" else None)[0]
+
+    with tqdm(total=plan.steps(len(tasks)), desc="extraction steps", unit="step", leave=False,
+              disable=not c.progress_bar) as bar:
+        pool = run_extraction_steps(tasks, _step_rollout(run, k, backend), write, plan, work,
+                                    start_pool=_start_pool(run, k), on_step_done=lambda step, stats: bar.update())
+    steps = read_step_rollouts(work, plan.steps(len(tasks)))
+    groups = [g for step in steps for g in group_rollouts(step)]
+    rollouts = [t for step in steps for t in step]
+    return pool, {"schedule": "release_steps", "steps": len(steps), "rollouts": len(rollouts),
+                  "accuracy": sum((t.reward or 0.0) >= 0.5 for t in rollouts) / max(len(rollouts), 1),
+                  "groups": len(groups), "informative_groups": sum(g.is_informative for g in groups)}
+
+
+def _evaluate_policy(run: Run, policy: int, pool: ExperiencePool, k: int, stage: str, work: Path) -> dict[str, Any]:
     c = run.config
     tasks = acting.pick(run.worlds.test.tasks(), c.eval.tasks)
-    backend = acting.acting_backend(c, model, run.tokenizer, run.mesh)
+    backend = run.acting_backend(policy, work)  # π_policy
     levels = acting.levels_of(tasks)
     result: dict[str, Any] = {"pool_size": len(pool)}
     for mode in c.eval.modes:
@@ -316,7 +436,7 @@ def _evaluate_policy(run: Run, model, pool: ExperiencePool, k: int, stage: str, 
 
 
 def base_eval_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
-    result = {"policy": 0, **_evaluate_policy(run, run.load_policy(0), run.pool(0), 0, "base_eval", work)}
+    result = {"policy": 0, **_evaluate_policy(run, 0, run.pool(0), 0, "base_eval", work)}
     storage.write_json(work / "eval.json", result)
     return _eval_summary(result)
 
@@ -324,8 +444,7 @@ def base_eval_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
 def eval_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
     train_dir = run.stage_dir(k, "train")
     trained = storage.read_json(train_dir / "done.json")["summary"]
-    model = load_model(train_dir / "policy", run.config.model, run.mesh)
-    result = {"policy": k + 1, **_evaluate_policy(run, model, run.pool(k), k, "eval", work),
+    result = {"policy": k + 1, **_evaluate_policy(run, k + 1, run.pool(k), k, "eval", work),
               "heldout_kl": {"before": trained.get("kl_before"), "after": trained.get("kl_after")},
               "train_status": trained.get("status")}
     storage.write_json(work / "eval.json", result)
@@ -345,7 +464,7 @@ def data_stage(run: Run, k: int, work: Path) -> dict[str, Any]:
         summary["empty"] = "the pool is empty: no teacher context to distill"
         return summary
     teacher_spec = run.injection(pool, c.injection.mode)
-    backend = acting.acting_backend(c, run.load_policy(k), run.tokenizer, run.mesh)
+    backend = run.acting_backend(k, work)
     agent = acting.agent_config(c)
     # teacher = "from_rollout": the teacher's own top-k + tail at every token it writes is kept.
     signal_k = c.trainer.step.divergence.top_k if c.trainer.step.from_rollout else 0
@@ -484,24 +603,21 @@ def _on_policy_rounds(run: Run, k: int, work: Path, trainer, student, teacher,
     spec = run.injection(run.pool(k), c.injection.mode)
     plan: list[int] | None = None
     steps_done = r = 0
+    processes = coordination.current()
     while plan is None or r < len(plan):
         round_dir = work / f"round_{r:03d}"
-        backend = acting.acting_backend(c, student, run.tokenizer, run.mesh)
-        samples = acting.rollouts(backend, acting.agent_config(c), run.worlds.train, tasks,
-                                  samples=c.distill.samples, seed=run.seed(k, "train") + r, directory=round_dir,
-                                  prefix="student", batch_tasks=c.extract.batch_tasks, progress=c.progress_bar)
-        annotated = annotate_injections(samples, spec)
-        storage.write_jsonl(round_dir / "annotated.jsonl", (t.to_json() for t in annotated))
+        annotated = _student_samples(run, k, r, student, work, tasks, spec, processes)
         data = _examples(run, annotated, str(round_dir / "annotated.jsonl"))
         if not data.examples:
-            raise RuntimeError(f"{round_dir}: none of the student's {len(samples)} samples gives a training example "
+            raise RuntimeError(f"{round_dir}: none of the student's {len(annotated)} samples gives a training example "
                                f"(counts: {data.counts.to_json()}); check the length budget (config.budget)")
         batches = math.ceil(len(data.examples) / trainer.batching.rows)
         if plan is None:
             total = trainer.epochs * batches if trainer.max_steps is None else min(trainer.max_steps,
                                                                                  trainer.epochs * batches)
             plan = round_steps(total, regime.refresh_every or 0, batches)
-            storage.write_json(work / "rounds.json", {"steps_per_round": plan})
+            if processes.is_leader:
+                storage.write_json(work / "rounds.json", {"steps_per_round": plan})
         steps = plan[r]
         round_config = dataclasses.replace(trainer, epochs=math.ceil(steps / batches), max_steps=steps)
         steps_done += train(round_config, student, teacher, data, eval_data, output_dir=round_dir / "trainer",
@@ -510,6 +626,35 @@ def _on_policy_rounds(run: Run, k: int, work: Path, trainer, student, teacher,
             save_checkpoint(student, round_dir / "student", tokenizer=run.tokenizer)
         r += 1  # train() left the trained weights in ``student``: they act in the next round
     return work / "round_000" / "trainer", work / f"round_{r - 1:03d}" / "trainer", steps_done
+
+
+def _student_samples(run: Run, k: int, r: int, student, work: Path, tasks, spec: InjectionSpec,
+                     processes: coordination.Processes) -> list[Trajectory]:
+    """Round ``r``'s samples of the student (no experience) with the teacher's contexts attached,
+    also written to ``round_<r>/annotated.jsonl``. The student that samples: π_k, then the one the
+    previous round exported (a server serves that folder). Several processes: process 0 samples
+    with its own copy of it (``hosts``), the others read the file."""
+    c = run.config
+    path = work / f"round_{r:03d}" / "annotated.jsonl"
+    sampler = work / f"round_{r - 1:03d}" / "student" if r else run.policy_dir(k)
+    annotated: list[Trajectory] = []
+
+    def sample() -> None:
+        acting_run = hosts.acting_run(run, processes)
+        load = (lambda: student) if acting_run is run else (
+            lambda: acting_run.load_policy(k) if r == 0 else load_model(sampler, c.model, acting_run.mesh))
+        try:
+            backend = acting_run.actors.backend(sampler, load, path.parent)
+            samples = acting.rollouts(backend, acting.agent_config(c), run.worlds.train, tasks,
+                                      samples=c.distill.samples, seed=run.seed(k, "train") + r, directory=path.parent,
+                                      prefix="student", batch_tasks=c.extract.batch_tasks, progress=c.progress_bar)
+        finally:
+            acting_run.stop_serving()  # the trainer gets the accelerators back
+        annotated.extend(annotate_injections(samples, spec))
+        storage.write_jsonl(path, (t.to_json() for t in annotated))
+
+    processes.leader_runs(f"{path.parent.relative_to(run.run_dir)} (student samples)", sample)
+    return annotated if processes.is_leader else read_trajectories(path)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run, int, Path], dict[str, Any]]] = {

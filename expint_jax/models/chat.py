@@ -19,7 +19,15 @@ Contract of ``ChatFormat.encode``:
     (0-based) and -1 elsewhere; the generation prompt counts as the header of the next turn.
   * Content is tokenized as stored: ``<think>`` blocks of earlier turns are kept, unlike Qwen3's
     Jinja template, which drops them before the last user query (an agent's history is what it
-    was). Special-token strings inside content (e.g. a web page quoting ``<|im_end|>``) become
+    was).
+  * Thinking off (``enable_thinking=False``, Qwen3's switch for its hybrid-thinking models such
+    as Qwen3-8B): the assistant header is ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n``,
+    in the generation prompt (as the template's ``enable_thinking=False`` writes it) and in every
+    rendered assistant turn. The empty block is prompt, not output: the model never samples it, so
+    it is not trained (no loss mask), it is not stored in the turn's content (which stays exactly
+    the sampled text, so a recorded teacher signal still aligns), and the prefix each turn is
+    trained after is the prompt it was generated from. The template itself keeps the empty block
+    only in the last assistant turn; earlier turns keep it here, as generated. Special-token strings inside content (e.g. a web page quoting ``<|im_end|>``) become
     those tokens, as in the released Qwen3 pipeline; masks and spans stay correct regardless.
     Text is NFC-normalized by the tokenizer, so decoding returns the NFC form.
 
@@ -45,6 +53,7 @@ THINK_START, THINK_END = "<think>", "</think>"
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 TOOL_RESPONSE_START, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
 ANSWER_START, ANSWER_END = "<answer>", "</answer>"
+EMPTY_THINK = f"{THINK_START}\n\n{THINK_END}\n\n"  # opens every assistant turn when thinking is off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +75,14 @@ class EncodedChat:
 
 
 class ChatFormat:
-    """Renders and tokenizes conversations in Qwen3's format with a given tokenizer."""
+    """Renders and tokenizes conversations in Qwen3's format with a given tokenizer.
 
-    def __init__(self, tokenizer: Any):
+    ``enable_thinking=False``: Qwen3's thinking-off mode (module docstring); models without a
+    thinking mode (e.g. Qwen3-4B-Instruct-2507) keep the default."""
+
+    def __init__(self, tokenizer: Any, *, enable_thinking: bool = True):
         self.tokenizer = tokenizer
+        self.enable_thinking = enable_thinking
         self.im_start_id = self._special_id(IM_START)
         self.im_end_id = self._special_id(IM_END)
         self.endoftext_id = self._special_id(END_OF_TEXT)
@@ -82,7 +95,10 @@ class ChatFormat:
         self.tool_call_end_id = self._special_id(TOOL_CALL_END)
         self.tool_response_start_id = self._special_id(TOOL_RESPONSE_START)
         self.tool_response_end_id = self._special_id(TOOL_RESPONSE_END)
-        self._headers = {role: (self.im_start_id, *self.text_ids(f"{role}\n")) for role in ROLES}
+        self._header_texts = {role: f"{role}\n" for role in ROLES}  # after <|im_start|>
+        if not enable_thinking:
+            self._header_texts["assistant"] += EMPTY_THINK
+        self._headers = {role: (self.im_start_id, *self.text_ids(text)) for role, text in self._header_texts.items()}
         self._newline = tuple(self.text_ids("\n"))
 
     def _special_id(self, token: str) -> int:
@@ -109,7 +125,7 @@ class ChatFormat:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def message_prefix_ids(self, role: str) -> tuple[int, ...]:
-        """``<|im_start|>{role}\\n``."""
+        """``<|im_start|>{role}\\n`` (an assistant's with the empty think block when thinking is off)."""
         if role not in self._headers:
             raise ValueError(f"role {role!r} is not one of {ROLES}")
         return self._headers[role]
@@ -123,9 +139,9 @@ class ChatFormat:
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
         """The exact text of the conversation."""
-        parts = [f"{IM_START}{m.role}\n{m.content}{IM_END}\n" for m in _checked(messages)]
+        parts = [f"{IM_START}{self._header_texts[m.role]}{m.content}{IM_END}\n" for m in _checked(messages)]
         if add_generation_prompt:
-            parts.append(f"{IM_START}assistant\n")
+            parts.append(f"{IM_START}{self._header_texts['assistant']}")
         return "".join(parts)
 
     def encode(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> EncodedChat:
@@ -159,7 +175,8 @@ class ChatFormat:
         )
 
     def encode_prompt(self, messages: Sequence[Message]) -> np.ndarray:
-        """The conversation followed by ``<|im_start|>assistant\\n``: the input for generation."""
+        """The conversation followed by the generation prompt (``<|im_start|>assistant\\n``, and the
+        empty think block when thinking is off): the input for generation."""
         return self.encode(messages, add_generation_prompt=True).token_ids
 
     def _batch_text_ids(self, texts: list[str]) -> list[list[int]]:

@@ -17,9 +17,11 @@ renames; checkpoint files of an earlier export that the new one does not have (o
 counts, a stale index) are removed, other files in the directory are left alone. With tied
 embeddings no ``lm_head.weight`` is written, as transformers 5 does.
 
-Multi-host: export is collective. Every process must call ``save_checkpoint``; arrays that are
-not fully addressable are gathered with ``multihost_utils.process_allgather``; only process 0
-writes files, and every process returns once they exist.
+Multi-host: exporting a model whose arrays span several processes is collective. Every process
+must call ``save_checkpoint``; arrays that are not fully addressable are gathered with
+``multihost_utils.process_allgather``; only process 0 writes files, and every process returns once
+they exist. A model held on this process's devices alone (e.g. the copy process 0 acts with in
+the multi-host loop) is exported by this process alone, with no collective.
 
 Layout mapping (HF ``[out, in]`` Linear weights vs our ``[in, ...out]`` einsum kernels) lives in
 ``tensor_map`` (``_LAYER_MAP``, ``_BIAS_MAP``) only.
@@ -379,6 +381,11 @@ def _hf_tensor(params: Mapping[str, nnx.Variable], source: tuple[_Mapping, int |
     return np.ascontiguousarray(m.to_hf(_to_host(piece.astype(dtype)), config))
 
 
+def _spans_processes(params: Mapping[str, nnx.Variable]) -> bool:
+    """Whether some parameter lives on other processes' devices too (the export is then collective)."""
+    return not all(variable.get_value().is_fully_addressable for variable in params.values())
+
+
 @contextlib.contextmanager
 def _staging_dir(target: Path, writer: bool) -> Iterator[Path | None]:
     """A scratch directory beside ``target`` (same filesystem, so renames into it are atomic), or
@@ -453,7 +460,8 @@ def save_checkpoint(
     shards = _plan_shards(params, config, np.dtype(np_dtype).itemsize, max_shard_bytes)
     names = _shard_names(len(shards))
     mapping = tensor_map(config)
-    with _staging_dir(path, writer=jax.process_index() == 0) as staging:
+    collective = _spans_processes(params)
+    with _staging_dir(path, writer=jax.process_index() == 0 or not collective) as staging:
         for name, shard in zip(names, shards):
             # Every process gathers (collective); only the writer keeps a file. One shard at a time.
             tensors = {key: _hf_tensor(params, mapping[key], config, np_dtype) for key in shard}
@@ -471,7 +479,7 @@ def save_checkpoint(
             if tok is not None:
                 save_tokenizer(tok, staging)
             _publish(staging, path)
-    if jax.process_count() > 1:  # nobody reads the export before process 0 has written it
+    if collective:  # nobody reads the export before process 0 has written it
         multihost_utils.sync_global_devices(f"expint save_checkpoint {path}")
     return path
 

@@ -47,6 +47,9 @@ class ModelSpec:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Remat = "none"  # used for the trained student; models that only run forward skip remat
     seed: int = 0
+    # False: Qwen3's thinking-off mode for hybrid-thinking models (Qwen3-8B): every assistant turn
+    # opens with an empty think block (models.chat); True for models without the switch.
+    enable_thinking: bool = True
 
     @property
     def policy(self) -> DTypePolicy:

@@ -29,6 +29,12 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules: LogicalRules 
     return model
 
 
+def batch_sharding(mesh: jax.sharding.Mesh, rows: int, rules: LogicalRules = DEFAULT_RULES) -> jax.sharding.NamedSharding:
+    """Where a batch of ``rows`` (global) rows lives: rows on the ``batch`` logical axis when the
+    mesh axes divide them, else replicated."""
+    return jax.sharding.NamedSharding(mesh, logical_to_spec(("batch",), rules, dict(mesh.shape), (rows,)))
+
+
 def shard_batch(batch: Batch, mesh: jax.sharding.Mesh | None, rules: LogicalRules = DEFAULT_RULES) -> Batch:
     """This process's rows of ``batch`` as (global) device arrays, rows on the ``batch`` logical axis.
 
@@ -43,11 +49,10 @@ def shard_batch(batch: Batch, mesh: jax.sharding.Mesh | None, rules: LogicalRule
     local_rows = jax.tree.leaves(batch)[0].shape[0]
     processes = jax.process_count()
     global_rows = local_rows * processes
-    spec = logical_to_spec(("batch",), rules, dict(mesh.shape), (global_rows,))
-    sharding = jax.sharding.NamedSharding(mesh, spec)
+    sharding = batch_sharding(mesh, global_rows, rules)
     if processes == 1:
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
-    if spec == jax.sharding.PartitionSpec(None):
+    if sharding.spec == jax.sharding.PartitionSpec(None):
         raise ValueError(f"{processes} processes: a batch of {global_rows} rows must be divisible by the mesh axes "
                          f"of the 'batch' rule ({dict(mesh.shape)}) so that each process holds only its rows")
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:])),

@@ -8,7 +8,7 @@ from flax import nnx
 
 from expint_jax.distill.batch import bucket_shape, collate
 from expint_jax.analysis.landscape import (filter_axes, filter_normalized_direction, interpolate, loss_along_line,
-                                          loss_on_plane)
+                                          loss_on_plane, relative_distance)
 from expint_jax.distill.losses import Divergence
 from expint_jax.distill.step import StepConfig, make_eval_step
 from expint_jax.parallel.placement import shard_batch
@@ -36,6 +36,15 @@ def test_interpolation_end_points_and_midpoint(setup):
     mid = jax.tree.leaves(interpolate(a, b, 0.5))
     for m, x, y in zip(mid, jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(m), (np.asarray(x) + np.asarray(y)) / 2, rtol=1e-6)
+
+
+def test_relative_distance_is_the_global_norm_of_the_difference_over_the_start(setup):
+    _, a, b, _ = setup
+    flat = lambda tree: np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])  # noqa: E731
+    expected = np.linalg.norm(flat(b) - flat(a)) / np.linalg.norm(flat(a))
+    assert relative_distance(a, b) == pytest.approx(expected, rel=1e-5)
+    assert relative_distance(a, interpolate(a, b, 0.5)) == pytest.approx(expected / 2, rel=1e-5)
+    assert relative_distance(a, a) == 0.0
 
 
 def test_filter_axes_are_the_inputs_of_one_output_unit():

@@ -12,7 +12,8 @@ from flax import nnx
 from expint_jax.distill.batch import bucket_shape, collate
 from expint_jax.distill.losses import Divergence
 from expint_jax.distill.optim import MasterWeightsState, OptimizerConfig, decay_mask, make_optimizer
-from expint_jax.distill.step import StepConfig, init_train_state, make_eval_step, make_train_step
+from expint_jax.distill.step import (
+    StepConfig, _split_micro_batches, init_train_state, make_eval_step, make_train_step)
 from expint_jax.parallel.placement import shard_batch
 from expint_jax.distill.views import build_example, tree_attention_mask
 from expint_jax.models.config import DTypePolicy, tiny
@@ -131,6 +132,39 @@ def test_sharded_step_equals_single_device_step(batch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
 
 
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_optimizer_state_is_placed_like_the_parameters(master_weights):
+    """Left to the compiler, jit(optimizer.init) replicated Adam's moments on every device."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    policy = DTypePolicy("bfloat16" if master_weights else "float32")
+    student = shard_model(Qwen3(CONFIG, policy=policy, rngs=nnx.Rngs(0)), mesh)
+    tx, _ = make_optimizer(OptimizerConfig(), master_weights=master_weights)
+    with jax.set_mesh(mesh):
+        _, state = init_train_state(student, tx)
+    placed = {path[-2:]: x.sharding for path, x in jax.tree_util.tree_leaves_with_path(state.params)}
+    mirrored = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
+        if x.ndim == 0:  # step counts
+            assert x.sharding.is_fully_replicated
+            continue
+        assert x.sharding.is_equivalent_to(placed[path[-2:]], x.ndim), jax.tree_util.keystr(path)
+        mirrored += 1
+    assert mirrored == len(placed) * (3 if master_weights else 2)  # mu, nu (and the master copy)
+    embed = state.opt_state[1][0].mu["embed"] if not master_weights else state.opt_state.inner[1][0].mu["embed"]
+    assert embed.get_value().sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+def test_micro_batches_take_strided_rows_so_each_stays_on_the_devices_holding_it():
+    rows = np.arange(8)
+    micro = _split_micro_batches(rows, 2)
+    np.testing.assert_array_equal(micro, [[0, 2, 4, 6], [1, 3, 5, 7]])
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    sharded = shard_batch(np.arange(8 * 3).reshape(8, 3), mesh)
+    with jax.set_mesh(mesh):
+        split = jax.jit(lambda x: _split_micro_batches(x, 2))(sharded)
+    assert split.sharding.spec[:2] == (None, "fsdp")  # each micro-batch spread over the devices, no gather
+
+
 def test_distilling_toward_experience_conditioned_teacher_lowers_kl(batch):
     _, state, teacher_params, step, _ = _setup(lr=3e-3)
     device_batch = shard_batch(batch, None)
@@ -151,6 +185,26 @@ def test_every_divergence_runs_and_reports_finite_metrics(batch, divergence):
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert ("kl" in metrics) == (divergence != "nll")
     assert int(state.step) == 1 and float(metrics["learning_rate"]) == 0.0  # first warm-up step
+
+
+def test_nll_on_the_teacher_view_is_sft_with_experience_in_context(batch):
+    """student_view='teacher': the student's NLL is scored on the teacher's tree-packed layout (each
+    turn with its own step-wise block), i.e. -mean log p(target | experience in context)."""
+    model = _models(0)[0]
+    graphdef, params = nnx.split(model, nnx.Param)
+    b = jax.tree.map(jnp.asarray, batch)
+    mask = tree_attention_mask(b.teacher_branch, b.teacher_attach, b.teacher_valid)
+    logits = model(b.teacher_ids, b.teacher_positions, attention_mask=mask)
+    logp = jax.nn.log_softmax(jnp.take_along_axis(logits, b.teacher_loss_index[..., None], 1), -1)
+    nll = -np.asarray(jnp.take_along_axis(logp, b.targets[..., None], -1)[..., 0], np.float64)
+    expected = float(np.sum(nll * batch.weights) / np.sum(batch.weights))
+    config = StepConfig(Divergence("nll"), chunk_size=50, student_view="teacher")
+    metrics = make_eval_step(graphdef, config)(params, None, shard_batch(batch, None))
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    plain = make_eval_step(graphdef, StepConfig(Divergence("nll"), chunk_size=50))(params, None, shard_batch(batch, None))
+    assert abs(float(plain["loss"]) - expected) > 1e-3  # the experience in context changes the scores
+    with pytest.raises(ValueError, match="student_view='teacher'.*nll"):
+        StepConfig(Divergence("forward_kl"), student_view="teacher")
 
 
 def test_learning_rate_schedule_warms_up_then_decays():

@@ -153,3 +153,19 @@ def test_no_injection_teacher_layout_equals_student_layout(chat):
     assert not example.teacher_branch.any()  # one trunk, no branch
     np.testing.assert_array_equal(example.teacher_loss_index, example.student_loss_index)
     assert example.num_turns == 3 and example.num_loss_tokens > 0
+
+
+def test_language_modelling_example_targets_every_next_token(chat):
+    from expint_jax.distill.views import build_lm_example
+
+    plain = dataclasses.replace(make_trajectory(3, "stepwise"), step_injections=(), step_experience_ids=())
+    example = build_lm_example(plain, chat)
+    ids = chat.encode(plain.messages).token_ids
+    assert np.array_equal(example.student_ids, ids) and np.array_equal(example.teacher_ids, ids)
+    assert np.array_equal(example.targets, ids[1:]) and np.array_equal(example.student_loss_index, np.arange(len(ids) - 1))
+    assert np.array_equal(example.teacher_loss_index, example.student_loss_index)
+    short = build_lm_example(plain, chat, ViewBudget(max_student_tokens=10))
+    assert np.array_equal(short.student_ids, ids[:10]) and len(short.targets) == 9
+    assert build_lm_example(plain, chat, ViewBudget(max_student_tokens=10, overflow="drop")) is None
+    with pytest.raises(ValueError, match="carries experience"):
+        build_lm_example(make_trajectory(2, "stepwise"), chat)

@@ -7,13 +7,18 @@ import pytest
 
 from expint_jax.experience.bank import ExperiencePool, read_pool
 from expint_jax.experience.extract import ExtractionConfig
-from expint_jax.experience.extract.steps import StepPlan, problem_with_experience, run_extraction_steps
+from expint_jax.experience.extract.steps import (StepPlan, pipeline_writer, problem_with_experience,
+                                                 read_step_rollouts, run_extraction_steps)
 from expint_jax.experience.release_format import parse_release_pool, parse_release_stats
 from expint_jax.records import Completion, Message, SamplingParams, Trajectory
 from tests.experience.fake_extractor import TITLES, good_responders
 
 CONFIG = ExtractionConfig(max_retries=0, sampling=SamplingParams(temperature=0.0, max_tokens=256))
 PLAN = StepPlan(epochs=2, batch_size=2, rollouts_per_query=3, queries_per_epoch=4, seed=1)
+
+
+def writer():
+    return pipeline_writer(FakeExtractor(), CONFIG)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +70,15 @@ def test_problem_with_experience_follows_the_release_template():
 
 def test_steps_write_the_release_layout_and_feed_each_pool_to_the_next_step(tmp_path):
     rollout = FakeRollout()
-    final = run_extraction_steps(TASKS, rollout, FakeExtractor(), CONFIG, PLAN, tmp_path)
+    final = run_extraction_steps(TASKS, rollout, writer(), PLAN, tmp_path)
     assert [step for step, _, _ in rollout.calls] == [0, 1, 2, 3]
     assert rollout.calls[0][2] == {}
     for step, _, pool in rollout.calls[1:]:
         assert pool == parse_release_pool((tmp_path / f"step_{step}" / "experiences.json").read_text())
     assert parse_release_pool((tmp_path / "step_4" / "experiences.json").read_text()) == final.as_mapping()
+    assert read_pool(tmp_path / "step_4" / "pool.jsonl") == final  # ours, with provenance
+    assert [[t.task_id for t in step] for step in read_step_rollouts(tmp_path, PLAN.steps(len(TASKS)))] == [
+        [i for i in ids for _ in range(3)] for _, ids, _ in rollout.calls]
     assert len(final) > 0
     stats = parse_release_stats((tmp_path / "stats.json").read_text())
     assert list(stats) == ["step_0", "step_1", "step_2", "step_3"]
@@ -89,17 +97,17 @@ class Crash(Exception):
 
 
 def test_a_killed_run_resumes_at_the_step_it_stopped(tmp_path):
-    reference = run_extraction_steps(TASKS, FakeRollout(), FakeExtractor(), CONFIG, PLAN, tmp_path / "whole")
+    reference = run_extraction_steps(TASKS, FakeRollout(), writer(), PLAN, tmp_path / "whole")
 
     def crash_after_step_1(step, stats):
         if step == 1:
             raise Crash
 
     with pytest.raises(Crash):
-        run_extraction_steps(TASKS, FakeRollout(), FakeExtractor(), CONFIG, PLAN, tmp_path / "run",
+        run_extraction_steps(TASKS, FakeRollout(), writer(), PLAN, tmp_path / "run",
                              on_step_done=crash_after_step_1)
     again = FakeRollout()
-    resumed = run_extraction_steps(TASKS, again, FakeExtractor(), CONFIG, PLAN, tmp_path / "run")
+    resumed = run_extraction_steps(TASKS, again, writer(), PLAN, tmp_path / "run")
     assert [step for step, _, _ in again.calls] == [2, 3]  # steps 0 and 1 are not rolled out again
     assert resumed.as_mapping() == reference.as_mapping()
     assert read_pool(tmp_path / "run" / "step_3" / "extraction" / "pool.jsonl") == resumed
@@ -113,4 +121,4 @@ def test_the_plan_and_the_rollouts_are_checked(tmp_path):
         return FakeRollout()(tasks, pool, step)[:-1]
 
     with pytest.raises(ValueError, match="expected 3 rollouts per task"):
-        run_extraction_steps(TASKS, too_few, FakeExtractor(), CONFIG, PLAN, tmp_path, start_pool=ExperiencePool())
+        run_extraction_steps(TASKS, too_few, writer(), PLAN, tmp_path, start_pool=ExperiencePool())

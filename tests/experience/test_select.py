@@ -10,6 +10,7 @@ from expint_jax.experience.select import (
     BM25Selector,
     EmbeddingSelector,
     LLMSelector,
+    RandomSelector,
     Selection,
     Selector,
     make_selector,
@@ -240,8 +241,9 @@ def bag_of_words_encoder(texts):
         lambda: BM25Selector(k=4),
         lambda: EmbeddingSelector(encode=bag_of_words_encoder, k=4),
         lambda: LLMSelector(ScriptedBackend(deterministic_reply), max_tries=2),
+        lambda: RandomSelector(k=3, seed=1),
     ],
-    ids=["all", "bm25", "embedding", "llm"],
+    ids=["all", "bm25", "embedding", "llm", "random"],
 )
 def test_batch_equals_one_by_one(make):
     histories = [
@@ -290,5 +292,18 @@ def test_make_selector():
     assert isinstance(make_selector("llm", backend=ScriptedBackend(lambda k, a: "")), LLMSelector)
     with pytest.raises(ValueError, match="needs a chat backend"):
         make_selector("llm")
-    with pytest.raises(ValueError, match="unknown selector 'random'"):
-        make_selector("random")
+    assert make_selector("random", k=2, seed=3) == RandomSelector(k=2, seed=3)
+    with pytest.raises(ValueError, match="unknown selector 'nearest'"):
+        make_selector("nearest")
+
+
+def test_random_selector_is_a_seeded_function_of_the_history():
+    selector = RandomSelector(k=3, seed=0)
+    first = selector.select(history("q1"), POOL)
+    assert first == selector.select(history("q1"), POOL) and len(set(first.ids)) == 3
+    draws = {selector.select(history(f"q{i}"), POOL).ids for i in range(20)}
+    assert len(draws) > 10  # not one fixed subset
+    assert {RandomSelector(k=3, seed=s).select(history("q1"), POOL).ids for s in range(10)} != {first.ids}
+    assert RandomSelector(k=10).select(history("q"), POOL).ids.__len__() == len(POOL)  # k above the pool: all
+    with pytest.raises(ValueError, match="RandomSelector"):
+        RandomSelector(k=0)

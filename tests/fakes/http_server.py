@@ -1,8 +1,9 @@
 """A scripted HTTP server on 127.0.0.1 for offline tests of clients that talk to the network.
 
 ``ScriptedServer(handler)`` serves every request by calling ``handler(request) -> Reply`` in the
-server thread; ``Reply`` can delay (to trigger client time-outs), send any status, send a body
-that is not JSON, or cut the body short (declared Content-Length larger than what is sent).
+server thread (on a free port unless ``port`` is given); ``Reply`` can delay (to trigger client
+time-outs), send any status, send a body that is not JSON, or cut the body short (declared
+Content-Length larger than what is sent).
 Every request is recorded (method, path, headers, parsed JSON body) for assertions.
 
     with ScriptedServer(lambda req: Reply(json_body={"ok": True})) as server:
@@ -62,7 +63,7 @@ def sequence(replies: Iterable[Reply], then: Reply | None = None) -> Callable[[R
 
 
 class ScriptedServer:
-    def __init__(self, handler: Callable[[Request], Reply]):
+    def __init__(self, handler: Callable[[Request], Reply], *, host: str = "127.0.0.1", port: int = 0):
         self.handler = handler
         self.requests: list[Request] = []
         self._lock = threading.Lock()
@@ -100,7 +101,7 @@ class ScriptedServer:
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server = ThreadingHTTPServer((host, port), _Handler)
         self._server.daemon_threads = True
         # A short poll interval makes shutdown take milliseconds instead of the default 0.5 s.
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)

@@ -223,3 +223,34 @@ def test_bad_configuration_is_a_backend_error(engine):
         _engine_like(engine, max_context=1)
     with pytest.raises(BackendError, match="prefix_cache_mib must be >= 0"):
         _engine_like(engine, prefix_cache_mib=-1)
+
+
+def test_thinking_off_generates_after_the_empty_think_block(engine):
+    """Qwen3's thinking-off prompt (models.chat): the block ends the prompt and counts in the
+    context budget; the completion is what follows it."""
+    off = engine.with_thinking(False)
+    assert off.state is engine.state and engine.with_thinking(True) is engine and engine.chat_format.enable_thinking
+    assert LocalEngine(engine.model, engine.chat_format.tokenizer, enable_thinking=False).chat_format.render(
+        CONVERSATIONS[0], add_generation_prompt=True) == off.chat_format.render(CONVERSATIONS[0], add_generation_prompt=True)
+    conversation = CONVERSATIONS[0]
+    prompt = off.chat_format.encode_prompt(conversation)
+    assert off.chat_format.tokenizer.decode(prompt[-7:]) == "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert off.count_tokens(conversation) == len(prompt) == engine.count_tokens(conversation) + 4
+    (completion,) = off.chat([conversation], GREEDY)
+    graphdef, state = nnx.split(off.model)
+    (expected,) = generate(graphdef, state, [prompt], strategy=Greedy(), max_new_tokens=8,
+                           eos_ids=off.chat_format.eos_ids, batch_size=2, pad_id=off.chat_format.pad_id)
+    assert completion.token_ids == expected.token_ids
+
+
+def test_engines_sharing_a_prefix_cache_never_mix_their_weights(engine):
+    off = _engine_like(engine).with_thinking(False)
+    on = off.with_thinking(True)  # a copy: the same prefix cache object
+    assert on.prefix_cache is off.prefix_cache
+    on.chat(CONVERSATIONS[:1], GREEDY)
+    on.set_params(jax.tree.map(lambda x: x * 1.5, on.state))  # `off` keeps the old weights
+    off.chat(CONVERSATIONS[:1], GREEDY)  # stores keys of the old weights ...
+    reused = on.counters.reused_tokens
+    _same_completions(on.chat(CONVERSATIONS[:1], GREEDY), _engine_like(on, prefix_cache_mib=0).chat(
+        CONVERSATIONS[:1], GREEDY))  # ... which `on` must not reuse
+    assert on.counters.reused_tokens == reused

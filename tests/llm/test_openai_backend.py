@@ -251,3 +251,15 @@ def test_top_logprobs_request_and_vllm_reply_feed_the_teacher_signal():
     with ScriptedServer(sequence([], then=chat_reply("x"))) as server:
         backend(server).chat([HELLO], GREEDY)
         assert "top_logprobs" not in server.requests[0].json
+
+
+def test_thinking_off_is_sent_as_chat_template_kwargs_as_vllm_and_sglang_take_it():
+    with ScriptedServer(sequence([], then=chat_reply("ok"))) as server:
+        backend(server, enable_thinking=False).chat([HELLO], GREEDY)
+        backend(server, enable_thinking=False,
+                extra_body={"chat_template_kwargs": {"add_vision_id": True}, "min_p": 0.1}).chat([HELLO], GREEDY)
+        backend(server).chat([HELLO], GREEDY)
+        thinking_off, merged, default = (request.json for request in server.requests)
+    assert thinking_off["chat_template_kwargs"] == {"enable_thinking": False}
+    assert merged["chat_template_kwargs"] == {"add_vision_id": True, "enable_thinking": False} and merged["min_p"] == 0.1
+    assert "chat_template_kwargs" not in default  # None: nothing sent (DeepSeek, OpenAI have no templates)

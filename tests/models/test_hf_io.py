@@ -187,12 +187,23 @@ def test_only_process_zero_writes_but_every_process_gathers(tmp_path, monkeypatc
     to_host = hf._to_host
     monkeypatch.setattr(hf, "_to_host", lambda x: gathered.append(x.shape) or to_host(x))
     monkeypatch.setattr(hf.multihost_utils, "sync_global_devices", barriers.append)
+    monkeypatch.setattr(hf, "_spans_processes", lambda params: True)  # as on a mesh over several processes
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     save_checkpoint(model, tmp_path / "out", max_shard_bytes=60_000)
     assert list(tmp_path.iterdir()) == []
     assert len(gathered) == len(tensor_map(SMALL))  # the collectives happen on every process
     assert len(barriers) == 1
+
+
+def test_a_model_on_this_process_alone_is_exported_by_it_without_a_collective(tmp_path, monkeypatch):
+    model = init_model(SMALL, seed=3)  # on this process's devices only (e.g. the copy process 0 acts with)
+    barriers = []
+    monkeypatch.setattr(hf.multihost_utils, "sync_global_devices", barriers.append)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    save_checkpoint(model, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file() and barriers == []
 
 
 def test_export_writes_the_tokenizer_and_the_source_generation_config(checkpoint, tmp_path):

@@ -15,19 +15,24 @@ Contract of ``run_extraction_steps``:
     (rewards set), with ``pool`` (the pool entering the step) injected as the caller chooses;
     the release's choice is the task's user message written with ``problem_with_experience``
     (no experience at all while the pool is empty). Trajectories store no experience text.
+  * ``write(trajectories, pool, workdir)`` is the pool update of one step (the release's
+    ``ExperienceUpdater``): ``pipeline_writer`` runs ``extract_experience`` with an LLM; any other
+    writer (the loop's offline writer) fits. It may keep files in ``workdir`` to resume.
   * Layout under ``root`` (every file written atomically), the release's plus ours:
 
         epoch_<e>/shuffled_data.jsonl    the epoch's sampled queries {"id", "problem", "groundtruth"}
-        step_<k>/rollouts.jsonl          the step's trajectories (our ``Trajectory`` records)
-        step_<k>/extraction/             ``extract_experience``'s work directory (its pool.jsonl is
-                                         the pool after step k, with provenance)
+        step_<k>/rollouts.jsonl          the step's trajectories (our ``Trajectory`` records; the
+                                         release writes its own records to ``rollout.jsonl``)
+        step_<k>/extraction/             the writer's work directory
         step_<k+1>/experiences.json      the pool after step k, the release's flat {"G0": text} file
+        step_<k+1>/pool.jsonl            the same pool with provenance (ours)
         stats.json                       the release's per-step stats: {"step_<k>": {"epoch", "batch",
                                          "complete", "rollout": {"avg_reward", "Pass@<n>", "avg_tool_call"}}}
 
-  * Resumable: a step listed complete in ``stats.json`` is skipped; a step's rollouts are reused
-    when its ``rollouts.jsonl`` exists, its extraction resumes inside ``extraction/``. The epoch
-    samples are drawn from ``seed`` and the epoch alone, so a rerun draws the same queries.
+  * Resumable: a step listed complete in ``stats.json`` (written last, after both pool files) is
+    skipped; a step's rollouts are reused when its ``rollouts.jsonl`` exists, and the writer
+    resumes inside ``extraction/``. The epoch samples are drawn from ``seed`` and the epoch alone,
+    so a rerun draws the same queries.
   * Returns the final pool (also in ``step_<last+1>/experiences.json``).
 """
 
@@ -59,6 +64,17 @@ class ExtractionTask(Protocol):
 
 
 RolloutFn = Callable[[Sequence[ExtractionTask], ExperiencePool, int], Sequence[Trajectory]]
+PoolWriter = Callable[[Sequence[Trajectory], ExperiencePool, Path], ExperiencePool]
+
+
+def pipeline_writer(backend: ChatBackend, config: ExtractionConfig, *, iteration: int | None = None) -> PoolWriter:
+    """The release's pool update: ``extract_experience`` on the step's rollout groups, resumable in
+    its work directory (``iteration`` is recorded in each step's claim)."""
+
+    def write(trajectories: Sequence[Trajectory], pool: ExperiencePool, workdir: Path) -> ExperiencePool:
+        return extract_experience(group_rollouts(trajectories), pool, backend, config, workdir, iteration=iteration)
+
+    return write
 
 
 def problem_with_experience(problem: str, pool: Mapping[str, str]) -> str:
@@ -104,6 +120,9 @@ class StepPlan:
 
     def batches_per_epoch(self, num_tasks: int) -> int:
         return self.sample_size(num_tasks) // self.batch_size
+
+    def steps(self, num_tasks: int) -> int:
+        return self.epochs * self.batches_per_epoch(num_tasks)
 
     def sample_size(self, num_tasks: int) -> int:
         size = num_tasks if self.queries_per_epoch is None else self.queries_per_epoch
@@ -152,16 +171,19 @@ def _step_rollouts(rollout: RolloutFn, batch: Sequence[ExtractionTask], pool: Ex
     return trajectories
 
 
+def read_step_rollouts(root: str | Path, steps: int) -> list[list[Trajectory]]:
+    """The trajectories of steps ``0 .. steps-1`` under ``root``, one list per step."""
+    return [read_trajectories(Path(root) / f"step_{step}" / "rollouts.jsonl") for step in range(steps)]
+
+
 def run_extraction_steps(
     tasks: Sequence[ExtractionTask],
     rollout: RolloutFn,
-    backend: ChatBackend,
-    config: ExtractionConfig,
+    write: PoolWriter,
     plan: StepPlan,
     root: str | Path,
     *,
     start_pool: ExperiencePool = ExperiencePool(),
-    iteration: int | None = None,
     on_step_done: Callable[[int, StepStats], None] | None = None,
 ) -> ExperiencePool:
     """Runs every step of ``plan`` under ``root``; see the module docstring.
@@ -169,13 +191,11 @@ def run_extraction_steps(
     Args:
       tasks: the training queries (ids unique) to sample each epoch from.
       rollout: produces the judged rollouts of a batch with a pool injected.
-      backend: the experience LLM.
-      config: the settings of every step's ``extract_experience``.
+      write: the pool update of one step (``pipeline_writer(backend, config)`` for the LLM pipeline).
       plan: epochs, batch size, rollouts per query, queries per epoch, sampling seed.
       root: the run's directory (the release's experiment directory).
       start_pool: the pool entering step 0.
-      iteration: passed to ``extract_experience`` (the loop's iteration).
-      on_step_done: called with each step that ran and its stats (progress reporting).
+      on_step_done: called with each step that ran (not with those found complete) and its stats.
 
     Returns:
       The pool after the last step.
@@ -193,16 +213,17 @@ def run_extraction_steps(
         for batch_index in range(batches):
             step = epoch * batches + batch_index
             step_dir = root / f"step_{step}"
-            after_path = step_dir / "extraction" / "pool.jsonl"
+            after_path = root / f"step_{step + 1}" / "pool.jsonl"
             done = stats.get(f"step_{step}")
             if done is not None and done.complete and after_path.exists():
                 pool = read_pool(after_path)
                 continue
             batch = sample[batch_index * plan.batch_size : (batch_index + 1) * plan.batch_size]
             trajectories = _step_rollouts(rollout, batch, pool, step, plan, step_dir / "rollouts.jsonl")
+            pool = write(trajectories, pool, step_dir / "extraction")
+            write_pool(after_path, pool)
+            write_pool(after_path.with_name("experiences.json"), pool)
             groups = group_rollouts(trajectories)
-            pool = extract_experience(groups, pool, backend, config, step_dir / "extraction", iteration=iteration)
-            write_pool(root / f"step_{step + 1}" / "experiences.json", pool)
             stats[f"step_{step}"] = rollout_stats([g.trajectories for g in groups], epoch=epoch, batch=batch_index)
             storage.write_text(stats_path, dump_release_stats(stats))
             if on_step_done is not None:

@@ -32,7 +32,9 @@ Contract:
     from a finished batch cache. Neither changes a computed value: a reused prefix holds the keys
     and values its tokens had when they were computed, so a generation equals one from scratch up
     to floating-point reassociation (a different batch shape sums in a different order).
-  * ``clear()`` forgets everything (new weights make every stored key stale).
+  * ``clear()`` forgets everything (new weights make every stored key stale); ``bind(weights)``
+    clears the cache unless it was last bound to that very object, so that callers sharing one
+    cache with different weights never reuse each other's keys.
 """
 
 from __future__ import annotations
@@ -155,7 +157,14 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def bind(self, weights: object) -> None:
+        """Empties the cache unless its keys were computed with ``weights`` (the same object)."""
+        if weights is not self._weights:
+            self.clear()
+            self._weights = weights
+
     def clear(self) -> None:
+        self._weights: object | None = None
         self._arena: tuple[jax.Array, jax.Array] | None = None
         self._refs = np.zeros(0, np.int32)  # entries holding each page
         self._free: list[int] = []

@@ -1,0 +1,81 @@
+"""``expint organism bootstrap|gate``: build the SimWeb model organism's π_0, and measure it.
+
+  * ``expint organism bootstrap --out DIR [--lm-epochs N] [--epochs N] ...``: ``organism.bootstrap``
+    (trajectories, sub-vocabulary, two training phases from scratch, export with ``organism.json``).
+  * ``expint organism gate --checkpoint DIR [--tasks 100] [--samples 3] [--out FILE]``: the
+    network with and without experience in context on held-out SimWeb tasks (``organism.gate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from expint_jax import storage
+from expint_jax.cli.errors import ArgumentParser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from expint_jax.organism.bootstrap import OrganismConfig
+    from expint_jax.organism.gate import INJECTIONS
+
+    parser = ArgumentParser(prog="expint organism", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    boot = commands.add_parser("bootstrap", help="train π_0 from scratch on the scripted agent's trajectories")
+    boot.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    default = OrganismConfig()
+    boot.add_argument("--lm-seeds", type=int, nargs="+", default=list(default.lm_corpus.seeds),
+                      help="SimWeb world seeds of phase a (language modelling, no experience; never the loop's)")
+    boot.add_argument("--seeds", type=int, nargs="+", default=list(default.corpus.seeds),
+                      help="SimWeb world seeds of phase b (the agent's turns under a mix of contexts)")
+    boot.add_argument("--tasks-per-level", type=int, default=default.corpus.tasks_per_level)
+    boot.add_argument("--samples", type=int, default=default.corpus.samples, help="phase b rollouts per task")
+    boot.add_argument("--lm-epochs", type=int, default=default.lm.epochs, help="phase a epochs (0: skip)")
+    boot.add_argument("--lm-learning-rate", type=float, default=default.lm.learning_rate)
+    boot.add_argument("--epochs", type=int, default=default.sft.epochs, help="phase b epochs")
+    boot.add_argument("--learning-rate", type=float, default=default.sft.learning_rate)
+    boot.add_argument("--hidden", type=int, default=default.shape.hidden_size)
+    boot.add_argument("--layers", type=int, default=default.shape.num_layers)
+    boot.add_argument("--seed", type=int, default=default.seed)
+    gate = commands.add_parser("gate", help="accuracy with and without experience in context, on held-out tasks")
+    gate.add_argument("--checkpoint", required=True, help="the organism's Hugging Face directory")
+    gate.add_argument("--tasks", type=int, default=100)
+    gate.add_argument("--samples", type=int, default=3)
+    gate.add_argument("--k", type=int, default=4, help="experience items per step-wise turn")
+    gate.add_argument("--seed", type=int, default=0, help="rollout seed")
+    gate.add_argument("--world-seed", type=int, default=0, help="SimWeb seed of the held-out world (the loop's)")
+    gate.add_argument("--levels", default="easy,medium")
+    gate.add_argument("--injections", default=",".join(INJECTIONS))
+    gate.add_argument("--batch", type=int, default=128, help="rows the local engine decodes together")
+    gate.add_argument("--out", help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    if args.command == "bootstrap":
+        from expint_jax.organism.bootstrap import RECORD_FILE, bootstrap
+
+        config = dataclasses.replace(
+            default,
+            lm_corpus=dataclasses.replace(default.lm_corpus, seeds=tuple(args.lm_seeds),
+                                          tasks_per_level=args.tasks_per_level),
+            corpus=dataclasses.replace(default.corpus, seeds=tuple(args.seeds), tasks_per_level=args.tasks_per_level,
+                                       samples=args.samples),
+            shape=dataclasses.replace(default.shape, hidden_size=args.hidden, num_layers=args.layers,
+                                      intermediate_size=3 * args.hidden),
+            lm=dataclasses.replace(default.lm, epochs=args.lm_epochs, learning_rate=args.lm_learning_rate),
+            sft=dataclasses.replace(default.sft, epochs=args.epochs, learning_rate=args.learning_rate), seed=args.seed)
+        path = bootstrap(config, args.out, command=["expint", "organism", *(sys.argv[2:] if argv is None else argv)])
+        record = storage.read_json(path / RECORD_FILE)
+        steps = " + ".join(f"{phase['steps']} {name}" for name, phase in record["phases"].items())
+        print(f"expint organism bootstrap: {path} ({record['parameters']:,} parameters, {steps} steps, "
+              f"{record['wall_seconds']} s)")
+        return 0
+    from expint_jax.llm.local import LocalEngine
+    from expint_jax.organism.gate import format_result, run_gate
+
+    engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=args.batch, max_context=4096)
+    result = run_gate(engine, world_seed=args.world_seed, levels=tuple(args.levels.split(",")), tasks=args.tasks,
+                      samples=args.samples, k=args.k, seed=args.seed, which=args.injections.split(","))
+    print(format_result(result, args.checkpoint))
+    if args.out:
+        storage.write_json(args.out, result.to_json())
+    return 0

@@ -1,0 +1,30 @@
+"""The SimWeb model organism: a small Qwen3, trained from scratch, that acts on SimWeb and uses experience.
+
+Nobody can run the paper's loop on a laptop with a 4B model. The organism is a network small enough
+to roll out thousands of times on two CPU cores whose behaviour still depends on the lessons in its
+context, so the loop's mechanisms (extraction, step-wise vs global injection, off- vs on-policy
+internalization) act on something real.
+
+  * ``data``: the bootstrap trajectories: SimWeb's experience-sensitive scripted agent under a mix
+    of contexts (none, global, step-wise, random and instance lessons), on worlds disjoint from
+    the loop's.
+  * ``bootstrap``: π_0 = a Qwen3 on a SimWeb sub-vocabulary, trained from scratch by the
+    distillation trainer (``nll`` on the experience-conditioned view), exported as a Hugging Face
+    directory with its tokenizer and a record of how it was made.
+  * ``gate``: the network (not the script) with and without experience in context on held-out
+    tasks, with confidence intervals.
+
+What is designed in and what is learned: the scripted agent's response to lessons is designed
+(``rollout/envs/simweb/sensitivity.py``); the network only imitates trajectories. Whether the
+network's behaviour depends on its context, and how internalization changes it, is measured.
+"""
+
+from pathlib import Path
+
+SHIPPED = Path(__file__).with_name("pi0")
+
+
+def shipped_checkpoint() -> Path:
+    """Where the repository's π_0 lives (``expint organism bootstrap --out`` that path rebuilds it;
+    its ``organism.json`` records the command and seed that made it)."""
+    return SHIPPED

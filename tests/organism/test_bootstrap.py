@@ -1,0 +1,50 @@
+"""Bootstrap end to end at a micro size: trajectories -> sub-vocabulary -> training -> export -> the gate."""
+
+import dataclasses
+
+import pytest
+
+from expint_jax import storage
+from expint_jax.llm.local import LocalEngine
+from expint_jax.models.subvocab import SubVocabulary
+from expint_jax.models.tokenizer import load_tokenizer
+from expint_jax.organism.bootstrap import NO_EXPERIENCE, RECORD_FILE, OrganismConfig, OrganismShape, Phase, bootstrap
+from expint_jax.organism.data import CorpusConfig
+from expint_jax.organism.gate import format_result, run_gate
+from expint_jax.records import SamplingParams
+from expint_jax.rollout.agent import AgentConfig
+
+MICRO = OrganismConfig(
+    lm_corpus=CorpusConfig(seeds=(201,), levels=("easy",), tasks_per_level=2, samples=1, mix=NO_EXPERIENCE),
+    corpus=CorpusConfig(seeds=(101,), levels=("easy",), tasks_per_level=3, samples=1),
+    shape=OrganismShape(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16),
+    vocab_tokens=1024, lm=Phase(epochs=1, learning_rate=1e-3, warmup_steps=0),
+    sft=Phase(epochs=1, learning_rate=1e-3, warmup_steps=0), rows=4)
+
+
+@pytest.fixture(scope="module")
+def organism(tmp_path_factory):
+    return bootstrap(MICRO, tmp_path_factory.mktemp("organism") / "pi0", command=["test"])
+
+
+def test_export_is_a_hugging_face_directory_with_its_sub_vocabulary(organism):
+    record = storage.read_json(organism / RECORD_FILE)
+    assert record["command"] == ["test"] and record["trajectories"] == {"lm": 2, "sft": 3}
+    assert {name: phase["steps"] for name, phase in record["phases"].items()} == {"lm": 1, "sft": 1}
+    assert record["phases"]["sft"]["examples"]["kept"] == 3 and record["phases"]["lm"]["examples"]["kept"] == 2
+    assert record["config"]["shape"] == dataclasses.asdict(MICRO.shape)
+    vocab = SubVocabulary.load(organism)
+    tokenizer = load_tokenizer(organism)
+    assert len(tokenizer) == len(vocab) == record["vocabulary"]["tokens"]
+    assert storage.read_json(organism / "config.json")["vocab_size"] == vocab.padded_size
+    assert not organism.with_name("pi0.train").exists()  # the trainer's work directory is removed
+
+
+def test_the_gate_runs_the_network_in_every_injection(organism):
+    engine = LocalEngine.from_checkpoint(organism, max_batch_size=8, max_context=2048)
+    agent = AgentConfig(max_llm_calls=2, max_context_tokens=1800, sampling=SamplingParams(temperature=0.7, max_tokens=8))
+    result = run_gate(engine, levels=("easy",), tasks=2, samples=2, agent=agent)
+    assert [row.injection for row in result.rows] == ["none", "stepwise", "global", "stepwise_random"]
+    assert result.tasks == 2 and result.samples == 2
+    assert -1.0 <= result.difference <= 1.0
+    assert "stepwise - none" in format_result(result, "pi0")
