@@ -3,11 +3,24 @@
 Contract:
   * ``chat(conversations, params)`` encodes each conversation with ``ChatFormat.encode_prompt``
     (the generation prompt appended; with ``enable_thinking=False`` it holds Qwen3's empty think
-    block, which is not part of the returned text), groups them by sampling strategy, penalties and stop strings, sorts
-    each group by prompt length, cuts it into micro-batches of at most ``max_batch_size``, and
+    block, which is not part of the returned text), groups them by sampling strategy, penalties
+    and stop strings, sorts each group by the length of what must be prefilled (the prompt, less
+    what the prefix cache holds) and then by prompt length, cuts it into micro-batches of at most
+    ``max_batch_size``, and
     returns one ``Completion`` per conversation in input order.
-    Each micro-batch is left-padded to bucketed widths and to a batch size that the mesh's batch
-    axes divide, so a handful of shapes serve every call.
+  * Shapes: a micro-batch is left-padded to bucketed widths (``generation.Layout``) and has
+    ``max_batch_size`` rows whenever its group has more conversations than that (the last one
+    padded with inactive rows), else the group's size rounded up to a power of two (a call of
+    one conversation does not pay for eight); either way a multiple of the mesh's batch shards.
+    A stage of lockstep agent rollouts so hits one batch size (and powers of two below it in its
+    last turns) and a handful of widths (``compile_counts`` tells how many programs were compiled).
+  * Prefix cache (``prefix_cache_mib`` > 0; 512 MiB by default, 0 turns it off): the keys and
+    values of recent prompts and their completions are kept (``sampler.prefix_cache``: at most
+    that much memory, eviction rules there), and a prompt that starts with a kept sequence
+    prefills only the rest: an agent's next turn re-feeds only the reply, the tool result and the
+    experience block, and rollouts of a stage share their system prompt. Results do not depend on
+    what the cache holds, up to floating-point reassociation (the same caveat as micro-batching).
+    ``counters`` sums the work done (prompt, reused, prefilled and generated tokens).
   * ``Completion``: ``text`` without the eos token or stop string; ``finish_reason`` "stop" (eos
     or a stop string, ``stop_string`` names which) or "length"; ``token_ids``/``logprobs`` are the
     tokens of ``text`` and their log-probabilities under the unmodified model distribution.
@@ -27,7 +40,8 @@ Contract:
     wherever it sits in the call. Either way results do not depend on micro-batching or on the
     other conversations. A missing seed is drawn fresh for every call.
   * Weights: ``set_params`` swaps parameter values of the same shapes and dtypes (placed on the
-    current shardings), so the next call reuses the compiled prefill and decode.
+    current shardings), so the next call reuses the compiled prefill and decode; it empties the
+    prefix cache (its keys and values belong to the old weights).
 """
 
 from __future__ import annotations
@@ -53,11 +67,19 @@ from expint_jax.models.tokenizer import load_tokenizer
 from expint_jax.parallel.rules import DEFAULT_RULES, LogicalRules, logical_to_spec
 from expint_jax.records import Completion, Message, SamplingParams
 from expint_jax.llm.base import BackendError, SamplingSpec, per_conversation
-from expint_jax.llm.sampler.generation import Generation, generate
+from expint_jax.llm.sampler import generation
+from expint_jax.llm.sampler.generation import Generation, GenerationCounters, generate
+from expint_jax.llm.sampler.prefix_cache import PAGE_TOKENS, PrefixCache
 from expint_jax.llm.sampler.sampling import from_params, penalties_from_params
 from expint_jax.llm.sampler.stops import TokenBytes
 
 log = logging.getLogger(__name__)
+
+# Memory the prefix cache may hold by default. The organism-sized Qwen3 (4 layers x 2 KV heads x
+# 32 dims, fp32) takes 2 KiB a token: 262,144 tokens, a stage of ~128 SimWeb rollouts (~1,700 tokens
+# each at the end, their system prompt shared). The arena grows on demand, so less is held
+# while less is used.
+DEFAULT_PREFIX_CACHE_MIB = 512.0
 
 
 class LocalEngine:
@@ -72,6 +94,7 @@ class LocalEngine:
         max_batch_size: int = 8,
         max_context: int | None = None,
         enable_thinking: bool = True,
+        prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
     ):
         if max_batch_size < 1:
             raise BackendError(f"LocalEngine: max_batch_size must be >= 1, got {max_batch_size}")
@@ -89,6 +112,13 @@ class LocalEngine:
         self._state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
         self._batch_divisor = _batch_divisor(mesh, model.rules)
         self._seeds = np.random.default_rng()
+        if not prefix_cache_mib >= 0:
+            raise BackendError(f"LocalEngine: prefix_cache_mib must be >= 0, got {prefix_cache_mib}")
+        self.prefix_cache = None
+        if prefix_cache_mib:
+            tokens = int(prefix_cache_mib * 2**20) // PrefixCache.token_bytes(config, model.policy.compute)
+            self.prefix_cache = PrefixCache(config, model.policy.compute, max(tokens, PAGE_TOKENS))
+        self.counters = GenerationCounters()
 
     @classmethod
     def from_checkpoint(
@@ -113,7 +143,8 @@ class LocalEngine:
     def with_thinking(self, enable_thinking: bool) -> LocalEngine:
         """This engine prompting in the other thinking mode: the same weights, compiled functions
         and settings, another chat format (``self`` when the mode is already the one asked for).
-        ``set_params`` on one does not reach the other."""
+        ``set_params`` on one does not reach the other; they share the prefix cache, which every
+        call binds to its own engine's weights (``PrefixCache.bind``)."""
         if enable_thinking == self.chat_format.enable_thinking:
             return self
         other = copy.copy(self)
@@ -145,11 +176,16 @@ class LocalEngine:
                 )
         shardings = jax.tree.map(lambda x: x.sharding, self._state)
         self._state = jax.device_put(state, shardings)
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def chat(self, conversations: Sequence[Sequence[Message]], params: SamplingSpec) -> list[Completion]:
         """``params``: one ``SamplingParams`` for all conversations, or one per conversation."""
         shared = isinstance(params, SamplingParams)
         each = per_conversation(params, len(conversations))
+        if self.prefix_cache is not None:
+            self.prefix_cache.bind(self._state)  # a copy (``with_thinking``) may have other weights
+            self.prefix_cache.new_epoch()
         call_seed = int(self._seeds.integers(2**31))
         results: list[Completion | None] = [None] * len(conversations)
         groups: dict[tuple[Any, Any, tuple[str, ...], int], list[_Request]] = {}
@@ -168,7 +204,8 @@ class LocalEngine:
             groups.setdefault(key, []).append(request)
 
         for (strategy, penalties, stops, top_logprobs), requests in groups.items():
-            requests.sort(key=lambda r: len(r.prompt))
+            requests.sort(key=self._prefill_order)
+            rows = self._batch_size(len(requests))
             for start in range(0, len(requests), self.max_batch_size):
                 batch = requests[start : start + self.max_batch_size]
                 with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
@@ -177,8 +214,9 @@ class LocalEngine:
                         strategy=strategy, max_new_tokens=[r.budget for r in batch],
                         eos_ids=self.chat_format.eos_ids, stops=stops, token_bytes=self.token_bytes,
                         seed=[r.seed for r in batch], row_ids=[r.stream for r in batch],
-                        batch_size=self._batch_size(len(batch)), pad_id=self.chat_format.pad_id,
+                        batch_size=rows, pad_id=self.chat_format.pad_id,
                         penalties=penalties, top_logprobs=top_logprobs,
+                        prefix_cache=self.prefix_cache, counters=self.counters,
                     )
                 for request, generation in zip(batch, generations):
                     results[request.index] = _completion(generation)
@@ -202,9 +240,22 @@ class LocalEngine:
             )
         return prompt
 
-    def _batch_size(self, rows: int) -> int:
-        """Rows rounded up to a power of two, then to a multiple of the mesh's batch shards."""
-        size = 1 << max(rows - 1, 0).bit_length()
+    def compile_counts(self) -> dict[str, int]:
+        """How many programs the sampler's jitted functions hold (compiled for this process's shapes)."""
+        return {name: getattr(generation, name)._cache_size() for name in ("prefill", "extend", "decode")}
+
+    def _prefill_order(self, request: _Request) -> tuple[int, int]:
+        """Sort key: the bucketed width still to prefill (what the prefix cache holds is not), then
+        the prompt length, so that a micro-batch pads little in either."""
+        size = len(request.prompt)
+        reused = 0 if self.prefix_cache is None else self.prefix_cache.match(request.prompt, use=False).length
+        return generation.bucket(size - reused), size
+
+    def _batch_size(self, requests: int) -> int:
+        """Rows of every micro-batch for a group of ``requests``: ``max_batch_size`` when they fill
+        more than one micro-batch, else rounded up to a power of two; then a multiple of the mesh's
+        batch shards."""
+        size = self.max_batch_size if requests > self.max_batch_size else 1 << max(requests - 1, 0).bit_length()
         return math.ceil(size / self._batch_divisor) * self._batch_divisor
 
 

@@ -91,11 +91,30 @@ def block_mask(mask: jax.Array, block: int | None = None) -> BlockMask:
     return BlockMask(tiles, kv_order, kv_count, q_order, q_count, q_len, kv_len, block)
 
 
-def prepare_mask(mask: jax.Array, q_len: int) -> jax.Array | BlockMask:
+def prepare_mask(mask: jax.Array, q_len: int, block: int | None = None) -> jax.Array | BlockMask:
     """What :func:`attention` should get for ``q_len`` queries: the mask itself when they fit in one
-    block (decode steps, short inputs: the dense path), else its :class:`BlockMask`. Build it once
-    outside the layer loop so that every layer reuses the tiles."""
-    return block_mask(mask) if q_len > ATTENTION_BLOCK else mask
+    block (decode steps, short inputs: the dense path), else its :class:`BlockMask` with ``block``
+    tiles (default ``ATTENTION_BLOCK``). Build it once outside the layer loop so that every layer
+    reuses the tiles."""
+    block = block or ATTENTION_BLOCK
+    return block_mask(mask, block) if q_len > block else mask
+
+
+# Score elements of one tile (all rows and heads) that the sampler's prefill aims for. A tile is
+# [B, K, G, block, block] fp32 over the whole batch: on a 2-core CPU, prefilling 8 rows x 512
+# tokens of a 4-head model ran fastest with 64-token tiles (1/2 MiB of scores), where the 256
+# that suits the training step (2 rows, 8 heads) was ~2.5x slower; 128 was in between.
+EXTEND_TILE_ELEMENTS = 2**18
+
+
+def extend_block(batch: int, num_heads: int) -> int:
+    """The blocked attention's tile for extending a KV cache by ``batch`` rows of ``num_heads``
+    heads: the largest power of two up to ``ATTENTION_BLOCK`` whose tile holds at most
+    ``EXTEND_TILE_ELEMENTS`` scores, and at least 64."""
+    block = ATTENTION_BLOCK
+    while block > 64 and batch * num_heads * block * block > EXTEND_TILE_ELEMENTS:
+        block //= 2
+    return block
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | BlockMask, *,

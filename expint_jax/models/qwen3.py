@@ -136,7 +136,7 @@ def decoder_layer(
     x: jax.Array,
     positions: jax.Array,
     mask: jax.Array | ops.BlockMask,
-    cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
+    cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array] | None,
     *,
     config: Qwen3Config,
     compute_dtype: Any,
@@ -144,10 +144,11 @@ def decoder_layer(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm decoder layer.
 
-    ``cache`` is ``(k_all, v_all, layer, write_at)``: every layer's keys/values [L, B, K, S, D]; the
-    new tokens' keys/values are written in place at ``(layer, :, write_at)`` and attention reads
-    this layer's slots. Writing only the new tokens (instead of re-emitting the layer's whole cache
-    as a scan output) keeps a decode step's memory traffic at one read of the cache.
+    ``cache`` is ``(k_all, v_all, layer, write_at, token_valid)``: every layer's keys/values
+    [L, B, K, S, D]; the new tokens' keys/values are written in place at ``(layer, :, write_at)``,
+    except where ``token_valid`` [B, T] is False (those slots keep what they held), and attention
+    reads this layer's slots. Writing only the new tokens (instead of re-emitting the layer's whole
+    cache as a scan output) keeps a decode step's memory traffic at one read of the cache.
     """
     c = config
     p = {name: w.astype(compute_dtype) for name, w in params.items()}
@@ -165,11 +166,17 @@ def decoder_layer(
 
     new_cache = None
     if cache is not None:
-        k_all, v_all, layer, write_at = cache
+        k_all, v_all, layer, write_at, token_valid = cache
         zero = jnp.zeros((), jnp.int32)
         start = (layer, zero, zero, write_at, zero)
-        k_all = jax.lax.dynamic_update_slice(k_all, k.swapaxes(1, 2)[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v.swapaxes(1, 2)[None].astype(v_all.dtype), start)
+        write = token_valid[None, :, None, :, None]
+
+        def put(everything, new):  # [L, B, K, S, D] <- [B, T, K, D] at the new tokens' slots
+            new = new.swapaxes(1, 2)[None].astype(everything.dtype)
+            held = jax.lax.dynamic_slice(everything, start, new.shape)
+            return jax.lax.dynamic_update_slice(everything, jnp.where(write, new, held), start)
+
+        k_all, v_all = put(k_all, k), put(v_all, v)
         new_cache = (k_all, v_all)
         k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False).astype(compute_dtype)
         v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False).astype(compute_dtype)
@@ -262,7 +269,9 @@ class Qwen3(nnx.Module):
         """Appends ``T`` tokens at slots ``[end, end + T)``; returns their hidden states and the cache.
 
         ``token_valid`` [B, T] marks real tokens (False for left padding); invalid tokens are never
-        attended to. Each new token sees every valid cached slot before it and the valid new tokens
+        attended to and leave their slot as it was (its keys, values and validity), so a caller may
+        fill slots of ``[end, end + T)`` beforehand, e.g. with a reused prefix, where its new tokens
+        are padding. Each new token sees every valid cached slot before it and the valid new tokens
         up to itself.
 
         Overflow (``end + T`` > slots): a ``ValueError`` when it is known at trace time (``T`` >
@@ -276,10 +285,12 @@ class Qwen3(nnx.Module):
         if token_valid is None:
             token_valid = jnp.ones((batch, steps), bool)
         slots = jnp.arange(cache.num_slots)
-        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.end, axis=1)
+        held = jax.lax.dynamic_slice_in_dim(cache.valid, cache.end, steps, axis=1)
+        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, held | token_valid, cache.end, axis=1)
         query_slot = cache.end + jnp.arange(steps)
         mask = valid[:, None, :] & (slots[None, None, :] <= query_slot[None, :, None]) & token_valid[:, :, None]
-        hidden, (k, v) = self._run(input_ids, positions, mask, cache=cache)
+        block = ops.extend_block(batch, self.config.num_heads)
+        hidden, (k, v) = self._run(input_ids, positions, mask, cache=cache, token_valid=token_valid, block=block)
         end = cache.end + steps
         hidden = jnp.where(end > cache.num_slots, jnp.nan, hidden)  # see "Overflow" above
         return hidden, KVCache(k=k, v=v, valid=valid, end=end)
@@ -298,7 +309,7 @@ class Qwen3(nnx.Module):
             segment_ids = jnp.ones((batch, steps), jnp.int32)
         return ops.segment_mask(segment_ids, segment_ids, causal=True)
 
-    def _run(self, input_ids, positions, mask, cache: KVCache | None):
+    def _run(self, input_ids, positions, mask, cache: KVCache | None, token_valid=None, block: int | None = None):
         compute = self.policy.compute
         # FSDP gathers a weight before use; for the lookup table that also keeps the compiler from
         # fighting over "fsdp", which shards both the table's embed dim and the batch of ids.
@@ -306,15 +317,15 @@ class Qwen3(nnx.Module):
         x = jnp.take(table, input_ids, axis=0).astype(compute)
         x = constrain(x, ("batch", "seq", "act_embed"), self.rules)
         layer_params = {name: p[...] for name, p in self.layers.items()}
-        mask = ops.prepare_mask(mask, input_ids.shape[1])  # tiled once, shared by every layer
-        block = functools.partial(decoder_layer, config=self.config, compute_dtype=compute, rules=self.rules)
+        mask = ops.prepare_mask(mask, input_ids.shape[1], block)  # tiled once, shared by every layer
+        layer_fn = functools.partial(decoder_layer, config=self.config, compute_dtype=compute, rules=self.rules)
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
-            block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+            layer_fn = jax.checkpoint(layer_fn, policy=policy, prevent_cse=False)
 
         if cache is None:
             def body(carry, params):
-                out, _ = block(params, carry, positions, mask, None)
+                out, _ = layer_fn(params, carry, positions, mask, None)
                 return out, None
 
             x, _ = jax.lax.scan(body, x, layer_params)
@@ -324,7 +335,8 @@ class Qwen3(nnx.Module):
             def body(carry, layer_inputs):
                 x, k_all, v_all = carry
                 params, layer = layer_inputs
-                out, (k_all, v_all) = block(params, x, positions, mask, (k_all, v_all, layer, cache.end))
+                layer_cache = (k_all, v_all, layer, cache.end, token_valid)
+                out, (k_all, v_all) = layer_fn(params, x, positions, mask, layer_cache)
                 return (out, k_all, v_all), None
 
             layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)

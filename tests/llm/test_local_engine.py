@@ -104,8 +104,7 @@ def test_results_do_not_depend_on_micro_batching(engine):
     micro_batched = engine.chat(CONVERSATIONS, SAMPLED)
     assert [c.token_ids for c in micro_batched] == [c.token_ids for c in one_batch]
     assert [c.text for c in micro_batched] == [c.text for c in one_batch]
-    again = engine.chat(CONVERSATIONS, SAMPLED)
-    assert again == micro_batched
+    _same_completions(engine.chat(CONVERSATIONS, SAMPLED), micro_batched)
     other_seed = engine.chat(CONVERSATIONS, SamplingParams(temperature=0.9, top_k=40, max_tokens=8, seed=4))
     assert [c.token_ids for c in other_seed] != [c.token_ids for c in micro_batched]
 
@@ -116,8 +115,8 @@ def test_per_conversation_params_own_seeds_decide_wherever_the_conversation_sits
     completions = engine.chat(CONVERSATIONS, each)
     order = [2, 0, 1]
     shuffled = engine.chat([CONVERSATIONS[i] for i in order], [each[i] for i in order])
-    assert [shuffled[order.index(i)] for i in range(3)] == completions
-    assert completions[1] == engine.chat(CONVERSATIONS[1:2], GREEDY)[0]
+    _same_completions([shuffled[order.index(i)] for i in range(3)], completions)
+    _same_completions(engine.chat(CONVERSATIONS[1:2], GREEDY), completions[1:2])
     with pytest.raises(ValueError, match="2 SamplingParams for 3 conversations"):
         engine.chat(CONVERSATIONS, each[:2])
 
@@ -145,7 +144,7 @@ def test_set_params_swaps_weights_without_recompiling(engine):
     assert decode._cache_size() == compiled
     assert [c.token_ids for c in after] != [c.token_ids for c in before]
     engine.set_params(original)
-    assert engine.chat(CONVERSATIONS[:2], GREEDY) == before
+    _same_completions(engine.chat(CONVERSATIONS[:2], GREEDY), before)
     wrong = jax.tree.map(lambda x: x, original)
     wrong["final_norm"].set_value(np.ones(3, np.float32))
     with pytest.raises(ValueError, match=r"final_norm.* is float32\[3\], expected float32\[64\]"):
@@ -159,6 +158,61 @@ def test_sharded_engine_equals_single_device(checkpoint, engine):
     assert sharded._batch_size(3) == 4 and sharded._batch_size(1) == 4
     completions = sharded.chat(CONVERSATIONS, SAMPLED)
     assert [c.token_ids for c in completions] == [c.token_ids for c in engine.chat(CONVERSATIONS, SAMPLED)]
+    again = _second_turns(CONVERSATIONS, completions)  # reuses the first call's keys and values, sharded
+    reused = sharded.counters.reused_tokens
+    assert [c.token_ids for c in sharded.chat(again, SAMPLED)] == [c.token_ids for c in engine.chat(again, SAMPLED)]
+    assert sharded.counters.reused_tokens > reused
+
+
+def _same_completions(got, want):
+    """Equal but for the last bits of the log-probabilities (a different batch shape sums differently)."""
+    assert [dataclasses.replace(c, logprobs=None) for c in got] == [dataclasses.replace(c, logprobs=None) for c in want]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5, rtol=0)
+
+
+def _second_turns(first_turns, replies):
+    return [[*conversation, Message("assistant", reply.text or "..."),
+             Message("user", "<tool_response>\nLyon lies on the Rhone and the Saone.\n</tool_response>")]
+            for conversation, reply in zip(first_turns, replies)]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_completions_do_not_depend_on_the_prefix_cache(engine, params):
+    cached = _engine_like(engine, max_batch_size=2)
+    uncached = _engine_like(engine, max_batch_size=2, prefix_cache_mib=0)
+    assert uncached.prefix_cache is None and cached.prefix_cache is not None
+    first = cached.chat(CONVERSATIONS, params)
+    _same_completions(first, uncached.chat(CONVERSATIONS, params))
+    # Turn 2 extends each conversation; a step-wise block in turn 1's last message is gone by then.
+    blocked = [[*c[:-1], Message("user", c[-1].content + "\n\nExperience: open the source.")] for c in CONVERSATIONS]
+    again = _second_turns(CONVERSATIONS, first) + _second_turns(blocked, cached.chat(blocked, params))
+    uncached.chat(blocked, params)
+    _same_completions(cached.chat(again, params), uncached.chat(again, params))
+    counters = cached.counters
+    assert 0 < counters.reused_tokens < counters.prompt_tokens and uncached.counters.reused_tokens == 0
+    assert counters.prompt_tokens == uncached.counters.prompt_tokens
+    assert counters.prefill_slots < uncached.counters.prefill_slots
+
+
+def test_set_params_empties_the_prefix_cache(engine):
+    cached = _engine_like(engine)
+    cached.chat(CONVERSATIONS[:1], GREEDY)
+    assert len(cached.prefix_cache) == 1
+    cached.set_params(cached.state)
+    assert len(cached.prefix_cache) == 0
+
+
+def test_micro_batches_of_a_stage_share_one_row_count_and_compiled_programs(engine):
+    wide = _engine_like(engine, max_batch_size=8)
+    assert [wide._batch_size(n) for n in (1, 3, 8, 9, 30)] == [1, 4, 8, 8, 8]
+    uncached = _engine_like(engine, max_batch_size=2, prefix_cache_mib=0)
+    uncached.chat(CONVERSATIONS, GREEDY)  # micro-batches of 2 rows, the last one padded
+    compiled = uncached.compile_counts()
+    others = [_conversation(q) for q in ("Which river flows through Paris?", "Who painted the Mona Lisa?",
+                                         "Name a city on the Loire.", "Where is Mont Blanc?", "Who wrote Candide?")]
+    uncached.chat(others, GREEDY)  # other prompts, lengths and count, the same widths and rows
+    assert uncached.compile_counts() == compiled
 
 
 def test_bad_configuration_is_a_backend_error(engine):
@@ -166,6 +220,8 @@ def test_bad_configuration_is_a_backend_error(engine):
         _engine_like(engine, max_batch_size=0)
     with pytest.raises(BackendError, match="max_context must be >= 2"):
         _engine_like(engine, max_context=1)
+    with pytest.raises(BackendError, match="prefix_cache_mib must be >= 0"):
+        _engine_like(engine, prefix_cache_mib=-1)
 
 
 def test_thinking_off_generates_after_the_empty_think_block(engine):
@@ -184,3 +240,16 @@ def test_thinking_off_generates_after_the_empty_think_block(engine):
     (expected,) = generate(graphdef, state, [prompt], strategy=Greedy(), max_new_tokens=8,
                            eos_ids=off.chat_format.eos_ids, batch_size=2, pad_id=off.chat_format.pad_id)
     assert completion.token_ids == expected.token_ids
+
+
+def test_engines_sharing_a_prefix_cache_never_mix_their_weights(engine):
+    off = _engine_like(engine).with_thinking(False)
+    on = off.with_thinking(True)  # a copy: the same prefix cache object
+    assert on.prefix_cache is off.prefix_cache
+    on.chat(CONVERSATIONS[:1], GREEDY)
+    on.set_params(jax.tree.map(lambda x: x * 1.5, on.state))  # `off` keeps the old weights
+    off.chat(CONVERSATIONS[:1], GREEDY)  # stores keys of the old weights ...
+    reused = on.counters.reused_tokens
+    _same_completions(on.chat(CONVERSATIONS[:1], GREEDY), _engine_like(on, prefix_cache_mib=0).chat(
+        CONVERSATIONS[:1], GREEDY))  # ... which `on` must not reuse
+    assert on.counters.reused_tokens == reused

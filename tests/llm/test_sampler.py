@@ -26,9 +26,11 @@ from expint_jax.models.tokenizer import load_tokenizer
 from expint_jax.parallel.mesh import MeshConfig, make_mesh
 from expint_jax.records import SamplingParams
 from expint_jax.llm.sampler import (
+    GenerationCounters,
     Greedy,
+    Layout,
     Penalties,
-    Session,
+    PrefixCache,
     Temperature,
     TokenBytes,
     TopK,
@@ -40,7 +42,8 @@ from expint_jax.llm.sampler import (
     generate,
     penalties_from_params,
 )
-from expint_jax.llm.sampler.sampling import first_argmax, token_log_probs
+from expint_jax.llm.sampler.prefix_cache import PAGE_TOKENS
+from expint_jax.llm.sampler.sampling import TOP_P_CANDIDATES, first_argmax, token_log_probs, top_p_filter
 from expint_jax.llm.sampler.stops import MATCHED, StopTable
 from tests.models.hf_fixtures import make_checkpoint
 
@@ -201,36 +204,54 @@ def test_generate_rejects_bad_input(parity):
         generate(parity["graphdef"], parity["state"], [[1]], seed=[1, 2], **run)
 
 
-def test_session_reuses_the_cache_across_turns_and_equals_prefilling_from_scratch(parity):
-    graphdef, state, prompts = parity["graphdef"], parity["state"], parity["prompts"]
-    session = Session(graphdef, state, batch_size=len(prompts))
-    run = dict(strategy=SAMPLED, max_new_tokens=6, seed=5)
-    first = session.generate(prompts, **run)
-    fresh = generate(graphdef, state, prompts, **run)
-    assert [g.token_ids for g in first] == [g.token_ids for g in fresh]
-    assert session.num_slots == 32
+def _same_generations(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5, rtol=0)
 
+
+def test_prefix_cache_reuses_earlier_turns_and_equals_prefilling_from_scratch(parity):
+    graphdef, state = parity["graphdef"], parity["state"]
     rng = np.random.default_rng(1)
-    tool = [rng.integers(0, 512, n) for n in (3, 5, 1, 4)]
-    second_turn = [np.concatenate([p, g.token_ids, t]) for p, g, t in zip(prompts, first, tool)]
-    second_turn[1] = np.concatenate([prompts[1], first[1].token_ids[:-2], tool[1]])  # as after a stop-string cut
-    second_turn[3] = None  # row 3 sits this turn out
-    second = session.generate(second_turn, **(run | dict(seed=6)))
-    assert second[3] is None
-    for row in (0, 1, 2):
-        assert np.array_equal(session.cached_ids(row)[: len(second_turn[row])], second_turn[row])
+    prompts = [rng.integers(0, 512, n) for n in (40, 21, 50, 33)]
+    cache, counters = PrefixCache(parity_config(parity), "float32", max_tokens=4096), GenerationCounters()
+    run = dict(strategy=SAMPLED, max_new_tokens=6, seed=5)
+    first = generate(graphdef, state, prompts, **run, prefix_cache=cache, counters=counters)
+    _same_generations(first, generate(graphdef, state, prompts, **run))
+    assert counters.reused_tokens == 0 and len(cache) == len(prompts)
 
-    # Row 3 comes back with a history that diverges early: its cache is reused up to the divergence.
-    third_turn = [None, None, None, np.concatenate([prompts[3][:2], tool[3]])]
-    third = session.generate(third_turn, **(run | dict(seed=6)))
-    reference = generate(graphdef, state, [s for s in second_turn if s is not None] + [third_turn[3]],
-                         **(run | dict(seed=6)), row_ids=[0, 1, 2, 3])
-    for got, want in zip([*second[:3], third[3]], reference):
-        assert got.token_ids == want.token_ids
-        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
-    assert session.num_slots == 96  # grown twice from 32: the cache keeps holes and old turns
-    with pytest.raises(ValueError, match="3 sequences for a batch of 4"):
-        session.generate(third_turn[:3], **run)
+    tool = [rng.integers(0, 512, n) for n in (30, 5, 1, 4)]
+    second = [np.concatenate([p, g.token_ids, t]) for p, g, t in zip(prompts, first, tool)]
+    second[1] = np.concatenate([prompts[1], first[1].token_ids[:-2], tool[1]])  # as after a stop-string cut
+    second[3] = np.concatenate([prompts[3][:20], tool[3]])  # diverges early: reused up to the divergence
+    run |= dict(seed=6, row_ids=[3, 1, 0, 2])
+    _same_generations(generate(graphdef, state, second, **run, prefix_cache=cache, counters=counters),
+                      generate(graphdef, state, second, **run))
+    # Each row reuses its common prefix with what the first call stored: the prompt and the generated
+    # tokens that entered the cache (all but the last), when that covers at least one whole page.
+    stored = [np.concatenate([p, g.token_ids[:-1]]) for p, g in zip(prompts, first)]
+    common = [min(_common(s, q), len(q) - 1) for s, q in zip(stored, second)]
+    expected = [n if n >= PAGE_TOKENS else 0 for n in common]
+    assert counters.reused_tokens == sum(expected) and all(expected)
+    layout = Layout.of(np.asarray([len(q) for q in second]), np.asarray(expected), 6)
+    assert counters.prefill_slots == 4 * bucket(50) + 4 * layout.chunk_width
+    assert layout.chunk_width < layout.width  # only what follows the reused prefixes was prefilled
+
+
+def _common(a, b):
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
+def parity_config(parity):
+    return nnx.merge(parity["graphdef"], parity["state"]).config
+
+
+def test_layout_pads_widths_to_buckets_and_the_cache_to_width_plus_output():
+    layout = Layout.of(np.asarray([100, 30]), np.asarray([90, 0]), 20)
+    assert (layout.width, layout.chunk_width, layout.max_new, layout.num_slots) == (128, 32, 24, 152)
+    assert Layout.of(np.asarray([100]), np.asarray([0]), 20).chunk_width == 128
 
 
 # --- sampling strategies ---------------------------------------------------------------------
@@ -293,6 +314,38 @@ def test_sample_on_vocab_major_logits_is_the_same_draw_with_its_log_prob(strateg
     np.testing.assert_allclose(logprobs, token_log_probs(weights, tokens), atol=1e-6)
     np.testing.assert_allclose(token_log_probs(logits.T, tokens, vocab_axis=0), token_log_probs(logits, tokens),
                                atol=1e-6)
+
+
+def _nucleus_numpy(logits: np.ndarray, p: float) -> tuple[np.ndarray, float]:
+    """The top-p rule in float64 on one row: a token stays when the tokens strictly more likely than
+    it hold less than ``p``; also how close any token's mass above comes to ``p``."""
+    weights = np.exp(logits.astype(np.float64) - logits.max())
+    probs = weights / weights.sum()
+    above = np.array([probs[logits > v].sum() for v in logits])
+    return above < p, float(np.abs(above - p).min())
+
+
+@pytest.mark.parametrize("vocab, p", [(7, 0.5), (300, 0.95)])
+def test_top_p_keeps_exactly_the_float64_nucleus_without_sorting(vocab, p):
+    rng = np.random.default_rng(vocab)
+    filtered = jax.jit(top_p_filter, static_argnums=1)
+    paths = set()
+    for trial in range(40):
+        scale = (0.05, 1.0, 4.0, 30.0)[trial % 4]  # flat (bisection) to peaked (among the top candidates)
+        logits = rng.standard_normal((4, vocab)).astype(np.float32) * scale
+        if trial % 3 == 0:
+            logits = np.round(logits)  # ties, and -0.0 next to 0.0
+        if trial % 5 == 0:
+            logits[:, : vocab // 3] = -np.inf  # as after a top-k filter
+        kept = np.isfinite(np.asarray(filtered(jnp.asarray(logits), p)))
+        for row in range(4):
+            nucleus, margin = _nucleus_numpy(logits[row], p)
+            if margin > 1e-6:  # fixed-point rounding may only matter right at the boundary
+                np.testing.assert_array_equal(kept[row], nucleus)
+            alone = np.isfinite(np.asarray(filtered(jnp.asarray(logits[row:row + 1]), p)))[0]
+            np.testing.assert_array_equal(kept[row], alone)  # whichever path its batch took
+            paths.add(bool(nucleus.sum() >= TOP_P_CANDIDATES))
+    assert paths == ({False, True} if vocab > TOP_P_CANDIDATES else {False})
 
 
 def test_first_argmax_is_argmax_with_ties_and_stays_in_range_on_nan():

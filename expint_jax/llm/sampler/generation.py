@@ -1,13 +1,19 @@
 """Batched generation with a static-shape KV cache: a jitted prefill, then a jitted decode loop.
 
 Contract:
-  * Prompts are left-padded to a bucketed width (``bucket``), so prompts of different lengths
-    reuse compiled code; position ids restart at 0 on each row's first real token.
-  * The cache has a static number of slots (prompt width + output buffer, bucketed). ``prefill``
-    is one ``model.extend`` from an empty cache; ``decode`` is one jitted call whose
+  * Shapes (``Layout``): prompts are left-padded to a bucketed width (``bucket``), so prompts of
+    different lengths reuse compiled code; position ids restart at 0 on each row's first real
+    token. The cache has that width plus the output buffer (``max_new``, bucketed) of slots.
+    ``prefill`` is one ``model.extend`` from an empty cache; ``decode`` is one jitted call whose
     ``lax.while_loop`` samples a token per row, then extends the cache by it, until every row is
     done or the output buffer is full. Parameters are arguments (``graphdef`` static, ``state``
     traced), so new weights of the same shapes never recompile.
+  * Prefix reuse (optional, ``prefix_cache``): a row whose prompt starts with tokens the
+    ``PrefixCache`` holds gets their keys and values copied into its slots, and the prefill
+    extends the cache by the rest only (the chunk, left-padded to its own bucketed width, which
+    ends where the prompt ends). After decoding, every row's prompt and the generated tokens that
+    entered the cache are stored for later calls. Results equal a generation from scratch up to
+    floating-point reassociation.
   * Rows finish independently, by eos (any of ``eos_ids``), by a stop string (exact, see
     ``stops``) or by their own token limit; a finished row's outputs stop changing and its
     later tokens are fed to the cache as invalid slots.
@@ -45,6 +51,7 @@ from flax import nnx
 from expint_jax.models.qwen3 import CACHE_AXES, KVCache
 from expint_jax.parallel.rules import constrain
 from expint_jax.token_signal import TopLogprobs
+from expint_jax.llm.sampler.prefix_cache import NO_MATCH, PrefixCache
 from expint_jax.llm.sampler.sampling import Penalties, Strategy, token_log_probs, top_k_distribution
 from expint_jax.llm.sampler.stops import MATCHED, StopTable, TokenBytes, cut_at_stop
 
@@ -60,6 +67,47 @@ def bucket(n: int, minimum: int = 16) -> int:
             return size * 3 // 2
         size *= 2
     return size
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The static shapes of one generation batch.
+
+    Row r's prompt ends at slot ``width`` (left padding before it); the prefill writes slots
+    ``[width - chunk_width, width)`` (the whole prompt width unless prefixes are reused) and the
+    decode loop the ``max_new`` slots after ``width``.
+    """
+
+    width: int
+    chunk_width: int
+    max_new: int
+
+    @classmethod
+    def of(cls, lengths: np.ndarray, reused: np.ndarray, max_new_tokens: int) -> Layout:
+        """The layout for prompts of ``lengths`` tokens, ``reused`` of them from a prefix cache."""
+        width = bucket(int(lengths.max()))
+        return cls(width, min(bucket(int((lengths - reused).max())), width), bucket(max_new_tokens))
+
+    @property
+    def num_slots(self) -> int:
+        return self.width + self.max_new
+
+
+@dataclasses.dataclass
+class GenerationCounters:
+    """Work done by ``generate`` calls, summed (for benchmarks and tests): tokens are real ones,
+    slots include padding rows and columns."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens taken from the prefix cache
+    prefill_slots: int = 0  # batch rows x chunk width of every prefill
+    generated_tokens: int = 0
+    decode_slots: int = 0  # batch rows x decode steps
+
+    def add(self, other: GenerationCounters) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,6 +492,8 @@ def generate(
     pad_id: int = 0,
     penalties: Penalties | None = None,
     top_logprobs: int = 0,
+    prefix_cache: PrefixCache | None = None,
+    counters: GenerationCounters | None = None,
 ) -> list[Generation]:
     """Generates for every prompt (token id sequences) in one batch; see the module docstring.
 
@@ -451,7 +501,8 @@ def generate(
     ``row_ids`` (default 0..n-1) select each row's random stream; ``batch_size`` pads the batch
     with inactive rows (for fixed shapes or a batch that the mesh divides); ``penalties`` are the
     presence/frequency penalties (None = off); ``top_logprobs`` records the teacher signal with that k
-    (0 = off; see the module docstring).
+    (0 = off; see the module docstring); ``prefix_cache`` reuses and stores keys and values of
+    earlier sequences; ``counters`` (when given) is incremented by this call's work.
     """
     vocab_size = vocab_size_of(state)
     prompts = check_prompts(prompts, vocab_size)
@@ -465,21 +516,40 @@ def generate(
         raise ValueError(f"{len(row_ids)} row_ids for {len(prompts)} prompts")
     batch_size = batch_size or len(prompts)
 
-    width = bucket(max(p.size for p in prompts))
-    max_new = bucket(int(limits.max()))
-    batch = PromptBatch.left_pad(prompts, width, batch_size, pad_id)
-    all_limits = np.zeros(batch_size, np.int32)
-    all_limits[: len(prompts)] = limits
+    matches = [NO_MATCH] * len(prompts) if prefix_cache is None else [prefix_cache.match(p) for p in prompts]
+    lengths = np.asarray([p.size for p in prompts], np.int32)
+    reused = np.asarray([m.length for m in matches], np.int32)
+    layout = Layout.of(lengths, reused, int(limits.max()))
+    chunks = [p[m.length:] for p, m in zip(prompts, matches)]
+    batch = PromptBatch.left_pad(chunks, layout.chunk_width, batch_size, pad_id, offsets=reused)
     padding = batch_size - len(prompts)
+    next_positions = np.concatenate([lengths, np.zeros(padding, np.int32)])
+    all_limits = np.concatenate([limits, np.zeros(padding, np.int32)])
     all_row_ids = row_ids + [0] * padding
     all_seeds = [*per_row(seed, len(prompts), "seed"), *[0] * padding]
+    starts = layout.width - lengths  # each prompt's first slot
 
-    cache, logits = prefill(graphdef, state, batch.ids, batch.positions, batch.valid, num_slots=bucket(width + max_new))
-    out, _ = decode(
-        graphdef, state, cache, logits, batch.lengths, row_keys(all_seeds, all_row_ids), all_limits,
-        padded_eos(eos_ids), table.transitions, strategy=strategy, max_new=max_new, penalties=penalties,
+    if reused.any():
+        cache = prefix_cache.assemble(matches, starts, batch=batch_size, num_slots=layout.num_slots,
+                                      end=layout.width - layout.chunk_width)
+        cache, logits = extend(graphdef, state, cache, batch.ids, batch.positions, batch.valid)
+    else:
+        cache, logits = prefill(graphdef, state, batch.ids, batch.positions, batch.valid, num_slots=layout.num_slots)
+    out, cache = decode(
+        graphdef, state, cache, logits, next_positions, row_keys(all_seeds, all_row_ids), all_limits,
+        padded_eos(eos_ids), table.transitions, strategy=strategy, max_new=layout.max_new, penalties=penalties,
         top_logprobs=top_logprobs,
     )
+    out = jax.device_get(out)
+    if prefix_cache is not None:
+        fed = out.next_positions[: len(prompts)] - lengths  # generated tokens that entered the cache
+        sequences = [np.concatenate([p, out.tokens[r, :fed[r]]]) for r, p in enumerate(prompts)]
+        prefix_cache.store(sequences, starts, matches, cache)
+    if counters is not None:
+        counters.add(GenerationCounters(
+            calls=1, prompt_tokens=int(lengths.sum()), reused_tokens=int(reused.sum()),
+            prefill_slots=batch_size * layout.chunk_width, generated_tokens=int(out.lengths.sum()),
+            decode_slots=batch_size * int(out.lengths.max())))
     return finish_rows(out, range(len(prompts)), stops=stops, token_bytes=token_bytes)
 
 
