@@ -31,6 +31,18 @@ def test_the_tiny_config_is_ready(capsys):
     out = capsys.readouterr().out
     assert "mesh data x fsdp x tensor = 1 x 1 x 1 on 1 of 8 devices" in out
     assert "endpoints: none (runs offline)" in out and "API keys: none needed" in out and "ready" in out
+    assert "policy: local backend" in out
+
+
+def test_a_served_policy_shows_its_command_and_variable_names_only(capsys):
+    code = doctor.main(["--config=configs/loop_tiny.py", "--config.policy.backend=server",
+                        "--config.policy.server.command=no-such-engine serve {checkpoint} --port {port}",
+                        f"--config.policy.server.env=('CUDA_VISIBLE_DEVICES=4,5', 'HF_TOKEN={SECRET}')"])
+    out = capsys.readouterr().out
+    assert code == 1 and SECRET not in out
+    assert "'no-such-engine' is not an executable on PATH" in out.split("problem:\n", 1)[1]
+    assert "  command: no-such-engine serve {checkpoint} --port {port}" in out
+    assert "server environment variables: CUDA_VISIBLE_DEVICES, HF_TOKEN" in out
 
 
 def test_a_paper_config_lists_its_endpoints_and_every_problem_by_key_name(capsys, monkeypatch, tmp_path):

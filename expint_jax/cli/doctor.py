@@ -104,6 +104,18 @@ def endpoints_of(config: Any) -> list[EndpointUse]:
     return uses
 
 
+def policy_lines(policy: Any) -> list[str]:
+    """Who acts; for a served policy, the start command and the names (never the values) of the
+    variables set for the server process."""
+    if policy.backend != "server":
+        return [f"policy: {policy.backend} backend"]
+    s = policy.server
+    names = ", ".join(item.split("=", 1)[0] for item in s.env) or "none"
+    return ["policy: served for each stage it acts in  [policy.server]",
+            f"  command: {s.command}", f"  host {s.host}, port {s.port or 'free'}, model name {s.model_name!r}, "
+            f"server environment variables: {names}"]
+
+
 def config_report(config: Any, environ: Mapping[str, str], device_count: int) -> tuple[list[str], list[str]]:
     """``(lines, problems)`` for a bound ``LoopConfig`` on ``device_count`` devices."""
     from expint_jax.config import ConfigError
@@ -122,6 +134,7 @@ def config_report(config: Any, environ: Mapping[str, str], device_count: int) ->
         problems.append(f"config.mesh.devices={config.mesh.devices} but {device_count} devices are available")
     lines.append(f"model: {config.model.checkpoint or 'the tiny random Qwen3'} "
                  f"({config.model.param_dtype} weights, {config.model.compute_dtype} compute)")
+    lines += policy_lines(config.policy)
     if config.env == "webwalker":
         for key in ("train_file", "eval_file"):
             path = getattr(config.webwalker, key)

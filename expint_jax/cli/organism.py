@@ -31,11 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="SimWeb world seeds of phase b (the agent's turns under a mix of contexts)")
     boot.add_argument("--tasks-per-level", type=int, default=default.corpus.tasks_per_level)
     boot.add_argument("--samples", type=int, default=default.corpus.samples, help="phase b rollouts per task")
+    boot.add_argument("--drill-epochs", type=int, default=default.drill.epochs, help="copy-drill epochs (0: skip)")
     boot.add_argument("--lm-epochs", type=int, default=default.lm.epochs, help="phase a epochs (0: skip)")
     boot.add_argument("--lm-learning-rate", type=float, default=default.lm.learning_rate)
     boot.add_argument("--epochs", type=int, default=default.sft.epochs, help="phase b epochs")
     boot.add_argument("--learning-rate", type=float, default=default.sft.learning_rate)
-    boot.add_argument("--rows", type=int, default=default.rows, help="trajectories per training batch")
+    boot.add_argument("--rows", type=int, default=default.sft.rows, help="trajectories per batch of phases a and b")
     boot.add_argument("--hidden", type=int, default=default.shape.hidden_size)
     boot.add_argument("--layers", type=int, default=default.shape.num_layers)
     boot.add_argument("--seed", type=int, default=default.seed)
@@ -52,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gate.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     if args.command == "bootstrap":
-        from expint_jax.organism.bootstrap import RECORD_FILE, bootstrap
+        from expint_jax.organism import RECORD_FILE
+        from expint_jax.organism.bootstrap import bootstrap
 
         config = dataclasses.replace(
             default,
@@ -62,9 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        samples=args.samples),
             shape=dataclasses.replace(default.shape, hidden_size=args.hidden, num_layers=args.layers,
                                       intermediate_size=3 * args.hidden),
-            lm=dataclasses.replace(default.lm, epochs=args.lm_epochs, learning_rate=args.lm_learning_rate),
-            sft=dataclasses.replace(default.sft, epochs=args.epochs, learning_rate=args.learning_rate),
-            rows=args.rows, seed=args.seed)
+            drill=dataclasses.replace(default.drill, epochs=args.drill_epochs),
+            lm=dataclasses.replace(default.lm, epochs=args.lm_epochs, learning_rate=args.lm_learning_rate,
+                                   rows=args.rows),
+            sft=dataclasses.replace(default.sft, epochs=args.epochs, learning_rate=args.learning_rate, rows=args.rows),
+            seed=args.seed)
         path = bootstrap(config, args.out, command=["expint", "organism", *(sys.argv[2:] if argv is None else argv)])
         record = storage.read_json(path / RECORD_FILE)
         steps = " + ".join(f"{phase['steps']} {name}" for name, phase in record["phases"].items())
@@ -72,8 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{record['wall_seconds']} s)")
         return 0
     from expint_jax.llm.local import LocalEngine
+    from expint_jax.organism import check_unseen_world
     from expint_jax.organism.gate import format_result, run_gate
 
+    check_unseen_world(args.checkpoint, args.world_seed)
     engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=args.batch, max_context=4096)
     result = run_gate(engine, world_seed=args.world_seed, levels=tuple(args.levels.split(",")), tasks=args.tasks,
                       samples=args.samples, k=args.k, seed=args.seed, which=args.injections.split(","))

@@ -38,6 +38,7 @@ from expint_jax.llm.base import ChatBackend
 from expint_jax.llm.server import PolicyServer
 from expint_jax.loop.layout import key_hash
 from expint_jax.loop.config import Endpoint, LoopConfig, PolicySection, WebWalkerSection, webwalker_tasks
+from expint_jax.organism import check_unseen_world
 from expint_jax.records import Message, SamplingParams, Trajectory, read_trajectories
 from expint_jax.rollout.agent import AgentConfig, ReActAgent
 from expint_jax.rollout.envs.base import Environment, Task
@@ -63,6 +64,7 @@ class Worlds:
                        MathEnv(MathConfig(seed=m.seed, split=m.test_split, tasks_per_level=m.eval_tasks_per_level,
                                           levels=m.levels, families=m.families)))
         s = config.simweb
+        check_unseen_world(config.model.checkpoint, s.seed)
         return cls(SimWebEnv(SimWebConfig(seed=s.seed, split="train", tasks_per_level=s.train_tasks_per_level,
                                           levels=s.levels)),
                    SimWebEnv(SimWebConfig(seed=s.seed, split="test", tasks_per_level=s.eval_tasks_per_level,

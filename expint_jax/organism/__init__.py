@@ -5,6 +5,8 @@ to roll out thousands of times on two CPU cores whose behaviour still depends on
 context, so the loop's mechanisms (extraction, step-wise vs global injection, off- vs on-policy
 internalization) act on something real.
 
+  * ``drills``: copy drills (a page and one request: open a link, read a fact) that teach the
+    small network to copy from its context before it learns the agent's trajectories.
   * ``data``: the bootstrap trajectories: SimWeb's experience-sensitive scripted agent under a mix
     of contexts (none, global, step-wise, random and instance lessons), on worlds disjoint from
     the loop's.
@@ -19,12 +21,30 @@ What is designed in and what is learned: the scripted agent's response to lesson
 network's behaviour depends on its context, and how internalization changes it, is measured.
 """
 
+import json
 from pathlib import Path
 
 SHIPPED = Path(__file__).with_name("pi0")
+RECORD_FILE = "organism.json"  # beside the exported checkpoint: how it was made
+TRAINING_WORLDS = ("drills", "lm_corpus", "corpus")  # the record's config sections that name SimWeb seeds
 
 
 def shipped_checkpoint() -> Path:
     """Where the repository's π_0 lives (``expint organism bootstrap --out`` that path rebuilds it;
     its ``organism.json`` records the command and seed that made it)."""
     return SHIPPED
+
+
+def check_unseen_world(checkpoint: str | Path | None, seed: int) -> None:
+    """Refuses to evaluate an organism on a SimWeb world it was trained on.
+
+    No-op unless ``checkpoint`` holds an organism record; otherwise ``seed`` must not be among the
+    seeds of its drills or corpora (held-out accuracy on seen sites measures memory, not skill)."""
+    record = Path(checkpoint) / RECORD_FILE if checkpoint else None
+    if record is None or not record.exists():
+        return
+    config = json.loads(record.read_text())["config"]
+    for section in TRAINING_WORLDS:
+        if seed in config.get(section, {}).get("seeds", ()):
+            raise ValueError(f"SimWeb seed {seed} is one of the worlds that the organism at {checkpoint} trained on "
+                             f"({record.name}: config.{section}.seeds); evaluate it on another seed")

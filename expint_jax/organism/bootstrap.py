@@ -30,6 +30,7 @@ weights (training is deterministic on one machine, up to XLA's CPU reductions ac
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -49,12 +50,13 @@ from expint_jax.models.hf import save_checkpoint
 from expint_jax.models.init import init_model
 from expint_jax.models.subvocab import SubVocabulary
 from expint_jax.models.tokenizer import load_tokenizer
+from expint_jax.organism import RECORD_FILE
 from expint_jax.organism.data import ContextMix, CorpusConfig, bootstrap_trajectories
+from expint_jax.organism.drills import DrillConfig, drills
 from expint_jax.records import Trajectory
 from expint_jax.rollout import prompts
 from expint_jax.rollout.envs.simweb.lessons import PRINCIPLE_LESSONS
 
-RECORD_FILE = "organism.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,34 +80,40 @@ class Phase:
     epochs: int  # 0: skip the phase
     learning_rate: float
     warmup_steps: int = 50
+    rows: int = 8  # conversations per training batch
+    min_bucket: int = 512  # shortest padded length (batch shapes are few, so XLA compiles few programs)
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.learning_rate <= 0 or self.warmup_steps < 0:
-            raise ValueError(f"Phase needs epochs >= 0, learning_rate > 0, warmup_steps >= 0; got {self}")
+        if self.epochs < 0 or self.learning_rate <= 0 or self.warmup_steps < 0 or self.rows < 1:
+            raise ValueError(f"Phase needs epochs >= 0, learning_rate > 0, warmup_steps >= 0, rows >= 1; got {self}")
 
 
 @dataclasses.dataclass(frozen=True)
 class OrganismConfig:
+    drills: DrillConfig = DrillConfig()
     lm_corpus: CorpusConfig = CorpusConfig(seeds=tuple(range(201, 213)), samples=1, mix=NO_EXPERIENCE)
     corpus: CorpusConfig = CorpusConfig()
     shape: OrganismShape = OrganismShape()
     vocab_tokens: int = 8192  # corpus tokens kept before the merge-path closure and the added tokens
     seed: int = 0
     init_std: float = 0.02
+    drill: Phase = Phase(epochs=1, learning_rate=3e-3, rows=32, min_bucket=128)  # phase 0: copy drills
     lm: Phase = Phase(epochs=2, learning_rate=3e-3)  # phase a: language modelling on every token
     sft: Phase = Phase(epochs=3, learning_rate=1e-3)  # phase b: the agent's turns, experience in context
-    rows: int = 8
     budget: ViewBudget = ViewBudget(max_student_tokens=4096, max_teacher_tokens=8192)
 
     def __post_init__(self) -> None:
-        shared = sorted(set(self.lm_corpus.seeds) & set(self.corpus.seeds))
-        if shared:
-            raise ValueError(f"OrganismConfig: seeds {shared} are in both lm_corpus and corpus; give each its worlds")
+        named = {"drills": self.drills.seeds, "lm_corpus": self.lm_corpus.seeds, "corpus": self.corpus.seeds}
+        for first, second in itertools.combinations(named, 2):
+            shared = sorted(set(named[first]) & set(named[second]))
+            if shared:
+                raise ValueError(f"OrganismConfig: seeds {shared} are in both {first} and {second}; "
+                                 "give each its worlds")
 
     def trainer(self, phase: Phase, student_view: str) -> TrainerConfig:
         return TrainerConfig(
             step=StepConfig(Divergence("nll"), chunk_size=512, student_view=student_view),
-            batching=BatchingConfig(rows=self.rows, seed=self.seed, min_bucket=512),
+            batching=BatchingConfig(rows=phase.rows, seed=self.seed, min_bucket=phase.min_bucket),
             optimizer=OptimizerConfig(learning_rate=phase.learning_rate, warmup_steps=phase.warmup_steps,
                                       end_lr_ratio=0.1, weight_decay=0.01),
             epochs=phase.epochs, checkpoint_every=50, log_every=10, progress_bar=False)
@@ -137,16 +145,19 @@ def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str]
     out = Path(out)
     work = out.with_name(out.name + ".train")
     started = time.time()
+    drilled = drills(config.drills) if config.drill.epochs else []
     plain = [_without_system(t) for t in bootstrap_trajectories(config.lm_corpus)] if config.lm.epochs else []
     trajectories = bootstrap_trajectories(config.corpus)
     base = load_tokenizer(None)
-    vocab = SubVocabulary.from_corpus(base, corpus_texts([*plain, *trajectories]), max_tokens=config.vocab_tokens)
+    vocab = SubVocabulary.from_corpus(base, corpus_texts([*drilled, *plain, *trajectories]),
+                                      max_tokens=config.vocab_tokens)
     tokenizer = vocab.tokenizer(base)
     chat = ChatFormat(tokenizer)
     model = init_model(organism_model_config(vocab, tokenizer, config.shape), init_std=config.init_std,
                        seed=config.seed)
     phases = {}
-    for name, phase, records, targets, view in (("lm", config.lm, plain, "all", "plain"),
+    for name, phase, records, targets, view in (("drill", config.drill, drilled, "assistant", "plain"),
+                                                 ("lm", config.lm, plain, "all", "plain"),
                                                  ("sft", config.sft, trajectories, "assistant", "teacher")):
         if not phase.epochs:
             continue
@@ -163,7 +174,7 @@ def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str]
         "what": "SimWeb model organism pi_0 (expint_jax.organism.bootstrap)",
         "command": list(command),
         "config": dataclasses.asdict(config),
-        "trajectories": {"lm": len(plain), "sft": len(trajectories)},
+        "trajectories": {"drill": len(drilled), "lm": len(plain), "sft": len(trajectories)},
         "vocabulary": {"tokens": len(vocab), "padded_size": vocab.padded_size},
         "parameters": sum(int(x.size) for x in _leaves(model)),
         "phases": phases,

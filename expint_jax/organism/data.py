@@ -2,7 +2,7 @@
 
 Contract of ``bootstrap_trajectories(config)``:
   * Worlds: SimWeb ``split="train"`` worlds of ``config.seeds`` (the loop's worlds use seed 0 by
-    default; ``check_disjoint`` refuses a loop seed among these).
+    default; ``organism.check_unseen_world`` refuses a loop on one of these).
   * Per world: the plain scripted agent (``Mistakes`` at ``mistake_rate``) rolls out
     ``pool_samples`` times per task; SimWeb's offline writer turns the groups into a principle
     pool and an instance pool, as the loop's extraction would.
@@ -99,14 +99,6 @@ class CorpusConfig:
         # The scripted policy ignores sampling; the limits are the loop's organism settings.
         return AgentConfig(max_llm_calls=self.max_llm_calls, max_context_tokens=self.max_context_tokens,
                            sampling=SamplingParams(temperature=0.7, max_tokens=512))
-
-
-def check_disjoint(config: CorpusConfig, loop_seeds: Sequence[int]) -> None:
-    """Refuses bootstrap worlds that a loop also uses (its evaluation would then be on seen sites)."""
-    shared = sorted(set(config.seeds) & set(loop_seeds))
-    if shared:
-        raise ValueError(f"bootstrap seeds {shared} are also SimWeb seeds of the loop; pick seeds outside "
-                         f"{sorted(set(loop_seeds))}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,18 +8,22 @@ from expint_jax import storage
 from expint_jax.llm.local import LocalEngine
 from expint_jax.models.subvocab import SubVocabulary
 from expint_jax.models.tokenizer import load_tokenizer
-from expint_jax.organism.bootstrap import NO_EXPERIENCE, RECORD_FILE, OrganismConfig, OrganismShape, Phase, bootstrap
+from expint_jax.organism import RECORD_FILE, check_unseen_world
+from expint_jax.organism.bootstrap import NO_EXPERIENCE, OrganismConfig, OrganismShape, Phase, bootstrap
 from expint_jax.organism.data import CorpusConfig
+from expint_jax.organism.drills import DrillConfig
 from expint_jax.organism.gate import format_result, run_gate
 from expint_jax.records import SamplingParams
 from expint_jax.rollout.agent import AgentConfig
 
 MICRO = OrganismConfig(
+    drills=DrillConfig(seeds=(301,), levels=("easy",), tasks_per_level=1, tasks_per_site=1, per_page=1),
     lm_corpus=CorpusConfig(seeds=(201,), levels=("easy",), tasks_per_level=2, samples=1, mix=NO_EXPERIENCE),
     corpus=CorpusConfig(seeds=(101,), levels=("easy",), tasks_per_level=3, samples=1),
     shape=OrganismShape(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16),
-    vocab_tokens=1024, lm=Phase(epochs=1, learning_rate=1e-3, warmup_steps=0),
-    sft=Phase(epochs=1, learning_rate=1e-3, warmup_steps=0), rows=4)
+    vocab_tokens=1024, drill=Phase(epochs=1, learning_rate=1e-3, warmup_steps=0, rows=64, min_bucket=128),
+    lm=Phase(epochs=1, learning_rate=1e-3, warmup_steps=0, rows=4),
+    sft=Phase(epochs=1, learning_rate=1e-3, warmup_steps=0, rows=4))
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +33,11 @@ def organism(tmp_path_factory):
 
 def test_export_is_a_hugging_face_directory_with_its_sub_vocabulary(organism):
     record = storage.read_json(organism / RECORD_FILE)
+    drilled = record["trajectories"].pop("drill")
     assert record["command"] == ["test"] and record["trajectories"] == {"lm": 2, "sft": 3}
-    assert {name: phase["steps"] for name, phase in record["phases"].items()} == {"lm": 1, "sft": 1}
+    assert record["phases"]["drill"]["examples"]["kept"] == drilled > 0
+    assert {name: phase["steps"] for name, phase in record["phases"].items()} == {
+        "drill": -(-drilled // 64), "lm": 1, "sft": 1}
     assert record["phases"]["sft"]["examples"]["kept"] == 3 and record["phases"]["lm"]["examples"]["kept"] == 2
     assert record["config"]["shape"] == dataclasses.asdict(MICRO.shape)
     vocab = SubVocabulary.load(organism)
@@ -48,3 +55,11 @@ def test_the_gate_runs_the_network_in_every_injection(organism):
     assert result.tasks == 2 and result.samples == 2
     assert -1.0 <= result.difference <= 1.0
     assert "stepwise - none" in format_result(result, "pi0")
+
+
+def test_a_loop_on_a_world_the_organism_trained_on_is_refused(organism):
+    check_unseen_world(organism, 0)
+    check_unseen_world(None, 101)  # not an organism: nothing to check
+    for seed, section in ((101, "corpus"), (201, "lm_corpus"), (301, "drills")):
+        with pytest.raises(ValueError, match=rf"seed {seed} is one of the worlds .* config\.{section}\.seeds"):
+            check_unseen_world(organism, seed)

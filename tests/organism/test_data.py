@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from expint_jax.organism.data import CONTEXTS, ContextMix, CorpusConfig, bootstrap_trajectories, check_disjoint, draw_contexts
+from expint_jax.organism.data import CONTEXTS, ContextMix, CorpusConfig, bootstrap_trajectories, draw_contexts
 
 SMALL = CorpusConfig(seeds=(101, 102), tasks_per_level=6, samples=2)
 
@@ -48,9 +48,3 @@ def test_contexts_follow_the_mix():
     assert all(abs(shares[c] - w) < 0.06 for c, w in SMALL.mix.weights().items())
     with pytest.raises(ValueError, match="ContextMix weights"):
         ContextMix(none=-1)
-
-
-def test_bootstrap_worlds_must_be_disjoint_from_the_loop():
-    check_disjoint(SMALL, [0])
-    with pytest.raises(ValueError, match=r"bootstrap seeds \[101\] are also SimWeb seeds of the loop"):
-        check_disjoint(SMALL, [0, 101])

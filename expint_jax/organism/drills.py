@@ -1,0 +1,70 @@
+"""Skill drills: short conversations that practise the copying that acting on SimWeb takes.
+
+Why: acting on SimWeb is mostly copying — a link's URL out of the page just read, a fact's value
+out of an entity page. A network of the organism's size learns a copy mechanism only from many
+copy events, and an agent trajectory holds a handful per thousand tokens; a drill is one page and
+one copy, a few hundred tokens. Without them the bootstrap's networks learned the agent's format
+and which section to open but recalled the names of their training sites instead of copying the
+site in front of them (docs/organism.md records those runs).
+
+Contract of ``drills(config)``:
+  * Worlds: SimWeb ``split="train"`` worlds of ``config.seeds``, disjoint from the corpora's
+    (``OrganismConfig`` checks) and from the loop's (``organism.check_unseen_world``).
+  * Per page with links, ``per_page`` drills, each a two-message conversation: the user message is
+    the page exactly as the agent sees a ``visit`` result (``format_tool_response(format_page)``)
+    followed by one request; the assistant message is the agent's reply format:
+      - link drill: "Open: {link title}" → the ``visit`` tool call with that link's URL;
+      - fact drill (entity pages): "{label} of {page title}?" → ``<answer>{value}</answer>``.
+  * Deterministic: the same config gives the same drills in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from expint_jax.models.chat import format_tool_call, format_tool_response
+from expint_jax.records import Message, Trajectory
+from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
+from expint_jax.rollout.envs.simweb.reference_agent import read_facts
+from expint_jax.rollout.envs.simweb.tools import format_page
+
+
+@dataclasses.dataclass(frozen=True)
+class DrillConfig:
+    seeds: tuple[int, ...] = tuple(range(301, 307))
+    levels: tuple[str, ...] = ("easy", "medium")
+    tasks_per_level: int = 60  # sizes each world (SimWeb builds the sites its tasks need)
+    tasks_per_site: int = 2
+    per_page: int = 1
+    fact_share: float = 0.35  # of the drills on entity pages, the share that asks for a fact
+
+    def __post_init__(self) -> None:
+        if not self.seeds or self.per_page < 1 or not 0.0 <= self.fact_share <= 1.0:
+            raise ValueError(f"DrillConfig needs seeds, per_page >= 1 and 0 <= fact_share <= 1; got {self}")
+
+
+def drills(config: DrillConfig) -> list[Trajectory]:
+    out: list[Trajectory] = []
+    for seed in config.seeds:
+        env = SimWebEnv(SimWebConfig(seed=seed, split="train", tasks_per_level=config.tasks_per_level,
+                                     levels=config.levels, tasks_per_site=config.tasks_per_site))
+        rng = random.Random(f"drills:{seed}")
+        for site in env.world.sites:
+            for page in site.pages:
+                if not page.links:
+                    continue
+                seen = format_tool_response(format_page(page))
+                facts = read_facts(page.text)
+                for k in range(config.per_page):
+                    if facts and rng.random() < config.fact_share:
+                        label = rng.choice(sorted(facts))
+                        request, reply = f"{label} of {page.title}?", f"<answer>{facts[label]}</answer>"
+                    else:
+                        link = rng.choice(page.links)
+                        request, reply = f"Open: {link.title}", format_tool_call("visit", {"url": link.url})
+                    out.append(Trajectory(
+                        task_id=f"drill:{seed}:{page.url}:{k}",
+                        messages=(Message("user", f"{seen}\n\n{request}"), Message("assistant", reply)),
+                        metadata={"drill": "fact" if reply.startswith("<answer>") else "link"}))
+    return out

@@ -1,0 +1,38 @@
+"""Copy drills: each reply is a copy of something in its own page, in the agent's reply format."""
+
+import json
+
+import pytest
+
+from expint_jax.organism.bootstrap import OrganismConfig
+from expint_jax.organism.drills import DrillConfig, drills
+from expint_jax.organism.data import CorpusConfig
+from expint_jax.rollout.envs.simweb.tools import parse_page
+
+SMALL = DrillConfig(seeds=(301,), levels=("easy",), tasks_per_level=2, tasks_per_site=1, per_page=2, fact_share=0.5)
+
+
+def test_every_reply_copies_a_link_or_a_fact_of_its_page():
+    made = drills(SMALL)
+    assert made == drills(SMALL)  # deterministic
+    kinds = {t.metadata["drill"] for t in made}
+    assert kinds == {"link", "fact"}
+    for t in made:
+        user, reply = t.messages[0].content, t.messages[1].content
+        observation = user.split("<tool_response>\n", 1)[1].rsplit("\n</tool_response>", 1)[0]
+        page = parse_page(observation)
+        assert page is not None, t.task_id
+        request = user.rsplit("\n\n", 1)[1]
+        if t.metadata["drill"] == "link":
+            url = json.loads(reply.split("<tool_call>\n", 1)[1].split("\n</tool_call>")[0])["arguments"]["url"]
+            assert request == "Open: " + next(link.title for link in page.links if link.url == url)
+        else:
+            label, value = request.removesuffix(f" of {page.title}?"), reply.removeprefix("<answer>").removesuffix("</answer>")
+            assert f"- {label}: {value}" in page.text
+
+
+def test_drill_worlds_must_be_their_own():
+    with pytest.raises(ValueError, match=r"seeds \[301\] are in both drills and corpus"):
+        OrganismConfig(drills=DrillConfig(seeds=(301,)), corpus=CorpusConfig(seeds=(301, 302)))
+    with pytest.raises(ValueError, match="per_page"):
+        DrillConfig(per_page=0)
