@@ -32,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     boot.add_argument("--tasks-per-level", type=int, default=default.corpus.tasks_per_level)
     boot.add_argument("--samples", type=int, default=default.corpus.samples, help="phase b rollouts per task")
     boot.add_argument("--drill-epochs", type=int, default=default.drill.epochs, help="copy-drill epochs (0: skip)")
+    boot.add_argument("--drill-seeds", type=int, nargs="+", default=list(default.drills.seeds),
+                      help="SimWeb world seeds of the copy drills")
+    boot.add_argument("--repeat-share", type=float, default=default.drills.repeat_share,
+                      help="share of the copy drills that repeat link lines verbatim")
     boot.add_argument("--lm-epochs", type=int, default=default.lm.epochs, help="phase a epochs (0: skip)")
     boot.add_argument("--lm-learning-rate", type=float, default=default.lm.learning_rate)
     boot.add_argument("--epochs", type=int, default=default.sft.epochs, help="phase b epochs")
@@ -64,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        samples=args.samples),
             shape=dataclasses.replace(default.shape, hidden_size=args.hidden, num_layers=args.layers,
                                       intermediate_size=3 * args.hidden),
+            drills=dataclasses.replace(default.drills, seeds=tuple(args.drill_seeds), repeat_share=args.repeat_share),
             drill=dataclasses.replace(default.drill, epochs=args.drill_epochs),
             lm=dataclasses.replace(default.lm, epochs=args.lm_epochs, learning_rate=args.lm_learning_rate,
                                    rows=args.rows),

@@ -14,7 +14,10 @@ Contract of ``drills(config)``:
     the page exactly as the agent sees a ``visit`` result (``format_tool_response(format_page)``)
     followed by one request; the assistant message is the agent's reply format:
       - link drill: "Open: {link title}" → the ``visit`` tool call with that link's URL;
-      - fact drill (entity pages): "{label} of {page title}?" → ``<answer>{value}</answer>``.
+      - fact drill (entity pages): "{label} of {page title}?" → ``<answer>{value}</answer>``;
+      - repeat drill (a share ``repeat_share`` of all): "Repeat links {i}-{j}." → those link lines
+        verbatim: every reply token is a copy of the token after an earlier occurrence of the
+        previous one, the plain form of copying that the two lookups above build on.
   * Deterministic: the same config gives the same drills in the same order.
 """
 
@@ -38,10 +41,14 @@ class DrillConfig:
     tasks_per_site: int = 2
     per_page: int = 1
     fact_share: float = 0.35  # of the drills on entity pages, the share that asks for a fact
+    repeat_share: float = 0.0  # of all drills, the share that repeats link lines verbatim
+    repeat_lines: int = 3
 
     def __post_init__(self) -> None:
-        if not self.seeds or self.per_page < 1 or not 0.0 <= self.fact_share <= 1.0:
-            raise ValueError(f"DrillConfig needs seeds, per_page >= 1 and 0 <= fact_share <= 1; got {self}")
+        if (not self.seeds or self.per_page < 1 or self.repeat_lines < 1
+                or not 0.0 <= self.fact_share <= 1.0 or not 0.0 <= self.repeat_share <= 1.0):
+            raise ValueError("DrillConfig needs seeds, per_page >= 1, repeat_lines >= 1 and shares in [0, 1]; "
+                             f"got {self}")
 
 
 def drills(config: DrillConfig) -> list[Trajectory]:
@@ -56,15 +63,23 @@ def drills(config: DrillConfig) -> list[Trajectory]:
                     continue
                 seen = format_tool_response(format_page(page))
                 facts = read_facts(page.text)
+                lines = seen.split("\nLinks:\n", 1)[1].removesuffix("\n</tool_response>").split("\n")
                 for k in range(config.per_page):
-                    if facts and rng.random() < config.fact_share:
+                    # No draw when repeats are off, so the other drills do not depend on the option.
+                    kind = "repeat" if config.repeat_share and rng.random() < config.repeat_share else "fact"
+                    if kind == "repeat":
+                        first = rng.randrange(len(lines))
+                        last = min(len(lines), first + config.repeat_lines) - 1
+                        request, reply = f"Repeat links {first + 1}-{last + 1}.", "\n".join(lines[first:last + 1])
+                    elif facts and rng.random() < config.fact_share:
                         label = rng.choice(sorted(facts))
                         request, reply = f"{label} of {page.title}?", f"<answer>{facts[label]}</answer>"
                     else:
+                        kind = "link"
                         link = rng.choice(page.links)
                         request, reply = f"Open: {link.title}", format_tool_call("visit", {"url": link.url})
                     out.append(Trajectory(
                         task_id=f"drill:{seed}:{page.url}:{k}",
                         messages=(Message("user", f"{seen}\n\n{request}"), Message("assistant", reply)),
-                        metadata={"drill": "fact" if reply.startswith("<answer>") else "link"}))
+                        metadata={"drill": kind}))
     return out
