@@ -1,9 +1,12 @@
-"""``expint organism bootstrap|gate``: build the SimWeb model organism's π_0, and measure it.
+"""``expint organism bootstrap|gate|probe``: build the SimWeb model organism's π_0, and measure it.
 
-  * ``expint organism bootstrap --out DIR [--lm-epochs N] [--epochs N] ...``: ``organism.bootstrap``
-    (trajectories, sub-vocabulary, two training phases from scratch, export with ``organism.json``).
+  * ``expint organism bootstrap --out DIR [--drill-epochs N] [--lm-epochs N] [--epochs N] ...``:
+    ``organism.bootstrap`` (drills and trajectories, sub-vocabulary, up to three training phases
+    from scratch, export with ``organism.json``).
   * ``expint organism gate --checkpoint DIR [--tasks 100] [--samples 3] [--out FILE]``: the
     network with and without experience in context on held-out SimWeb tasks (``organism.gate``).
+  * ``expint organism probe --checkpoint DIR [--count 64]``: whether the network copies links,
+    facts and lines from its context at all (``organism.probe``), on drills of an unseen world.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     gate.add_argument("--injections", default=",".join(INJECTIONS))
     gate.add_argument("--batch", type=int, default=128, help="rows the local engine decodes together")
     gate.add_argument("--out", help="also write the figures as JSON here")
+    probe = commands.add_parser("probe", help="can the network copy links, facts and lines from its context?")
+    probe.add_argument("--checkpoint", required=True, help="the organism's Hugging Face directory")
+    probe.add_argument("--world-seed", type=int, default=399, help="SimWeb seed of the probe's drills")
+    probe.add_argument("--count", type=int, default=64)
+    probe.add_argument("--repeat-share", type=float, default=0.3)
     args = parser.parse_args(argv)
     if args.command == "bootstrap":
         from expint_jax.organism import RECORD_FILE
@@ -82,9 +90,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from expint_jax.llm.local import LocalEngine
     from expint_jax.organism import check_unseen_world
-    from expint_jax.organism.gate import format_result, run_gate
 
     check_unseen_world(args.checkpoint, args.world_seed)
+    if args.command == "probe":
+        from expint_jax.organism.drills import DrillConfig
+        from expint_jax.organism.probe import copy_probe, format_probe
+
+        engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=32, max_context=2048)
+        config = DrillConfig(seeds=(args.world_seed,), repeat_share=args.repeat_share)
+        print(format_probe(copy_probe(engine, config, args.count), args.checkpoint))
+        return 0
+    from expint_jax.organism.gate import format_result, run_gate
+
     engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=args.batch, max_context=4096)
     result = run_gate(engine, world_seed=args.world_seed, levels=tuple(args.levels.split(",")), tasks=args.tasks,
                       samples=args.samples, k=args.k, seed=args.seed, which=args.injections.split(","))

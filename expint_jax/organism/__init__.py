@@ -40,11 +40,13 @@ def check_unseen_world(checkpoint: str | Path | None, seed: int) -> None:
 
     No-op unless ``checkpoint`` holds an organism record; otherwise ``seed`` must not be among the
     seeds of its drills or corpora (held-out accuracy on seen sites measures memory, not skill)."""
+    from expint_jax.config import ConfigError
+
     record = Path(checkpoint) / RECORD_FILE if checkpoint else None
     if record is None or not record.exists():
         return
     config = json.loads(record.read_text())["config"]
     for section in TRAINING_WORLDS:
         if seed in config.get(section, {}).get("seeds", ()):
-            raise ValueError(f"SimWeb seed {seed} is one of the worlds that the organism at {checkpoint} trained on "
+            raise ConfigError(f"SimWeb seed {seed} is one of the worlds that the organism at {checkpoint} trained on "
                              f"({record.name}: config.{section}.seeds); evaluate it on another seed")

@@ -63,3 +63,14 @@ def test_a_loop_on_a_world_the_organism_trained_on_is_refused(organism):
     for seed, section in ((101, "corpus"), (201, "lm_corpus"), (301, "drills")):
         with pytest.raises(ValueError, match=rf"seed {seed} is one of the worlds .* config\.{section}\.seeds"):
             check_unseen_world(organism, seed)
+
+
+def test_the_probe_command_runs_the_network_on_an_unseen_world(organism, capsys):
+    from expint_jax import cli
+
+    assert cli.main(["organism", "probe", "--checkpoint", str(organism), "--count", "4", "--world-seed", "399"]) == 0
+    out = capsys.readouterr().out
+    assert "copy probe, greedy, exact replies" in out
+    assert sum(int(line.split(": ")[1].split("/")[1]) for line in out.splitlines()
+               if line.startswith(("  link:", "  fact:", "  repeat:"))) == 4
+    assert cli.main(["organism", "probe", "--checkpoint", str(organism), "--world-seed", "301"]) == 2  # trained on it
