@@ -1,26 +1,28 @@
 """π_0 of the SimWeb model organism: a small Qwen3 trained from scratch on the scripted agent's trajectories.
 
 ``bootstrap(config, out)`` (``expint organism bootstrap --out DIR``) does:
-  1. the bootstrap trajectories (``organism.data``: the experience-sensitive scripted agent on
-     SimWeb worlds disjoint from the loop's): ``lm_corpus`` (no experience) and ``corpus`` (a mix
-     of contexts);
-  2. a sub-vocabulary of the Qwen3 tokenizer (``models.subvocab``) from those trajectories, the
+  1. the copy drills (``organism.drills``) and the bootstrap trajectories (``organism.data``: the
+     experience-sensitive scripted agent), each on SimWeb worlds of its own, disjoint from the
+     loop's: ``lm_corpus`` (no experience) and ``corpus`` (a mix of contexts);
+  2. a sub-vocabulary of the Qwen3 tokenizer (``models.subvocab``) from those texts, the
      lessons, the experience blocks and the agent's fixed texts, so the output layer has a few
      thousand rows instead of 151,936 while the tokenization of SimWeb text stays Qwen3's;
   3. a Qwen3 of ``OrganismConfig.shape`` (tied embeddings) initialised from ``seed`` and trained by
-     the distillation trainer in two phases:
-       a. language modelling on every token of the ``lm_corpus`` conversations (``targets="all"``)
+     the distillation trainer in up to three phases (``Phase.epochs=0`` skips one):
+       0. ``drill``: the ``nll`` loss on the drills' replies (a page and one request: open a
+          link, read a fact, repeat lines), the copying that every later phase relies on;
+       a. ``lm``: language modelling on every token of the ``lm_corpus`` conversations (``targets="all"``)
           after their system prompt: the question, pages, search results and the agent's turns
           alike. Copying names and URLs from the context is most of what acting on SimWeb takes,
           and every token of a trajectory practises it, where the agent's own turns are a sixth
           of the tokens; the system prompt (the same 400 tokens every time) is left to phase b;
-       b. the ``nll`` loss on the agent's turns of ``corpus`` in the *teacher's* layout
+       b. ``sft``: the ``nll`` loss on the agent's turns of ``corpus`` in the *teacher's* layout
           (``StepConfig(student_view="teacher")``): every assistant turn is learned with exactly
           the experience that turn saw in context (global block, or its own step-wise block);
   4. the Hugging Face directory ``DIR/`` (``model.safetensors``, ``config.json``, tokenizer files,
      ``subvocab.json``) and ``DIR/organism.json``: the configuration, the seed, the command, the
      data counts and the final training loss of each phase. The trainer's work directory
-     (``DIR.train/lm``, ``DIR.train/sft``) holds checkpoints, so a killed bootstrap resumes; it is
+     (``DIR.train/drill``, ``DIR.train/lm``, ``DIR.train/sft``) holds checkpoints, so a killed bootstrap resumes; it is
      removed once the export is written.
 
 Everything is seeded: the same configuration gives the same trajectories, vocabulary and initial
@@ -56,7 +58,6 @@ from expint_jax.organism.drills import DrillConfig, drills
 from expint_jax.records import Trajectory
 from expint_jax.rollout import prompts
 from expint_jax.rollout.envs.simweb.lessons import PRINCIPLE_LESSONS
-
 
 
 @dataclasses.dataclass(frozen=True)
