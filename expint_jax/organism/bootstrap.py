@@ -98,7 +98,7 @@ class OrganismConfig:
     vocab_tokens: int = 8192  # corpus tokens kept before the merge-path closure and the added tokens
     seed: int = 0
     init_std: float = 0.02
-    drill: Phase = Phase(epochs=1, learning_rate=3e-3, rows=32, min_bucket=128)  # phase 0: copy drills
+    drill: Phase = Phase(epochs=2, learning_rate=3e-3, rows=32, min_bucket=128)  # phase 0: copy drills
     lm: Phase = Phase(epochs=2, learning_rate=3e-3)  # phase a: language modelling on every token
     sft: Phase = Phase(epochs=3, learning_rate=1e-3)  # phase b: the agent's turns, experience in context
     budget: ViewBudget = ViewBudget(max_student_tokens=4096, max_teacher_tokens=8192)
