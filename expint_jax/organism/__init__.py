@@ -24,6 +24,8 @@ network's behaviour depends on its context, and how internalization changes it, 
 import json
 from pathlib import Path
 
+from expint_jax.config import ConfigError
+
 SHIPPED = Path(__file__).with_name("pi0")
 RECORD_FILE = "organism.json"  # beside the exported checkpoint: how it was made
 TRAINING_WORLDS = ("drills", "lm_corpus", "corpus")  # the record's config sections that name SimWeb seeds
@@ -40,8 +42,6 @@ def check_unseen_world(checkpoint: str | Path | None, seed: int) -> None:
 
     No-op unless ``checkpoint`` holds an organism record; otherwise ``seed`` must not be among the
     seeds of its drills or corpora (held-out accuracy on seen sites measures memory, not skill)."""
-    from expint_jax.config import ConfigError
-
     record = Path(checkpoint) / RECORD_FILE if checkpoint else None
     if record is None or not record.exists():
         return

@@ -30,7 +30,7 @@ from expint_jax.models.chat import format_tool_call, format_tool_response
 from expint_jax.records import Message, Trajectory
 from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
 from expint_jax.rollout.envs.simweb.reference_agent import read_facts
-from expint_jax.rollout.envs.simweb.tools import format_page
+from expint_jax.rollout.envs.simweb.tools import format_page, link_lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,20 +64,18 @@ def drills(config: DrillConfig) -> list[Trajectory]:
                     continue
                 seen = format_tool_response(format_page(page))
                 facts = read_facts(page.text)
-                lines = seen.split("\nLinks:\n", 1)[1].removesuffix("\n</tool_response>").split("\n")
+                lines = link_lines(page)
                 for k in range(config.per_page):
                     # No draw when repeats are off, so the other drills do not depend on the option.
-                    kind = "repeat" if config.repeat_share and rng.random() < config.repeat_share else "fact"
-                    if kind == "repeat":
-                        first = rng.randrange(len(lines))
-                        last = min(len(lines), first + config.repeat_lines) - 1
-                        request, reply = f"Repeat links {first + 1}-{last + 1}.", "\n".join(lines[first:last + 1])
+                    if config.repeat_share and rng.random() < config.repeat_share:
+                        kind, first = "repeat", rng.randrange(len(lines))
+                        shown = lines[first:first + config.repeat_lines]
+                        request, reply = f"Repeat links {first + 1}-{first + len(shown)}.", "\n".join(shown)
                     elif facts and rng.random() < config.fact_share:
-                        label = rng.choice(sorted(facts))
+                        kind, label = "fact", rng.choice(sorted(facts))
                         request, reply = f"{label} of {page.title}?", f"<answer>{facts[label]}</answer>"
                     else:
-                        kind = "link"
-                        link = rng.choice(page.links)
+                        kind, link = "link", rng.choice(page.links)
                         request, reply = f"Open: {link.title}", format_tool_call("visit", {"url": link.url})
                     out.append(Trajectory(
                         task_id=f"drill:{seed}:{page.url}:{k}",

@@ -20,11 +20,11 @@ class _Oracle:
 
     def __init__(self, wrong: str = "\0"):
         self.wrong, self.calls = wrong, []
+        self.answers = {t.messages[0].content: t.messages[1].content for t in drills(WORLD)}
 
     def chat(self, conversations, params):
         self.calls.append(params)
-        answers = {t.messages[0].content: t.messages[1].content for t in drills(WORLD)}
-        return [_Reply("nope" if c[0].content.rsplit("\n\n", 1)[1].startswith(self.wrong) else answers[c[0].content])
+        return [_Reply("nope" if c[0].content.rsplit("\n\n", 1)[1].startswith(self.wrong) else self.answers[c[0].content])
                 for c in conversations]
 
 

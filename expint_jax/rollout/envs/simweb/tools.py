@@ -28,8 +28,13 @@ from expint_jax.rollout.envs.web import (
 from expint_jax.rollout.tools import ToolError
 
 
+def link_lines(page: Page) -> list[str]:
+    """The page's ``[n] Title — URL`` lines, as ``format_page`` shows them."""
+    return [f"[{i}] {link.title} — {link.url}" for i, link in enumerate(page.links, start=1)]
+
+
 def format_page(page: Page) -> str:
-    links = "\n".join(f"[{i}] {link.title} — {link.url}" for i, link in enumerate(page.links, start=1))
+    links = "\n".join(link_lines(page))
     return f"Title: {page.title}\nURL: {page.url}\n\n{page.text}\n\nLinks:\n{links or '(none)'}"
 
 
