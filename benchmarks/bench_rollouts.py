@@ -222,12 +222,13 @@ def _side(args, backend, instruments=None, engine=None):
     """The timed call: one seeded ``run_batch``; timed calls are logged to ``STATS``."""
     env, tasks = _env_and_tasks(args)
     agent = _agent(args, backend)
+    cache = getattr(engine, "prefix_cache", None)  # the 'before' engine has none
     calls = 0
 
     def run():
         nonlocal calls
-        if getattr(engine, "prefix_cache", None) is not None:
-            engine.prefix_cache.clear()  # every call is a fresh stage: nothing cached from the last one
+        if cache is not None:
+            cache.clear()  # every call is a fresh stage: nothing cached from the last one
         start = time.perf_counter()
         trajectories = agent.run_batch(tasks, env, n=args.n, seed=0)
         seconds = time.perf_counter() - start
@@ -242,9 +243,8 @@ def _side(args, backend, instruments=None, engine=None):
             record = {
                 "side": args.worker, "seconds": seconds, "rollouts": len(trajectories),
                 "turns": sum(t.num_assistant_turns for t in trajectories), **measured, **warmup,
-                "prefix_cache_mib": (engine.prefix_cache.arena_tokens * engine.prefix_cache.token_bytes(
-                    engine.prefix_cache.config, engine.prefix_cache.dtype) / 2**20
-                    if getattr(engine, "prefix_cache", None) is not None else None),
+                "prefix_cache_mib": (cache.arena_tokens * cache.token_bytes(cache.config, cache.dtype) / 2**20
+                                     if cache is not None else None),
                 "new_compiles": sum(instruments.compile_counts().values()) - warmup["compiles"] if instruments else 0,
             }
             counters = getattr(engine, "counters", None)

@@ -235,7 +235,7 @@ class PrefixCache:
         for row, (ids, start, found) in enumerate(zip(sequences, starts, matches)):
             ids = np.asarray(ids, np.int32)
             needed = math.ceil(ids.size / PAGE_TOKENS)
-            donor = self._entries.get(found.entry) if found.entry is not None else None
+            donor = self._entries.get(found.entry)  # None: no match (entry None), or superseded already
             shared = [] if donor is None else donor.pages[:found.length // PAGE_TOKENS]
             self._refs[shared] += 1  # held before any eviction below can free them
             fresh = self._allocate(needed - len(shared), keep=created)
