@@ -1,8 +1,8 @@
 """``expint organism bootstrap|gate|probe``: build the SimWeb model organism's π_0, and measure it.
 
-  * ``expint organism bootstrap --out DIR [--drill-epochs N] [--lm-epochs N] [--epochs N] ...``:
+  * ``expint organism bootstrap --out DIR [--drill-epochs N] [--lm-epochs N] [--epochs N] [--init DIR] ...``:
     ``organism.bootstrap`` (drills and trajectories, sub-vocabulary, up to three training phases
-    from scratch, export with ``organism.json``).
+    from scratch or from another organism, export with ``organism.json``).
   * ``expint organism gate --checkpoint DIR [--tasks 100] [--samples 3] [--out FILE]``: the
     network with and without experience in context on held-out SimWeb tasks (``organism.gate``).
   * ``expint organism probe --checkpoint DIR [--count 64]``: whether the network copies links,
@@ -39,6 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="SimWeb world seeds of the copy drills")
     boot.add_argument("--repeat-share", type=float, default=default.drills.repeat_share,
                       help="share of the copy drills that repeat link lines verbatim")
+    boot.add_argument("--fact-share", type=float, default=default.drills.fact_share,
+                      help="share of the copy drills on entity pages that ask for a fact's value")
+    boot.add_argument("--drill-learning-rate", type=float, default=default.drill.learning_rate)
+    boot.add_argument("--init", help="continue from this organism's weights and sub-vocabulary (its shape wins "
+                                     "over --hidden/--layers) instead of a fresh network")
     boot.add_argument("--lm-epochs", type=int, default=default.lm.epochs, help="phase a epochs (0: skip)")
     boot.add_argument("--lm-learning-rate", type=float, default=default.lm.learning_rate)
     boot.add_argument("--epochs", type=int, default=default.sft.epochs, help="phase b epochs")
@@ -68,21 +73,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         from expint_jax.organism import RECORD_FILE
         from expint_jax.organism.bootstrap import bootstrap
 
+        from expint_jax.organism import read_record
+        from expint_jax.organism.bootstrap import OrganismShape
+
+        shape = (OrganismShape(**read_record(args.init)["config"]["shape"]) if args.init else
+                 dataclasses.replace(default.shape, hidden_size=args.hidden, num_layers=args.layers,
+                                     intermediate_size=3 * args.hidden))
         config = dataclasses.replace(
             default,
             lm_corpus=dataclasses.replace(default.lm_corpus, seeds=tuple(args.lm_seeds),
                                           tasks_per_level=args.tasks_per_level),
             corpus=dataclasses.replace(default.corpus, seeds=tuple(args.seeds), tasks_per_level=args.tasks_per_level,
                                        samples=args.samples),
-            shape=dataclasses.replace(default.shape, hidden_size=args.hidden, num_layers=args.layers,
-                                      intermediate_size=3 * args.hidden),
-            drills=dataclasses.replace(default.drills, seeds=tuple(args.drill_seeds), repeat_share=args.repeat_share),
-            drill=dataclasses.replace(default.drill, epochs=args.drill_epochs),
+            shape=shape,
+            drills=dataclasses.replace(default.drills, seeds=tuple(args.drill_seeds), repeat_share=args.repeat_share,
+                                       fact_share=args.fact_share),
+            drill=dataclasses.replace(default.drill, epochs=args.drill_epochs, learning_rate=args.drill_learning_rate),
             lm=dataclasses.replace(default.lm, epochs=args.lm_epochs, learning_rate=args.lm_learning_rate,
                                    rows=args.rows),
             sft=dataclasses.replace(default.sft, epochs=args.epochs, learning_rate=args.learning_rate, rows=args.rows),
             seed=args.seed)
-        path = bootstrap(config, args.out, command=["expint", "organism", *(sys.argv[2:] if argv is None else argv)])
+        path = bootstrap(config, args.out, command=["expint", "organism", *(sys.argv[2:] if argv is None else argv)],
+                         init=args.init)
         record = storage.read_json(path / RECORD_FILE)
         steps = " + ".join(f"{phase['steps']} {name}" for name, phase in record["phases"].items())
         print(f"expint organism bootstrap: {path} ({record['parameters']:,} parameters, {steps} steps, "

@@ -42,11 +42,20 @@ def check_unseen_world(checkpoint: str | Path | None, seed: int) -> None:
 
     No-op unless ``checkpoint`` holds an organism record; otherwise ``seed`` must not be among the
     seeds of its drills or corpora (held-out accuracy on seen sites measures memory, not skill)."""
-    record = Path(checkpoint) / RECORD_FILE if checkpoint else None
-    if record is None or not record.exists():
+    if not checkpoint or not (Path(checkpoint) / RECORD_FILE).exists():
         return
-    config = json.loads(record.read_text())["config"]
-    for section in TRAINING_WORLDS:
-        if seed in config.get(section, {}).get("seeds", ()):
-            raise ConfigError(f"SimWeb seed {seed} is one of the worlds that the organism at {checkpoint} trained on "
-                             f"({record.name}: config.{section}.seeds); evaluate it on another seed")
+    record, where = read_record(checkpoint), RECORD_FILE
+    while record:  # a warm-started organism also trained on the worlds of the one it started from
+        for section in TRAINING_WORLDS:
+            if seed in record["config"].get(section, {}).get("seeds", ()):
+                raise ConfigError(f"SimWeb seed {seed} is one of the worlds that the organism at {checkpoint} trained "
+                                 f"on ({where}: config.{section}.seeds); evaluate it on another seed")
+        record, where = (record.get("init") or {}).get("record"), f"{where}: init.record"
+
+
+def read_record(checkpoint: str | Path) -> dict:
+    """The organism record beside a checkpoint; a clear error where there is none."""
+    path = Path(checkpoint) / RECORD_FILE
+    if not path.is_file():
+        raise ConfigError(f"{checkpoint} is not a SimWeb organism: it has no {RECORD_FILE}")
+    return json.loads(path.read_text())

@@ -48,11 +48,11 @@ from expint_jax.distill.views import ViewBudget
 from expint_jax.experience.inject import STEP_HEADER, STEPWISE_SYSTEM_NOTE, format_global_block
 from expint_jax.models.chat import ChatFormat
 from expint_jax.models.config import Qwen3Config
-from expint_jax.models.hf import save_checkpoint
+from expint_jax.models.hf import load_checkpoint, save_checkpoint
 from expint_jax.models.init import init_model
 from expint_jax.models.subvocab import SubVocabulary
 from expint_jax.models.tokenizer import load_tokenizer
-from expint_jax.organism import RECORD_FILE
+from expint_jax.organism import RECORD_FILE, read_record
 from expint_jax.organism.data import ContextMix, CorpusConfig, bootstrap_trajectories
 from expint_jax.organism.drills import DrillConfig, drills
 from expint_jax.records import Trajectory
@@ -141,8 +141,14 @@ def organism_model_config(vocab: SubVocabulary, tokenizer, shape: OrganismShape)
                        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **dataclasses.asdict(shape))
 
 
-def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str] = ()) -> Path:
-    """Builds π_0 into ``out`` (see the module docstring); returns ``out``."""
+def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str] = (),
+              init: str | Path | None = None) -> Path:
+    """Builds π_0 into ``out`` (see the module docstring); returns ``out``.
+
+    ``init``: another organism's directory to continue from instead of a fresh network: its weights
+    and its sub-vocabulary (texts it lacks tokens for are split into smaller kept pieces), so a
+    finished phase can be followed by more without repeating it. ``config.shape`` must be the
+    init's; its record is kept whole under ``init`` in the new one."""
     out = Path(out)
     work = out.with_name(out.name + ".train")
     started = time.time()
@@ -150,12 +156,20 @@ def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str]
     plain = [_without_system(t) for t in bootstrap_trajectories(config.lm_corpus)] if config.lm.epochs else []
     trajectories = bootstrap_trajectories(config.corpus)
     base = load_tokenizer(None)
-    vocab = SubVocabulary.from_corpus(base, corpus_texts([*drilled, *plain, *trajectories]),
-                                      max_tokens=config.vocab_tokens)
+    if init is None:
+        vocab = SubVocabulary.from_corpus(base, corpus_texts([*drilled, *plain, *trajectories]),
+                                          max_tokens=config.vocab_tokens)
+        model = init_model(organism_model_config(vocab, vocab.tokenizer(base), config.shape),
+                           init_std=config.init_std, seed=config.seed)
+        started_from = None
+    else:
+        started_from = {"checkpoint": str(init), "record": read_record(init)}
+        if started_from["record"]["config"]["shape"] != dataclasses.asdict(config.shape):
+            raise ValueError(f"bootstrap: the organism at {init} has the shape {started_from['record']['config']['shape']}"
+                             f", not this configuration's {dataclasses.asdict(config.shape)}")
+        vocab, model = SubVocabulary.load(init), load_checkpoint(init)
     tokenizer = vocab.tokenizer(base)
     chat = ChatFormat(tokenizer)
-    model = init_model(organism_model_config(vocab, tokenizer, config.shape), init_std=config.init_std,
-                       seed=config.seed)
     phases = {}
     for name, phase, records, targets, view in (("drill", config.drill, drilled, "assistant", "plain"),
                                                  ("lm", config.lm, plain, "all", "plain"),
@@ -174,6 +188,7 @@ def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str]
     storage.write_json(out / RECORD_FILE, {
         "what": "SimWeb model organism pi_0 (expint_jax.organism.bootstrap)",
         "command": list(command),
+        "init": started_from,
         "config": dataclasses.asdict(config),
         "trajectories": {"drill": len(drilled), "lm": len(plain), "sft": len(trajectories)},
         "vocabulary": {"tokens": len(vocab), "padded_size": vocab.padded_size},

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from expint_jax import storage
@@ -74,3 +75,24 @@ def test_the_probe_command_runs_the_network_on_an_unseen_world(organism, capsys)
     assert sum(int(line.split(": ")[1].split("/")[1]) for line in out.splitlines()
                if line.startswith(("  link:", "  fact:", "  repeat:"))) == 4
     assert cli.main(["organism", "probe", "--checkpoint", str(organism), "--world-seed", "301"]) == 2  # trained on it
+
+
+def test_a_warm_start_continues_from_another_organism(organism, tmp_path):
+    later = dataclasses.replace(MICRO, drills=dataclasses.replace(MICRO.drills, seeds=(302,), fact_share=1.0),
+                                lm=dataclasses.replace(MICRO.lm, epochs=0), corpus=dataclasses.replace(
+                                    MICRO.corpus, seeds=(102,)))
+    pi = bootstrap(later, tmp_path / "pi1", command=["later"], init=organism)
+    record = storage.read_json(pi / RECORD_FILE)
+    assert record["init"] == {"checkpoint": str(organism), "record": storage.read_json(organism / RECORD_FILE)}
+    assert SubVocabulary.load(pi) == SubVocabulary.load(organism)  # the init's numbering, not a new one
+    assert set(record["phases"]) == {"drill", "sft"}
+    before, after = (LocalEngine.from_checkpoint(p, max_batch_size=2, max_context=256).model for p in (organism, pi))
+    assert not np.allclose(before.embed[...], after.embed[...])  # it trained
+    for seed in (301, 101, 201, 302, 102):  # its own worlds and the init's
+        with pytest.raises(ValueError, match=rf"seed {seed} is one of the worlds"):
+            check_unseen_world(pi, seed)
+    with pytest.raises(ValueError, match="has the shape"):
+        bootstrap(dataclasses.replace(later, shape=dataclasses.replace(MICRO.shape, hidden_size=64)),
+                  tmp_path / "pi2", init=organism)
+    with pytest.raises(ValueError, match="is not a SimWeb organism"):
+        bootstrap(later, tmp_path / "pi3", init=tmp_path)
