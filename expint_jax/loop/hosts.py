@@ -26,7 +26,8 @@ them. The decisions, and why:
     in the same order. Process 0 claims the stage folder before and publishes it after. The
     on-policy regime samples the student between training rounds inside this stage: process 0
     does it alone, with its own copy of the student (π_k, or the student the previous round
-    exported), and the others read the samples it wrote (``stages._student_samples``).
+    exported), and the others read the samples it wrote once they see them (``stages._student_samples``,
+    ``await_visible``).
   * **One writer per artefact.** Process 0 writes every stage folder, marker (``claim.json``,
     ``done.json``), pool, evaluation, the report with its plots and TensorBoard scalars, the run's
     ``config.json`` and ``stopped.json``; the trainer writes its metrics (JSONL, TensorBoard) and
@@ -43,6 +44,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expint_jax.config import ConfigError
@@ -74,10 +77,11 @@ def check(config: LoopConfig, mesh: jax.sharding.Mesh, processes: Processes) -> 
         raise ConfigError(f"config.mesh: the mesh uses the devices of processes {sorted(spanned)} only, but {n} "
                           f"processes run and each one trains on its own devices; use every device "
                           f"(config.mesh.devices=0, now {config.mesh.devices})")
+    leader_devices = jax.local_devices(process_index=0)
     try:
-        acting_mesh(config.mesh, jax.local_devices(process_index=0))
+        acting_mesh(config.mesh, leader_devices)
     except ValueError as e:
-        raise ConfigError(f"config.mesh: process 0 acts on its own {jax.local_device_count()} devices with the run's "
+        raise ConfigError(f"config.mesh: process 0 acts on its own {len(leader_devices)} devices with the run's "
                           f"tensor axis, and cannot: {e}") from None
 
 
@@ -102,10 +106,17 @@ def acting_run(run: Any, processes: Processes) -> Any:
 def await_published(folder: layout.StageDir, processes: Processes) -> None:
     """Returns once this process sees ``folder``'s ``done.json`` that process 0 published; raises
     ``ConfigError`` naming the path when it does not appear (a run directory that is not shared)."""
+    await_visible(folder.final / layout.DONE, processes, what=folder.stage, ready=folder.is_done)
+
+
+def await_visible(path: Path, processes: Processes, *, what: str, ready: Callable[[], bool] | None = None) -> None:
+    """Returns once ``ready()`` (default: ``path`` exists) holds here for a file that process 0 wrote
+    for ``what``; raises ``ConfigError`` naming ``path`` when it does not within ``VISIBLE_WAIT_S``."""
+    ready = ready or path.exists
     deadline = time.monotonic() + VISIBLE_WAIT_S
-    while not folder.is_done():
+    while not ready():
         if time.monotonic() > deadline:
-            raise ConfigError(f"process {processes.index}: process 0 published {folder.stage} but "
-                               f"{folder.final / layout.DONE} is not visible here after {VISIBLE_WAIT_S:.0f} s; the "
-                               "run directory (config.runs_dir) must be on a file system every host shares")
+            raise ConfigError(f"process {processes.index}: process 0 published {what} but {path} is not visible "
+                               f"here after {VISIBLE_WAIT_S:.0f} s; the run directory (config.runs_dir) must be on "
+                               "a file system every host shares")
         time.sleep(0.5)

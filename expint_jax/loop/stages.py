@@ -653,8 +653,12 @@ def _student_samples(run: Run, k: int, r: int, student, work: Path, tasks, spec:
         annotated.extend(annotate_injections(samples, spec))
         storage.write_jsonl(path, (t.to_json() for t in annotated))
 
-    processes.leader_runs(f"{path.parent.relative_to(run.run_dir)} (student samples)", sample)
-    return annotated if processes.is_leader else read_trajectories(path)
+    what = f"{path.parent.relative_to(run.run_dir)} (student samples)"
+    processes.leader_runs(what, sample)
+    if processes.is_leader:
+        return annotated
+    hosts.await_visible(path, processes, what=what)
+    return read_trajectories(path)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run, int, Path], dict[str, Any]]] = {

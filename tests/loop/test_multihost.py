@@ -240,3 +240,18 @@ def test_a_stage_failing_on_process_zero_stops_every_process_with_one_line(tmp_p
     assert lines[0].startswith(f"expint run: process 1: process 0 failed at iter_000/extract: {failure}")
     assert (tmp_path / "loop_tiny/iter_000/rollouts/done.json").exists()
     assert (tmp_path / "loop_tiny/iter_000/extract.partial").is_dir()  # left for a rerun to resume
+
+
+def test_a_file_process_zero_wrote_is_awaited_until_this_host_sees_it(tmp_path, monkeypatch):
+    import threading
+
+    samples = tmp_path / "round_001" / "annotated.jsonl"
+    samples.parent.mkdir()
+    threading.Timer(0.6, samples.write_text, args=("{}\n",)).start()  # a shared file system showing it late
+    hosts.await_visible(samples, Processes(index=1, count=2), what="train/round_001 (student samples)")
+    assert samples.exists()
+    monkeypatch.setattr(hosts, "VISIBLE_WAIT_S", 0.2)
+    with pytest.raises(ConfigError, match=r"process 1: process 0 published train/round_002 \(student samples\) but "
+                                          r".*round_002/annotated.jsonl is not visible here after 0 s"):
+        hosts.await_visible(tmp_path / "round_002" / "annotated.jsonl", Processes(index=1, count=2),
+                            what="train/round_002 (student samples)")
