@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="share of the copy drills that repeat link lines verbatim")
     boot.add_argument("--fact-share", type=float, default=default.drills.fact_share,
                       help="share of the copy drills on entity pages that ask for a fact's value")
+    boot.add_argument("--search-share", type=float, default=default.drills.search_share,
+                      help="share of the copy drills that open a page from search results")
     boot.add_argument("--drill-learning-rate", type=float, default=default.drill.learning_rate)
     boot.add_argument("--init", help="continue from this organism's weights and sub-vocabulary (its shape wins "
                                      "over --hidden/--layers) instead of a fresh network")
@@ -87,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        samples=args.samples),
             shape=shape,
             drills=dataclasses.replace(default.drills, seeds=tuple(args.drill_seeds), repeat_share=args.repeat_share,
-                                       fact_share=args.fact_share),
+                                       fact_share=args.fact_share, search_share=args.search_share),
             drill=dataclasses.replace(default.drill, epochs=args.drill_epochs, learning_rate=args.drill_learning_rate),
             lm=dataclasses.replace(default.lm, epochs=args.lm_epochs, learning_rate=args.lm_learning_rate,
                                    rows=args.rows),

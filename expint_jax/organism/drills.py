@@ -17,7 +17,11 @@ Contract of ``drills(config)``:
       - fact drill (entity pages): "{label} of {page title}?" → ``<answer>{value}</answer>``;
       - repeat drill (a share ``repeat_share`` of all): "Repeat links {i}-{j}." → those link lines
         verbatim: every reply token is a copy of the token after an earlier occurrence of the
-        previous one, the plain form of copying that the two lookups above build on.
+        previous one, the plain form of copying that the two lookups above build on;
+      - search drill (a share ``search_share`` of all, drawn first): the user message is instead the
+        world's search results for the page's title and one of its fact labels, as the agent sees a
+        ``search`` result, and "Open: {page title}" → the ``visit`` call with the page's URL (the
+        agent's first hop copies a URL out of search results, not out of a page's link list).
   * Deterministic: the same config gives the same drills in the same order.
 """
 
@@ -31,6 +35,10 @@ from expint_jax.records import Message, Trajectory
 from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
 from expint_jax.rollout.envs.simweb.reference_agent import read_facts
 from expint_jax.rollout.envs.simweb.tools import format_page, link_lines
+from expint_jax.rollout.envs.web import format_search_results
+
+
+SEARCH_RESULTS = 5  # hits per search drill, as SimWeb's search tool gives by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +52,11 @@ class DrillConfig:
     fact_share: float = 0.35  # of the drills on entity pages, the share that asks for a fact
     repeat_share: float = 0.4  # of all drills, the share that repeats link lines verbatim
     repeat_lines: int = 3
+    search_share: float = 0.0  # of all drills, the share that opens a page from search results
 
     def __post_init__(self) -> None:
         if (not self.seeds or self.per_page < 1 or self.repeat_lines < 1
-                or not 0.0 <= self.fact_share <= 1.0 or not 0.0 <= self.repeat_share <= 1.0):
+                or not all(0.0 <= x <= 1.0 for x in (self.fact_share, self.repeat_share, self.search_share))):
             raise ValueError("DrillConfig needs seeds, per_page >= 1, repeat_lines >= 1 and shares in [0, 1]; "
                              f"got {self}")
 
@@ -62,12 +71,20 @@ def drills(config: DrillConfig) -> list[Trajectory]:
             for page in site.pages:
                 if not page.links:
                     continue
-                seen = format_tool_response(format_page(page))
+                shown_page = format_tool_response(format_page(page))
                 facts = read_facts(page.text)
                 lines = link_lines(page)
                 for k in range(config.per_page):
-                    # No draw when repeats are off, so the other drills do not depend on the option.
-                    if config.repeat_share and rng.random() < config.repeat_share:
+                    # No draw when an option is off, so the other drills do not depend on it.
+                    context = shown_page
+                    if config.search_share and rng.random() < config.search_share:
+                        kind, query = "search", f"{page.title} {rng.choice(sorted(facts)).lower()}" if facts else page.title
+                        hits = env.world.search(query, SEARCH_RESULTS)
+                        if page.url not in {hit.url for hit in hits}:
+                            continue
+                        context = format_tool_response(format_search_results(query, hits))
+                        request, reply = f"Open: {page.title}", format_tool_call("visit", {"url": page.url})
+                    elif config.repeat_share and rng.random() < config.repeat_share:
                         kind, first = "repeat", rng.randrange(len(lines))
                         shown = lines[first:first + config.repeat_lines]
                         request, reply = f"Repeat links {first + 1}-{first + len(shown)}.", "\n".join(shown)
@@ -79,6 +96,6 @@ def drills(config: DrillConfig) -> list[Trajectory]:
                         request, reply = f"Open: {link.title}", format_tool_call("visit", {"url": link.url})
                     out.append(Trajectory(
                         task_id=f"drill:{seed}:{page.url}:{k}",
-                        messages=(Message("user", f"{seen}\n\n{request}"), Message("assistant", reply)),
+                        messages=(Message("user", f"{context}\n\n{request}"), Message("assistant", reply)),
                         metadata={"drill": kind}))
     return out

@@ -51,3 +51,27 @@ def test_repeats_are_a_share_of_the_drills():
     assert len(plain) == len(mixed)  # one drill per page and slot, whatever its kind
     share = sum(t.metadata["drill"] == "repeat" for t in mixed) / len(mixed)
     assert 0.1 < share < 0.3
+
+
+def test_a_search_drill_opens_its_page_from_the_search_results_the_agent_would_see():
+    from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
+    from expint_jax.rollout.envs.web import format_search_results, parse_search_results
+
+    config = dataclasses.replace(SMALL, search_share=0.5)
+    made = drills(config)
+    searched = [t for t in made if t.metadata["drill"] == "search"]
+    assert len(searched) > 0.3 * len(made)
+    world = SimWebEnv(SimWebConfig(seed=301, split="train", tasks_per_level=2, levels=("easy",),
+                                   tasks_per_site=1)).world
+    for t in searched:
+        user, reply = t.messages[0].content, t.messages[1].content
+        observation = user.split("<tool_response>\n", 1)[1].rsplit("\n</tool_response>", 1)[0]
+        query = observation.split('"', 2)[1]
+        assert observation == format_search_results(query, world.search(query, 5))  # what the search tool returns
+        url = json.loads(reply.split("<tool_call>\n", 1)[1].split("\n</tool_call>")[0])["arguments"]["url"]
+        title = user.rsplit("\n\n", 1)[1].removeprefix("Open: ")
+        assert (title, url) in {(hit.title, hit.url) for hit in parse_search_results(observation)}
+        assert query.startswith(title)
+    assert drills(dataclasses.replace(config, search_share=0.0)) == drills(SMALL)  # off: no draw spent on it
+    with pytest.raises(ValueError, match="shares in"):
+        DrillConfig(search_share=1.5)
