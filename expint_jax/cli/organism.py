@@ -72,11 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe.add_argument("--repeat-share", type=float, default=0.3)
     args = parser.parse_args(argv)
     if args.command == "bootstrap":
-        from expint_jax.organism import RECORD_FILE
-        from expint_jax.organism.bootstrap import bootstrap
-
-        from expint_jax.organism import read_record
-        from expint_jax.organism.bootstrap import OrganismShape
+        from expint_jax.organism import RECORD_FILE, read_record
+        from expint_jax.organism.bootstrap import OrganismShape, bootstrap
 
         shape = (OrganismShape(**read_record(args.init)["config"]["shape"]) if args.init else
                  dataclasses.replace(default.shape, hidden_size=args.hidden, num_layers=args.layers,

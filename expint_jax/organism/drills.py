@@ -21,7 +21,8 @@ Contract of ``drills(config)``:
       - search drill (a share ``search_share`` of all, drawn first): the user message is instead the
         world's search results for the page's title and one of its fact labels, as the agent sees a
         ``search`` result, and "Open: {page title}" → the ``visit`` call with the page's URL (the
-        agent's first hop copies a URL out of search results, not out of a page's link list).
+        agent's first hop copies a URL out of search results, not out of a page's link list); a
+        page its search does not find gives no drill in that slot.
   * Deterministic: the same config gives the same drills in the same order.
 """
 
@@ -78,7 +79,8 @@ def drills(config: DrillConfig) -> list[Trajectory]:
                     # No draw when an option is off, so the other drills do not depend on it.
                     context = shown_page
                     if config.search_share and rng.random() < config.search_share:
-                        kind, query = "search", f"{page.title} {rng.choice(sorted(facts)).lower()}" if facts else page.title
+                        kind = "search"
+                        query = f"{page.title} {rng.choice(sorted(facts)).lower()}" if facts else page.title
                         hits = env.world.search(query, SEARCH_RESULTS)
                         if page.url not in {hit.url for hit in hits}:
                             continue
