@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe.add_argument("--world-seed", type=int, default=399, help="SimWeb seed of the probe's drills")
     probe.add_argument("--count", type=int, default=64)
     probe.add_argument("--repeat-share", type=float, default=0.3)
+    probe.add_argument("--search-share", type=float, default=0.0)
     args = parser.parse_args(argv)
     if args.command == "bootstrap":
         from expint_jax.organism import RECORD_FILE, read_record
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from expint_jax.organism.probe import copy_probe, format_probe
 
         engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=32, max_context=2048)
-        config = DrillConfig(seeds=(args.world_seed,), repeat_share=args.repeat_share)
+        config = DrillConfig(seeds=(args.world_seed,), repeat_share=args.repeat_share, search_share=args.search_share)
         print(format_probe(copy_probe(engine, config, args.count), args.checkpoint))
         return 0
     from expint_jax.organism.gate import format_result, run_gate

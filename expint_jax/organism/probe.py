@@ -3,7 +3,8 @@
 ``copy_probe(backend, config, count)`` (``expint organism probe --checkpoint DIR``) asks the network
 for the first ``count`` drills (``organism.drills``) of a world it never trained on, greedily, and
 counts exact replies per kind: ``link`` (open a named link: find the title, copy its URL), ``fact``
-(copy a fact's value) and ``repeat`` (copy link lines verbatim). It is cheap (one batched call,
+(copy a fact's value), ``repeat`` (copy link lines verbatim) and, when the config asks for them,
+``search`` (open a named page out of search results). It is cheap (one batched call,
 no tools) and answers the question the gate cannot separate: a network that cannot copy a URL
 fails the gate with and without experience alike. It measures the bootstrap's drill phase
 directly; after the later phases it measures whether the skill survived, in a format the agent
@@ -17,7 +18,7 @@ import dataclasses
 from expint_jax.organism.drills import DrillConfig, drills
 from expint_jax.records import SamplingParams
 
-KINDS = ("link", "fact", "repeat")
+KINDS = ("link", "fact", "repeat", "search")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ import pytest
 from expint_jax.organism.drills import DrillConfig, drills
 from expint_jax.organism.probe import copy_probe, format_probe
 
-WORLD = DrillConfig(seeds=(399,), levels=("easy",), tasks_per_level=2, tasks_per_site=1, repeat_share=0.3)
+WORLD = DrillConfig(seeds=(399,), levels=("easy",), tasks_per_level=2, tasks_per_site=1, repeat_share=0.3,
+                    search_share=0.3)
 
 
 @dataclasses.dataclass
@@ -33,9 +34,9 @@ def test_a_perfect_copier_scores_every_drill_and_misses_are_shown():
     result = copy_probe(oracle, WORLD, count=30)
     assert oracle.calls[0].temperature == 0.0
     assert sum(result.total.values()) == 30 and result.exact == result.total and not result.examples
-    assert all(result.total[k] for k in ("link", "repeat"))
+    assert all(result.total[k] for k in ("link", "repeat", "search"))
     missed = copy_probe(_Oracle(wrong="Open: "), WORLD, count=30)
-    assert missed.exact["link"] == 0 and missed.rate("link") == 0.0
+    assert missed.exact["link"] == missed.exact["search"] == 0 and missed.rate("link") == 0.0
     assert missed.exact["repeat"] == missed.total["repeat"]
     assert missed.examples[0][1] == "nope" and missed.examples[0][0].startswith("<tool_call>")
     text = format_probe(missed, "pi0")
