@@ -163,10 +163,11 @@ def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str]
                            init_std=config.init_std, seed=config.seed)
         started_from = None
     else:
-        started_from = {"checkpoint": str(init), "record": read_record(init)}
-        if started_from["record"]["config"]["shape"] != dataclasses.asdict(config.shape):
-            raise ValueError(f"bootstrap: the organism at {init} has the shape {started_from['record']['config']['shape']}"
-                             f", not this configuration's {dataclasses.asdict(config.shape)}")
+        record = read_record(init)
+        if record["config"]["shape"] != dataclasses.asdict(config.shape):
+            raise ValueError(f"bootstrap: the organism at {init} has the shape {record['config']['shape']}, not this "
+                             f"configuration's {dataclasses.asdict(config.shape)}")
+        started_from = {"checkpoint": str(init), "record": record}
         vocab, model = SubVocabulary.load(init), load_checkpoint(init)
     tokenizer = vocab.tokenizer(base)
     chat = ChatFormat(tokenizer)

@@ -39,9 +39,6 @@ from expint_jax.rollout.envs.simweb.tools import format_page, link_lines
 from expint_jax.rollout.envs.web import format_search_results
 
 
-SEARCH_RESULTS = 5  # hits per search drill, as SimWeb's search tool gives by default
-
-
 @dataclasses.dataclass(frozen=True)
 class DrillConfig:
     # org6's recipe (docs/organism.md): drills from 12 worlds copied links where 6 worlds seen twice did not.
@@ -81,7 +78,7 @@ def drills(config: DrillConfig) -> list[Trajectory]:
                     if config.search_share and rng.random() < config.search_share:
                         kind = "search"
                         query = f"{page.title} {rng.choice(sorted(facts)).lower()}" if facts else page.title
-                        hits = env.world.search(query, SEARCH_RESULTS)
+                        hits = env.world.search(query, env.config.search_top_k)  # as its search tool lists them
                         if page.url not in {hit.url for hit in hits}:
                             continue
                         context = format_tool_response(format_search_results(query, hits))
