@@ -5,8 +5,10 @@
     from scratch or from another organism, export with ``organism.json``).
   * ``expint organism gate --checkpoint DIR [--tasks 100] [--samples 3] [--out FILE]``: the
     network with and without experience in context on held-out SimWeb tasks (``organism.gate``).
-  * ``expint organism probe --checkpoint DIR [--count 64]``: whether the network copies links,
-    facts and lines from its context at all (``organism.probe``), on drills of an unseen world.
+  * ``expint organism probe --checkpoint DIR [--count 64] [--layout drills|agent]``: whether the
+    network copies links, facts and lines from its context at all (``organism.probe``), on drills
+    of an unseen world, or in the agent's own layout (its next turn in the scripted agent's
+    conversations on that world).
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe = commands.add_parser("probe", help="can the network copy links, facts and lines from its context?")
     probe.add_argument("--checkpoint", required=True, help="the organism's Hugging Face directory")
     probe.add_argument("--world-seed", type=int, default=399, help="SimWeb seed of the probe's drills")
-    probe.add_argument("--count", type=int, default=64)
+    probe.add_argument("--layout", choices=("drills", "agent"), default="drills",
+                       help="drills: the copy drills; agent: the next turn of scripted conversations")
+    probe.add_argument("--count", type=int, default=64, help="drills, or tasks of the agent layout")
     probe.add_argument("--repeat-share", type=float, default=0.3)
     probe.add_argument("--search-share", type=float, default=0.0)
     args = parser.parse_args(argv)
@@ -106,11 +110,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_unseen_world(args.checkpoint, args.world_seed)
     if args.command == "probe":
         from expint_jax.organism.drills import DrillConfig
-        from expint_jax.organism.probe import copy_probe, format_probe
+        from expint_jax.organism.probe import copy_probe, format_probe, turn_probe
+        from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
 
-        engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=32, max_context=2048)
-        config = DrillConfig(seeds=(args.world_seed,), repeat_share=args.repeat_share, search_share=args.search_share)
-        print(format_probe(copy_probe(engine, config, args.count), args.checkpoint))
+        if args.layout == "agent":
+            engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=64, max_context=4096)
+            env = SimWebEnv(SimWebConfig(seed=args.world_seed, split="train", tasks_per_level=(args.count + 1) // 2,
+                                         levels=("easy", "medium")))
+            result = turn_probe(engine, env, args.count)
+        else:
+            engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=32, max_context=2048)
+            config = DrillConfig(seeds=(args.world_seed,), repeat_share=args.repeat_share,
+                                 search_share=args.search_share)
+            result = copy_probe(engine, config, args.count)
+        print(format_probe(result, args.checkpoint))
         return 0
     from expint_jax.organism.gate import format_result, run_gate
 

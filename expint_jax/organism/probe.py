@@ -9,21 +9,37 @@ no tools) and answers the question the gate cannot separate: a network that cann
 fails the gate with and without experience alike. It measures the bootstrap's drill phase
 directly; after the later phases it measures whether the skill survived, in a format the agent
 never uses, so read it as a lower bound there.
+
+``turn_probe(backend, env, count)`` (``expint organism probe --layout agent``) asks the same in the
+agent's own layout: the mistake-free scripted agent (no experience) rolls out on ``env``'s first
+``count`` tasks inside the real ``ReActAgent``, each conversation is cut before every one of its
+turns, and the network's greedy next turn is compared with the script's. Kinds: ``search``,
+``visit from search`` (the first hop: a URL copied out of search results), ``visit from page``
+(a URL copied out of a page's link list), ``answer``; and ``real page``: of the visit turns, those
+whose reply visits a page that exists in the world (right or not), the copying itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from expint_jax.experience.inject import NoInjection
+from expint_jax.models.chat import ToolCall, parse_tool_call
+from expint_jax.organism.data import CorpusConfig
 from expint_jax.organism.drills import DrillConfig, drills
 from expint_jax.records import SamplingParams
+from expint_jax.rollout.agent import AgentConfig, ReActAgent
+from expint_jax.rollout.envs.simweb.env import SimWebEnv
+from expint_jax.rollout.envs.simweb.measure import interleaved_tasks
+from expint_jax.rollout.envs.simweb.reference_agent import ReferenceAgentConfig, ReferencePolicy
 
 KINDS = ("link", "fact", "repeat", "search")
+TURN_KINDS = ("search", "visit from search", "visit from page", "answer", "real page")
 
 
 @dataclasses.dataclass(frozen=True)
 class ProbeResult:
-    exact: dict[str, int]  # per kind: replies equal to the drill's
+    exact: dict[str, int]  # per kind (KINDS or TURN_KINDS): replies equal to the wanted one
     total: dict[str, int]
     examples: tuple[tuple[str, str], ...]  # (wanted, got) for the first few misses
 
@@ -51,9 +67,52 @@ def copy_probe(backend, config: DrillConfig, count: int = 64, max_tokens: int = 
     return ProbeResult(exact, total, tuple(misses))
 
 
+def _tool_call(text: str) -> ToolCall | None:
+    call = parse_tool_call(text)
+    return call if isinstance(call, ToolCall) else None
+
+
+def _turn_kind(turn: str, observation: str) -> str:
+    call = _tool_call(turn)
+    if call is None:
+        return "answer"
+    if call.name == "visit":
+        return "visit from page" if "\nLinks:\n" in observation else "visit from search"
+    return call.name
+
+
+def turn_probe(backend, env: SimWebEnv, count: int = 40, agent: AgentConfig | None = None,
+               max_tokens: int = 160) -> ProbeResult:
+    """See the module docstring; ``agent``: the limits the script runs under (default: the bootstrap's)."""
+    if count < 1:
+        raise ValueError(f"turn_probe: count must be >= 1, got {count}")
+    agent = agent or CorpusConfig().agent()
+    script = ReActAgent(ReferencePolicy(ReferenceAgentConfig(think=False)), agent, NoInjection())
+    cuts = []  # (conversation before the turn, the script's turn, its kind)
+    for trajectory in script.run_batch(interleaved_tasks(env, count), env, n=1, seed=0):
+        messages = trajectory.messages
+        cuts += [(messages[:i], m.content, _turn_kind(m.content, messages[i - 1].content))
+                 for i, m in enumerate(messages) if m.role == "assistant"]
+    replies = backend.chat([c[0] for c in cuts], SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    exact, total = dict.fromkeys(TURN_KINDS, 0), dict.fromkeys(TURN_KINDS, 0)
+    misses = []
+    for (_, wanted, kind), reply in zip(cuts, replies, strict=True):
+        got = reply.text.strip()
+        total[kind] += 1
+        exact[kind] += got == wanted.strip()
+        if kind.startswith("visit"):
+            call = _tool_call(got)
+            url = call.arguments.get("url") if call is not None and call.name == "visit" else None
+            total["real page"] += 1
+            exact["real page"] += isinstance(url, str) and env.world.page(url) is not None
+        if got != wanted.strip() and len(misses) < 3:
+            misses.append((wanted.strip(), got))
+    return ProbeResult(exact, total, tuple(misses))
+
+
 def format_probe(result: ProbeResult, where: str) -> str:
     lines = [f"{where}: copy probe, greedy, exact replies"]
-    lines += [f"  {kind}: {result.exact[kind]}/{result.total[kind]}" for kind in KINDS if result.total[kind]]
+    lines += [f"  {kind}: {result.exact[kind]}/{result.total[kind]}" for kind, n in result.total.items() if n]
     for wanted, got in result.examples:
         lines += [f"  wanted: {' '.join(wanted.split())}", f"  got:    {' '.join(got.split())}"]
     return "\n".join(lines)

@@ -74,6 +74,10 @@ def test_the_probe_command_runs_the_network_on_an_unseen_world(organism, capsys)
     assert "copy probe, greedy, exact replies" in out
     assert sum(int(line.split(": ")[1].split("/")[1]) for line in out.splitlines()
                if line.startswith(("  link:", "  fact:", "  repeat:"))) == 4
+    assert cli.main(["organism", "probe", "--checkpoint", str(organism), "--layout", "agent", "--count", "2",
+                     "--world-seed", "399"]) == 0
+    out = capsys.readouterr().out
+    assert "  search: " in out and "  real page: " in out
     assert cli.main(["organism", "probe", "--checkpoint", str(organism), "--world-seed", "301"]) == 2  # trained on it
 
 

@@ -43,3 +43,32 @@ def test_a_perfect_copier_scores_every_drill_and_misses_are_shown():
     assert f"  link: 0/{missed.total['link']}" in text and "  got:    nope" in text
     with pytest.raises(ValueError, match="count"):
         copy_probe(oracle, WORLD, count=0)
+
+
+class _Fixed:
+    def __init__(self, text: str):
+        self.text = text
+
+    def chat(self, conversations, params):
+        return [_Reply(self.text) for _ in conversations]
+
+
+def test_the_agent_layout_probe_scores_the_script_itself_exactly_and_counts_visits_to_real_pages():
+    from expint_jax.organism.probe import turn_probe
+    from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
+    from expint_jax.rollout.envs.simweb.reference_agent import ReferenceAgentConfig, ReferencePolicy
+
+    env = SimWebEnv(SimWebConfig(seed=399, split="train", tasks_per_level=3, levels=("easy", "medium")))
+    script = turn_probe(ReferencePolicy(ReferenceAgentConfig(think=False)), env, count=4)
+    assert script.exact == script.total and not script.examples
+    assert all(script.total[k] for k in ("search", "visit from search", "visit from page", "answer"))
+    assert script.total["real page"] == script.total["visit from search"] + script.total["visit from page"]
+    page = env.world.sites[0].pages[0]
+    lost = turn_probe(_Fixed(f'<tool_call>\n{{"name": "visit", "arguments": {{"url": "{page.url}"}}}}\n</tool_call>'),
+                      env, count=4)
+    # a real page, but not the one the script opens: copied, not chosen
+    assert lost.exact["real page"] == lost.total["real page"] and lost.exact["visit from page"] == 0
+    assert lost.exact["answer"] == 0 and lost.examples
+    assert "  real page: " in format_probe(lost, "pi0")
+    with pytest.raises(ValueError, match="count"):
+        turn_probe(_Fixed(""), env, count=0)
