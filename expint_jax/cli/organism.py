@@ -48,6 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     boot.add_argument("--drill-learning-rate", type=float, default=default.drill.learning_rate)
     boot.add_argument("--init", help="continue from this organism's weights and sub-vocabulary (its shape wins "
                                      "over --hidden/--layers) instead of a fresh network")
+    boot.add_argument("--new-vocabulary", action="store_true",
+                      help="with --init: build the sub-vocabulary afresh from this run's texts and carry the init's "
+                           "embedding rows over for the tokens both keep")
+    boot.add_argument("--vocab-tokens", type=int, default=default.vocab_tokens,
+                      help="most corpus tokens the sub-vocabulary keeps (before its merge-path closure)")
+    boot.add_argument("--vocab-min-count", type=int, default=default.vocab_min_count,
+                      help="leave out tokens the corpus uses fewer times (their words split into kept pieces)")
     boot.add_argument("--lm-epochs", type=int, default=default.lm.epochs, help="phase a epochs (0: skip)")
     boot.add_argument("--lm-learning-rate", type=float, default=default.lm.learning_rate)
     boot.add_argument("--epochs", type=int, default=default.sft.epochs, help="phase b epochs")
@@ -96,9 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             lm=dataclasses.replace(default.lm, epochs=args.lm_epochs, learning_rate=args.lm_learning_rate,
                                    rows=args.rows),
             sft=dataclasses.replace(default.sft, epochs=args.epochs, learning_rate=args.learning_rate, rows=args.rows),
-            seed=args.seed)
+            vocab_tokens=args.vocab_tokens, vocab_min_count=args.vocab_min_count, seed=args.seed)
+        if args.new_vocabulary and not args.init:
+            parser.error("--new-vocabulary needs --init (a fresh network always builds its vocabulary)")
         path = bootstrap(config, args.out, command=["expint", "organism", *(sys.argv[2:] if argv is None else argv)],
-                         init=args.init)
+                         init=args.init, new_vocabulary=args.new_vocabulary)
         record = storage.read_json(path / RECORD_FILE)
         steps = " + ".join(f"{phase['steps']} {name}" for name, phase in record["phases"].items())
         print(f"expint organism bootstrap: {path} ({record['parameters']:,} parameters, {steps} steps, "

@@ -7,10 +7,10 @@ Hugging Face fast tokenizer over them, saved with the checkpoint like any other 
 part of the system (the local engine, distillation views, export, a vLLM server) works unchanged.
 
 Contract:
-  * Kept: the 256 single-byte tokens (any text stays encodable), the ``max_tokens`` - 256 most
-    frequent tokens of the corpus and of the chat template's scaffolding (role names, the empty
-    think block; ties by Qwen3 id), every token on the merge path of a kept token (its
-    two merge parts, recursively), and all 26 Qwen3 added tokens (the chat template's). Sub ids
+  * Kept: the 256 single-byte tokens (any text stays encodable), the chat template's scaffolding
+    (role names, the empty think block), the ``max_tokens`` - 256 most frequent tokens of the
+    corpus among those it uses at least ``min_count`` times (ties by Qwen3 id), every token on
+    the merge path of a kept token (its two merge parts, recursively), and all 26 Qwen3 added tokens (the chat template's). Sub ids
     follow Qwen3's order: BPE tokens by rank, then the added tokens; ``base_ids[i]`` is the Qwen3
     id of sub id ``i``.
   * The restricted tokenizer keeps Qwen3's merges whose parts and result are kept, in Qwen3's
@@ -20,6 +20,8 @@ Contract:
     smaller kept pieces (down to bytes) and still decodes to itself.
   * ``to_base`` / ``from_base`` map id arrays between the two numberings (``from_base`` refuses
     ids that are not kept, naming them).
+  * ``carry_rows(rows, source, fresh)``: an embedding for this vocabulary from one trained on
+    ``source``: the rows of the tokens both keep, ``fresh``'s rows for the others.
   * ``save(directory)`` writes ``subvocab.json`` (the Qwen3 ids, in sub-id order) beside the
     tokenizer files; ``SubVocabulary.load(directory)`` reads it back.
 """
@@ -66,20 +68,25 @@ class SubVocabulary:
 
     @classmethod
     def from_corpus(cls, base: transformers.PreTrainedTokenizerFast, texts: Iterable[str], *,
-                    max_tokens: int = 8192, multiple: int = 128) -> SubVocabulary:
+                    max_tokens: int = 8192, min_count: int = 1, multiple: int = 128) -> SubVocabulary:
         """The kept tokens of ``texts`` under ``base`` (the Qwen3 tokenizer); see the module docstring.
 
         ``max_tokens`` bounds the kept tokens before the merge-path closure and the added tokens,
-        so the result can hold a few more; ``padded_size`` rounds it up to ``multiple``."""
+        so the result can hold a few more; ``padded_size`` rounds it up to ``multiple``.
+        ``min_count`` > 1 leaves out tokens a small model would see too rarely to learn (a name's
+        rare piece): their words are split into more frequent kept pieces instead."""
         if max_tokens <= _BYTE_TOKENS:
             raise SubVocabularyError(f"max_tokens={max_tokens}: must exceed the {_BYTE_TOKENS} byte tokens")
+        if min_count < 1:
+            raise SubVocabularyError(f"min_count={min_count}: must be >= 1")
         vocab, merges = _bpe_tables(base)
         by_id = {i: token for token, i in vocab.items()}
         counts: collections.Counter[int] = collections.Counter()
-        for text in (CHAT_SCAFFOLD, *texts):
+        for text in texts:
             counts.update(i for i in base.encode(text, add_special_tokens=False) if i < FIRST_ADDED_TOKEN_ID)
         kept = {i for token, i in vocab.items() if len(token) == 1}  # byte-level: one character per byte
-        ranked = sorted(counts, key=lambda i: (-counts[i], i))
+        kept.update(i for i in base.encode(CHAT_SCAFFOLD, add_special_tokens=False) if i < FIRST_ADDED_TOKEN_ID)
+        ranked = sorted((i for i in counts if counts[i] >= min_count), key=lambda i: (-counts[i], i))
         kept.update(ranked[:max_tokens - len(kept)])
         parents = {a + b: (a, b) for a, b in merges}
         stack = [by_id[i] for i in kept]
@@ -115,6 +122,17 @@ class SubVocabulary:
             tokenizer_object=backend, eos_token=base.eos_token, pad_token=base.pad_token, bos_token=None,
             unk_token=None, model_max_length=base.model_max_length, clean_up_tokenization_spaces=False,
             split_special_tokens=False, errors="replace", add_prefix_space=False, chat_template=base.chat_template)
+
+    def carry_rows(self, rows: np.ndarray, source: SubVocabulary, fresh: np.ndarray) -> np.ndarray:
+        """``fresh`` (this vocabulary's padded rows) with the rows of ``rows`` (``source``'s) copied
+        in for every Qwen3 token both vocabularies keep."""
+        if rows.shape[0] != source.padded_size or fresh.shape[0] != self.padded_size or rows.shape[1:] != fresh.shape[1:]:
+            raise SubVocabularyError(f"carry_rows: rows {rows.shape} and fresh {fresh.shape} do not fit vocabularies "
+                                     f"of {source.padded_size} and {self.padded_size} rows")
+        shared = sorted(set(self.base_ids) & set(source.base_ids))
+        out = np.array(fresh, copy=True)
+        out[self.from_base(shared)] = rows[source.from_base(shared)]
+        return out
 
     def to_base(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         table = np.asarray(self.base_ids, np.int64)

@@ -96,6 +96,10 @@ class OrganismConfig:
     corpus: CorpusConfig = CorpusConfig()
     shape: OrganismShape = OrganismShape()
     vocab_tokens: int = 8192  # corpus tokens kept before the merge-path closure and the added tokens
+    # Tokens used fewer times are left out (their words split into kept pieces). A token the network
+    # rarely sees keeps a near-random embedding, and with tied embeddings it can then never be
+    # written, so a name holding one cannot be copied (org9 in docs/organism.md: 9.4 nats per such token).
+    vocab_min_count: int = 1
     seed: int = 0
     init_std: float = 0.02
     drill: Phase = Phase(epochs=2, learning_rate=3e-3, rows=32, min_bucket=128)  # phase 0: copy drills
@@ -142,13 +146,16 @@ def organism_model_config(vocab: SubVocabulary, tokenizer, shape: OrganismShape)
 
 
 def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str] = (),
-              init: str | Path | None = None) -> Path:
+              init: str | Path | None = None, new_vocabulary: bool = False) -> Path:
     """Builds π_0 into ``out`` (see the module docstring); returns ``out``.
 
     ``init``: another organism's directory to continue from instead of a fresh network: its weights
     and its sub-vocabulary (texts it lacks tokens for are split into smaller kept pieces), so a
     finished phase can be followed by more without repeating it. ``config.shape`` must be the
-    init's; its record is kept whole under ``init`` in the new one."""
+    init's; its record is kept whole under ``init`` in the new one. ``new_vocabulary`` (with
+    ``init``): the sub-vocabulary is built afresh from this run's texts (``vocab_tokens``,
+    ``vocab_min_count``) and the init's embedding rows are carried over for the tokens both keep;
+    the others start from the fresh network's rows."""
     out = Path(out)
     work = out.with_name(out.name + ".train")
     started = time.time()
@@ -156,19 +163,25 @@ def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str]
     plain = [_without_system(t) for t in bootstrap_trajectories(config.lm_corpus)] if config.lm.epochs else []
     trajectories = bootstrap_trajectories(config.corpus)
     base = load_tokenizer(None)
-    if init is None:
+    if new_vocabulary and init is None:
+        raise ValueError("bootstrap: new_vocabulary carries an init's rows over; it needs init")
+    if init is None or new_vocabulary:
         vocab = SubVocabulary.from_corpus(base, corpus_texts([*drilled, *plain, *trajectories]),
-                                          max_tokens=config.vocab_tokens)
+                                          max_tokens=config.vocab_tokens, min_count=config.vocab_min_count)
         model = init_model(organism_model_config(vocab, vocab.tokenizer(base), config.shape),
                            init_std=config.init_std, seed=config.seed)
         started_from = None
-    else:
+    if init is not None:
         record = read_record(init)
         if record["config"]["shape"] != dataclasses.asdict(config.shape):
             raise ValueError(f"bootstrap: the organism at {init} has the shape {record['config']['shape']}, not this "
                              f"configuration's {dataclasses.asdict(config.shape)}")
-        started_from = {"checkpoint": str(init), "record": record}
-        vocab, model = SubVocabulary.load(init), load_checkpoint(init)
+        started_from = {"checkpoint": str(init), "record": record, "new_vocabulary": new_vocabulary}
+        trained = load_checkpoint(init)
+        if new_vocabulary:
+            _carry_weights(trained, SubVocabulary.load(init), model, vocab)
+        else:
+            vocab, model = SubVocabulary.load(init), trained
     tokenizer = vocab.tokenizer(base)
     chat = ChatFormat(tokenizer)
     phases = {}
@@ -199,6 +212,21 @@ def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str]
     })
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _carry_weights(source, source_vocab: SubVocabulary, target, target_vocab: SubVocabulary) -> None:
+    """``source``'s weights into ``target`` (same shape but the vocabulary): every parameter, and
+    the (tied) embedding rows of the tokens both vocabularies keep."""
+    import numpy as np
+    from flax import nnx
+
+    trained, fresh = nnx.state(source, nnx.Param), nnx.state(target, nnx.Param)
+    fresh["embed"][...] = target_vocab.carry_rows(np.asarray(trained["embed"][...]), source_vocab,
+                                                 np.asarray(fresh["embed"][...]))
+    for name in trained:
+        if name != "embed":
+            fresh[name] = trained[name]
+    nnx.update(target, fresh)
 
 
 def _leaves(model):

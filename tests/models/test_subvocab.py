@@ -92,3 +92,25 @@ def test_errors_name_what_is_wrong(vocab, tmp_path):
     with pytest.raises(SubVocabularyError, match="max_tokens=100"):
         SubVocabulary.from_corpus(load_tokenizer(None), ["x"], max_tokens=100)
     assert np.array_equal(vocab.from_base(vocab.to_base([0, 5, 9])), [0, 5, 9])
+
+
+def test_rare_tokens_are_left_out_above_a_minimum_count_and_rows_carry_over_by_qwen3_id(base, vocab):
+    rare = SubVocabulary.from_corpus(base, CORPUS * 3 + ["Key facts: Key facts: Key facts:"], max_tokens=600,
+                                     min_count=4)
+    assert len(rare) < len(vocab)
+    sub = rare.tokenizer(base)
+    for text in CORPUS:  # still encodable, in more and smaller pieces where a token was rare
+        assert sub.decode(sub.encode(text)) == text
+    assert len(sub.encode(CORPUS[0])) > len(base.encode(CORPUS[0]))
+    key = base.convert_tokens_to_ids("Key")
+    assert key in rare.base_ids  # used 4 times
+    for token in ("system", "assistant"):  # the chat scaffolding is kept whatever its count
+        assert base.convert_tokens_to_ids(token) in rare.base_ids
+    rows = np.arange(vocab.padded_size * 2, dtype=np.float32).reshape(vocab.padded_size, 2)
+    carried = rare.carry_rows(rows, vocab, np.full((rare.padded_size, 2), -1.0, np.float32))
+    np.testing.assert_array_equal(carried[rare.from_base([key])], rows[vocab.from_base([key])])
+    assert (carried[len(rare):] == -1.0).all()  # padding rows stay fresh
+    with pytest.raises(SubVocabularyError, match="min_count"):
+        SubVocabulary.from_corpus(base, CORPUS, min_count=0)
+    with pytest.raises(SubVocabularyError, match="do not fit"):
+        rare.carry_rows(rows[:3], vocab, carried)

@@ -87,7 +87,8 @@ def test_a_warm_start_continues_from_another_organism(organism, tmp_path):
                                     MICRO.corpus, seeds=(102,)))
     pi = bootstrap(later, tmp_path / "pi1", command=["later"], init=organism)
     record = storage.read_json(pi / RECORD_FILE)
-    assert record["init"] == {"checkpoint": str(organism), "record": storage.read_json(organism / RECORD_FILE)}
+    assert record["init"] == {"checkpoint": str(organism), "record": storage.read_json(organism / RECORD_FILE),
+                              "new_vocabulary": False}
     assert SubVocabulary.load(pi) == SubVocabulary.load(organism)  # the init's numbering, not a new one
     assert set(record["phases"]) == {"drill", "sft"}
     before, after = (LocalEngine.from_checkpoint(p, max_batch_size=2, max_context=256).model for p in (organism, pi))
@@ -100,3 +101,28 @@ def test_a_warm_start_continues_from_another_organism(organism, tmp_path):
                   tmp_path / "pi2", init=organism)
     with pytest.raises(ValueError, match="is not a SimWeb organism"):
         bootstrap(later, tmp_path / "pi3", init=tmp_path)
+
+
+def test_a_warm_start_with_a_new_vocabulary_carries_the_rows_of_the_tokens_both_keep(organism, tmp_path):
+    untrained = dataclasses.replace(MICRO, drill=dataclasses.replace(MICRO.drill, epochs=0),
+                                    lm=dataclasses.replace(MICRO.lm, epochs=0), sft=dataclasses.replace(MICRO.sft, epochs=0),
+                                    corpus=dataclasses.replace(MICRO.corpus, seeds=(102,)), vocab_min_count=3)
+    pi = bootstrap(untrained, tmp_path / "pi1", init=organism, new_vocabulary=True)
+    old, new = SubVocabulary.load(organism), SubVocabulary.load(pi)
+    assert storage.read_json(pi / RECORD_FILE)["init"]["new_vocabulary"] is True
+    assert new != old and len(new) < len(old)  # rare tokens of the corpus left out
+    before, after = (LocalEngine.from_checkpoint(p, max_batch_size=2, max_context=256).model for p in (organism, pi))
+    shared = sorted(set(old.base_ids) & set(new.base_ids))
+    np.testing.assert_array_equal(np.asarray(after.embed[...])[new.from_base(shared)],
+                                  np.asarray(before.embed[...])[old.from_base(shared)])
+    np.testing.assert_array_equal(np.asarray(after.final_norm[...]), np.asarray(before.final_norm[...]))
+    with pytest.raises(ValueError, match="needs init"):
+        bootstrap(untrained, tmp_path / "pi2", new_vocabulary=True)
+
+
+def test_the_bootstrap_command_refuses_a_new_vocabulary_without_an_init(tmp_path, capsys):
+    from expint_jax import cli
+
+    assert cli.main(["organism", "bootstrap", "--out", str(tmp_path / "pi"), "--new-vocabulary"]) == 2
+    assert "--new-vocabulary needs --init" in capsys.readouterr().err
+    assert not (tmp_path / "pi").exists()
