@@ -119,14 +119,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_unseen_world(args.checkpoint, args.world_seed)
     if args.command == "probe":
         from expint_jax.organism.drills import DrillConfig
-        from expint_jax.organism.probe import copy_probe, format_probe, turn_probe
+        from expint_jax.organism.probe import (copy_probe, format_probe, format_turn_losses, scripted_conversations,
+                                               turn_losses, turn_probe)
         from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
 
         if args.layout == "agent":
             engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=64, max_context=4096)
             env = SimWebEnv(SimWebConfig(seed=args.world_seed, split="train", tasks_per_level=(args.count + 1) // 2,
                                          levels=("easy", "medium")))
-            result = turn_probe(engine, env, args.count)
+            conversations = scripted_conversations(env, args.count)
+            print(format_turn_losses(turn_losses(engine.model, engine.chat_format, conversations)))
+            result = turn_probe(engine, env, conversations)
         else:
             engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=32, max_context=2048)
             config = DrillConfig(seeds=(args.world_seed,), repeat_share=args.repeat_share,

@@ -5,7 +5,9 @@ import dataclasses
 import pytest
 
 from expint_jax.organism.drills import DrillConfig, drills
-from expint_jax.organism.probe import copy_probe, format_probe
+from expint_jax.organism.probe import (copy_probe, format_probe, format_turn_losses, scripted_conversations,
+                                       turn_losses, turn_probe)
+from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
 
 WORLD = DrillConfig(seeds=(399,), levels=("easy",), tasks_per_level=2, tasks_per_site=1, repeat_share=0.3,
                     search_share=0.3)
@@ -53,22 +55,54 @@ class _Fixed:
         return [_Reply(self.text) for _ in conversations]
 
 
-def test_the_agent_layout_probe_scores_the_script_itself_exactly_and_counts_visits_to_real_pages():
-    from expint_jax.organism.probe import turn_probe
-    from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
+@pytest.fixture(scope="module")
+def world():
+    env = SimWebEnv(SimWebConfig(seed=399, split="train", tasks_per_level=3, levels=("easy", "medium")))
+    return env, scripted_conversations(env, count=4)
+
+
+def test_the_agent_layout_probe_scores_the_script_itself_exactly_and_counts_visits_to_real_pages(world):
     from expint_jax.rollout.envs.simweb.reference_agent import ReferenceAgentConfig, ReferencePolicy
 
-    env = SimWebEnv(SimWebConfig(seed=399, split="train", tasks_per_level=3, levels=("easy", "medium")))
-    script = turn_probe(ReferencePolicy(ReferenceAgentConfig(think=False)), env, count=4)
+    env, conversations = world
+    assert len(conversations) == 4
+    script = turn_probe(ReferencePolicy(ReferenceAgentConfig(think=False)), env, conversations)
     assert script.exact == script.total and not script.examples
     assert all(script.total[k] for k in ("search", "visit from search", "visit from page", "answer"))
     assert script.total["real page"] == script.total["visit from search"] + script.total["visit from page"]
     page = env.world.sites[0].pages[0]
     lost = turn_probe(_Fixed(f'<tool_call>\n{{"name": "visit", "arguments": {{"url": "{page.url}"}}}}\n</tool_call>'),
-                      env, count=4)
+                      env, conversations)
     # a real page, but not the one the script opens: copied, not chosen
     assert lost.exact["real page"] == lost.total["real page"] and lost.exact["visit from page"] == 0
     assert lost.exact["answer"] == 0 and lost.examples
     assert "  real page: " in format_probe(lost, "pi0")
     with pytest.raises(ValueError, match="count"):
-        turn_probe(_Fixed(""), env, count=0)
+        scripted_conversations(env, count=0)
+
+
+def test_turn_losses_split_every_token_of_the_turns_by_part_and_by_embedding_row(world):
+    import numpy as np
+
+    from expint_jax.models.chat import ChatFormat
+    from expint_jax.models.config import tiny
+    from expint_jax.models.init import init_model
+    from expint_jax.models.tokenizer import load_tokenizer
+
+    _, conversations = world
+    chat = ChatFormat(load_tokenizer(None))
+    model = init_model(tiny(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                            head_dim=8), seed=0)
+    encoded = [chat.encode(t.messages) for t in conversations]
+    written = np.concatenate([e.token_ids[e.loss_mask] for e in encoded])
+    weak_ids = np.unique(chat.text_ids("https://example.org"))  # the URL scaffolding: in every visit
+    rows = model.embed[...] / np.linalg.norm(model.embed[...], axis=1, keepdims=True)  # one norm for all rows
+    model.embed[...] = rows.at[weak_ids].set(0.0)
+    losses = turn_losses(model, chat, conversations, bucket=256)
+    assert set(losses.parts) == {"url", "query", "answer", "other"}
+    assert sum(n for _, n in losses.parts.values()) == sum(n for _, n in losses.rows.values()) == len(written)
+    assert losses.rows["weak row"][1] == int(np.isin(written, weak_ids).sum()) > 0
+    assert losses.parts["url"][1] > losses.parts["answer"][1] > 0
+    assert all(loss > 0 for loss, _ in losses.parts.values())  # a random network
+    text = format_turn_losses(losses)
+    assert "by part: url " in text and "weak row" in text
