@@ -10,9 +10,9 @@ Contract:
   * Kept: the 256 single-byte tokens (any text stays encodable), the chat template's scaffolding
     (role names, the empty think block), the ``max_tokens`` - 256 most frequent tokens of the
     corpus among those it uses at least ``min_count`` times (ties by Qwen3 id), every token on
-    the merge path of a kept token (its two merge parts, recursively), and all 26 Qwen3 added tokens (the chat template's). Sub ids
-    follow Qwen3's order: BPE tokens by rank, then the added tokens; ``base_ids[i]`` is the Qwen3
-    id of sub id ``i``.
+    the merge path of a kept token (its two merge parts, recursively), and all 26 Qwen3 added
+    tokens (the chat template's). Sub ids follow Qwen3's order: BPE tokens by rank, then the added
+    tokens; ``base_ids[i]`` is the Qwen3 id of sub id ``i``.
   * The restricted tokenizer keeps Qwen3's merges whose parts and result are kept, in Qwen3's
     order. On any text whose Qwen3 tokens are all kept it gives exactly Qwen3's tokens (mapped to
     sub ids): BPE applies the lowest-ranked applicable merge at every step, and each merge Qwen3

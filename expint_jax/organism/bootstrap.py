@@ -98,7 +98,7 @@ class OrganismConfig:
     vocab_tokens: int = 8192  # corpus tokens kept before the merge-path closure and the added tokens
     # Tokens used fewer times are left out (their words split into kept pieces). A token the network
     # rarely sees keeps a near-random embedding, and with tied embeddings it can then never be
-    # written, so a name holding one cannot be copied (org9 in docs/organism.md: 9.4 nats per such token).
+    # written, so a name holding one cannot be copied (org9 in docs/organism.md: 8.5 nats per such token).
     vocab_min_count: int = 1
     seed: int = 0
     init_std: float = 0.02

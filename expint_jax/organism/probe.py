@@ -10,10 +10,10 @@ fails the gate with and without experience alike. It measures the bootstrap's dr
 directly; after the later phases it measures whether the skill survived, in a format the agent
 never uses, so read it as a lower bound there.
 
-``turn_probe(backend, env, count)`` (``expint organism probe --layout agent``) asks the same in the
-agent's own layout: the mistake-free scripted agent (no experience) rolls out on ``env``'s first
-``count`` tasks inside the real ``ReActAgent``, each conversation is cut before every one of its
-turns, and the network's greedy next turn is compared with the script's. Kinds: ``search``,
+``turn_probe(backend, env, scripted_conversations(env, count))`` (``expint organism probe --layout
+agent``) asks the same in the agent's own layout: the mistake-free scripted agent (no experience)
+rolls out on ``env``'s first ``count`` tasks inside the real ``ReActAgent``, each conversation is
+cut before every one of its turns, and the network's greedy next turn is compared with the script's. Kinds: ``search``,
 ``visit from search`` (the first hop: a URL copied out of search results), ``visit from page``
 (a URL copied out of a page's link list), ``answer``; and ``real page``: of the visit turns, those
 whose reply visits a page that exists in the world (right or not), the copying itself.
@@ -22,8 +22,8 @@ whose reply visits a page that exists in the world (right or not), the copying i
 view of the same turns: the network's mean loss per token of the script's turns, split by what the
 token is part of (``url``, ``query``, ``answer``, ``other``), and split by the token's embedding
 row: ``weak row`` for rows whose norm is below ``WEAK_ROW`` x the median over the conversations'
-tokens (tokens the network rarely trained on; with tied embeddings it can hardly write them, so a name holding one cannot be
-copied), ``trained row`` for the rest.
+tokens (tokens the network rarely trained on; with tied embeddings it can hardly write them, so a
+name holding one cannot be copied), ``trained row`` for the rest.
 """
 
 from __future__ import annotations
@@ -135,9 +135,6 @@ def turn_probe(backend, env: SimWebEnv, trajectories: Sequence[Trajectory], max_
 class TurnLosses:
     parts: dict[str, tuple[float, int]]  # url/query/answer/other -> (mean loss per token, tokens)
     rows: dict[str, tuple[float, int]]  # weak row/trained row -> (mean loss per token, tokens)
-
-    def to_json(self) -> dict:
-        return {"parts": self.parts, "rows": self.rows}
 
 
 def turn_losses(model, chat: ChatFormat, trajectories: Sequence[Trajectory], bucket: int = 512) -> TurnLosses:
