@@ -108,7 +108,9 @@ class OrganismConfig:
     budget: ViewBudget = ViewBudget(max_student_tokens=4096, max_teacher_tokens=8192)
 
     def __post_init__(self) -> None:
-        named = {"drills": self.drills.seeds, "lm_corpus": self.lm_corpus.seeds, "corpus": self.corpus.seeds}
+        # Only the worlds this run reads: a skipped phase's corpus is never built.
+        named = {"drills": self.drills.seeds if self.drill.epochs else (),
+                 "lm_corpus": self.lm_corpus.seeds if self.lm.epochs else (), "corpus": self.corpus.seeds}
         for first, second in itertools.combinations(named, 2):
             shared = sorted(set(named[first]) & set(named[second]))
             if shared:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from expint_jax.organism.bootstrap import OrganismConfig
+from expint_jax.organism.bootstrap import OrganismConfig, Phase
 from expint_jax.organism.drills import DrillConfig, drills
 from expint_jax.organism.data import CorpusConfig
 from expint_jax.rollout.envs.simweb.tools import parse_page
@@ -41,6 +41,9 @@ def test_every_reply_copies_a_link_or_a_fact_of_its_page():
 def test_drill_worlds_must_be_their_own():
     with pytest.raises(ValueError, match=r"seeds \[301\] are in both drills and corpus"):
         OrganismConfig(drills=DrillConfig(seeds=(301,)), corpus=CorpusConfig(seeds=(301, 302)))
+    skipped = OrganismConfig(drills=DrillConfig(seeds=(301,)), corpus=CorpusConfig(seeds=(301, 302)),
+                             drill=Phase(epochs=0, learning_rate=1e-3))
+    assert skipped.corpus.seeds == (301, 302)  # a skipped phase's worlds are not read, so not in the way
     with pytest.raises(ValueError, match="per_page"):
         DrillConfig(per_page=0)
 
