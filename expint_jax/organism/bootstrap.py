@@ -167,12 +167,12 @@ def bootstrap(config: OrganismConfig, out: str | Path, *, command: Sequence[str]
     base = load_tokenizer(None)
     if new_vocabulary and init is None:
         raise ValueError("bootstrap: new_vocabulary carries an init's rows over; it needs init")
+    started_from = None
     if init is None or new_vocabulary:
         vocab = SubVocabulary.from_corpus(base, corpus_texts([*drilled, *plain, *trajectories]),
                                           max_tokens=config.vocab_tokens, min_count=config.vocab_min_count)
         model = init_model(organism_model_config(vocab, vocab.tokenizer(base), config.shape),
                            init_std=config.init_std, seed=config.seed)
-        started_from = None
     if init is not None:
         record = read_record(init)
         if record["config"]["shape"] != dataclasses.asdict(config.shape):

@@ -112,7 +112,7 @@ def turn_probe(backend, env: SimWebEnv, trajectories: Sequence[Trajectory], max_
     cuts = []  # (conversation before the turn, the script's turn, its kind)
     for trajectory in trajectories:
         messages = trajectory.messages
-        cuts += [(messages[:i], m.content, _turn_kind(m.content, messages[i - 1].content))
+        cuts += [(messages[:i], m.content.strip(), _turn_kind(m.content, messages[i - 1].content))
                  for i, m in enumerate(messages) if m.role == "assistant"]
     replies = backend.chat([c[0] for c in cuts], SamplingParams(temperature=0.0, max_tokens=max_tokens))
     exact, total = dict.fromkeys(TURN_KINDS, 0), dict.fromkeys(TURN_KINDS, 0)
@@ -120,14 +120,14 @@ def turn_probe(backend, env: SimWebEnv, trajectories: Sequence[Trajectory], max_
     for (_, wanted, kind), reply in zip(cuts, replies, strict=True):
         got = reply.text.strip()
         total[kind] += 1
-        exact[kind] += got == wanted.strip()
+        exact[kind] += got == wanted
         if kind.startswith("visit"):
             call = _tool_call(got)
             url = call.arguments.get("url") if call is not None and call.name == "visit" else None
             total["real page"] += 1
             exact["real page"] += isinstance(url, str) and env.world.page(url) is not None
-        if got != wanted.strip() and len(misses) < 3:
-            misses.append((wanted.strip(), got))
+        if got != wanted and len(misses) < 3:
+            misses.append((wanted, got))
     return ProbeResult(exact, total, tuple(misses))
 
 
