@@ -5,6 +5,8 @@
     from scratch or from another organism, export with ``organism.json``).
   * ``expint organism gate --checkpoint DIR [--tasks 100] [--samples 3] [--out FILE]``: the
     network with and without experience in context on held-out SimWeb tasks (``organism.gate``).
+    The gate and the probe build their worlds with the URL style the organism trained on
+    (``organism.url_style``; ``bootstrap --url-style``).
   * ``expint organism probe --checkpoint DIR [--count 64] [--layout drills|agent]``: whether the
     network copies links, facts and lines from its context at all (``organism.probe``), on drills
     of an unseen world, or in the agent's own layout (its next turn in the scripted agent's
@@ -24,6 +26,7 @@ from expint_jax.cli.errors import ArgumentParser
 def main(argv: Sequence[str] | None = None) -> int:
     from expint_jax.organism.bootstrap import OrganismConfig
     from expint_jax.organism.gate import INJECTIONS
+    from expint_jax.rollout.envs.simweb.tasks import URL_STYLES
 
     parser = ArgumentParser(prog="expint organism", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="most corpus tokens the sub-vocabulary keeps (before its merge-path closure)")
     boot.add_argument("--vocab-min-count", type=int, default=default.vocab_min_count,
                       help="leave out tokens the corpus uses fewer times (their words split into kept pieces)")
+    boot.add_argument("--url-style", choices=URL_STYLES,
+                      help="SimWeb URLs of every training world: path (names) or short (https://s<site>.example.org/"
+                           "<page>); default: the init's, else path. The gate and the probe use the checkpoint's")
     boot.add_argument("--lm-epochs", type=int, default=default.lm.epochs, help="phase a epochs (0: skip)")
     boot.add_argument("--lm-learning-rate", type=float, default=default.lm.learning_rate)
     boot.add_argument("--epochs", type=int, default=default.sft.epochs, help="phase b epochs")
@@ -84,21 +90,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe.add_argument("--search-share", type=float, default=0.0)
     args = parser.parse_args(argv)
     if args.command == "bootstrap":
-        from expint_jax.organism import RECORD_FILE, read_record
+        from expint_jax.organism import RECORD_FILE, read_record, url_style
         from expint_jax.organism.bootstrap import OrganismShape, bootstrap
 
         shape = (OrganismShape(**read_record(args.init)["config"]["shape"]) if args.init else
                  dataclasses.replace(default.shape, hidden_size=args.hidden, num_layers=args.layers,
                                      intermediate_size=3 * args.hidden))
+        urls = args.url_style or (url_style(args.init) if args.init else "path")
         config = dataclasses.replace(
             default,
             lm_corpus=dataclasses.replace(default.lm_corpus, seeds=tuple(args.lm_seeds),
-                                          tasks_per_level=args.tasks_per_level),
+                                          tasks_per_level=args.tasks_per_level, url_style=urls),
             corpus=dataclasses.replace(default.corpus, seeds=tuple(args.seeds), tasks_per_level=args.tasks_per_level,
-                                       samples=args.samples),
+                                       samples=args.samples, url_style=urls),
             shape=shape,
             drills=dataclasses.replace(default.drills, seeds=tuple(args.drill_seeds), repeat_share=args.repeat_share,
-                                       fact_share=args.fact_share, search_share=args.search_share),
+                                       fact_share=args.fact_share, search_share=args.search_share, url_style=urls),
             drill=dataclasses.replace(default.drill, epochs=args.drill_epochs, learning_rate=args.drill_learning_rate),
             lm=dataclasses.replace(default.lm, epochs=args.lm_epochs, learning_rate=args.lm_learning_rate,
                                    rows=args.rows),
@@ -114,9 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{record['wall_seconds']} s)")
         return 0
     from expint_jax.llm.local import LocalEngine
-    from expint_jax.organism import check_unseen_world
+    from expint_jax.organism import check_unseen_world, url_style
 
     check_unseen_world(args.checkpoint, args.world_seed)
+    urls = url_style(args.checkpoint)
     if args.command == "probe":
         from expint_jax.organism.drills import DrillConfig
         from expint_jax.organism.probe import (copy_probe, format_probe, format_turn_losses, scripted_conversations,
@@ -126,14 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.layout == "agent":
             engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=64, max_context=4096)
             env = SimWebEnv(SimWebConfig(seed=args.world_seed, split="train", tasks_per_level=(args.count + 1) // 2,
-                                         levels=("easy", "medium")))
+                                         levels=("easy", "medium"), url_style=urls))
             conversations = scripted_conversations(env, args.count)
             print(format_turn_losses(turn_losses(engine.model, engine.chat_format, conversations)))
             result = turn_probe(engine, env, conversations)
         else:
             engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=32, max_context=2048)
             config = DrillConfig(seeds=(args.world_seed,), repeat_share=args.repeat_share,
-                                 search_share=args.search_share)
+                                 search_share=args.search_share, url_style=urls)
             result = copy_probe(engine, config, args.count)
         print(format_probe(result, args.checkpoint))
         return 0
@@ -141,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     engine = LocalEngine.from_checkpoint(args.checkpoint, max_batch_size=args.batch, max_context=4096)
     result = run_gate(engine, world_seed=args.world_seed, levels=tuple(args.levels.split(",")), tasks=args.tasks,
-                      samples=args.samples, k=args.k, seed=args.seed, which=args.injections.split(","))
+                      samples=args.samples, k=args.k, seed=args.seed, which=args.injections.split(","),
+                      url_style=urls)
     print(format_result(result, args.checkpoint))
     if args.out:
         storage.write_json(args.out, result.to_json())

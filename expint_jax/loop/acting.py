@@ -38,7 +38,7 @@ from expint_jax.llm.base import ChatBackend
 from expint_jax.llm.server import PolicyServer
 from expint_jax.loop.layout import key_hash
 from expint_jax.loop.config import Endpoint, LoopConfig, PolicySection, WebWalkerSection, webwalker_tasks
-from expint_jax.organism import check_unseen_world
+from expint_jax.organism import check_unseen_world, check_url_style
 from expint_jax.records import Message, SamplingParams, Trajectory, read_trajectories
 from expint_jax.rollout.agent import AgentConfig, ReActAgent
 from expint_jax.rollout.envs.base import Environment, Task
@@ -65,10 +65,11 @@ class Worlds:
                                           levels=m.levels, families=m.families)))
         s = config.simweb
         check_unseen_world(config.model.checkpoint, s.seed)
+        check_url_style(config.model.checkpoint, s.url_style)
         return cls(SimWebEnv(SimWebConfig(seed=s.seed, split="train", tasks_per_level=s.train_tasks_per_level,
-                                          levels=s.levels)),
+                                          levels=s.levels, url_style=s.url_style)),
                    SimWebEnv(SimWebConfig(seed=s.seed, split="test", tasks_per_level=s.eval_tasks_per_level,
-                                          levels=s.levels)))
+                                          levels=s.levels, url_style=s.url_style)))
 
 
 def _webwalker_worlds(w: WebWalkerSection) -> Worlds:

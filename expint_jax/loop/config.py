@@ -64,6 +64,7 @@ class SimWebSection:
     levels: tuple[str, ...] = ("easy", "medium")
     train_tasks_per_level: int = 8  # training world: extraction and distillation tasks
     eval_tasks_per_level: int = 4  # held-out world: evaluation and held-out KL tasks
+    url_style: Literal["path", "short"] = "path"  # "short" for the model organism (SimWebConfig.url_style)
 
 
 @dataclasses.dataclass(frozen=True)

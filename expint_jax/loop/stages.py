@@ -194,6 +194,8 @@ def stage_key(run: Run, k: int, name: str) -> dict[str, Any]:
     # The env is named by its own section (simweb | webwalker | math): a SimWeb key is as before.
     acting_keys = {**_section(c, "model", c.env, "agent", "seed"), "policy": acting.policy_key(c.policy),
                    "batch_tasks": c.extract.batch_tasks}
+    if c.env == "simweb" and c.simweb.url_style == "path":  # the default: a key made before the option holds
+        del acting_keys["simweb"]["url_style"]
     release_steps = c.extract.schedule == "release_steps"
     if name == "rollouts" and release_steps:  # records nothing (the extract stage rolls out per step)
         return {"extract": {"schedule": c.extract.schedule}}

@@ -53,6 +53,23 @@ def check_unseen_world(checkpoint: str | Path | None, seed: int) -> None:
         record, where = (record.get("init") or {}).get("record"), f"{where}: init.record"
 
 
+def url_style(checkpoint: str | Path | None) -> str:
+    """The SimWeb URL style (``SimWebConfig.url_style``) the organism at ``checkpoint`` acts on:
+    the one its last phase b trained on; ``"path"`` (SimWeb's default) for a checkpoint without an
+    organism record or a record made before the option."""
+    if not checkpoint or not (Path(checkpoint) / RECORD_FILE).exists():
+        return "path"
+    return read_record(checkpoint)["config"]["corpus"].get("url_style", "path")
+
+
+def check_url_style(checkpoint: str | Path | None, style: str) -> None:
+    """Refuses SimWeb worlds whose URLs are not spelled as the organism at ``checkpoint`` learned
+    to copy them (no-op unless ``checkpoint`` holds an organism record)."""
+    if checkpoint and (Path(checkpoint) / RECORD_FILE).exists() and url_style(checkpoint) != style:
+        raise ConfigError(f"the organism at {checkpoint} acts on SimWeb worlds with url_style={url_style(checkpoint)!r} "
+                          f"({RECORD_FILE}: config.corpus.url_style), not {style!r}; set simweb.url_style to match")
+
+
 def read_record(checkpoint: str | Path) -> dict:
     """The organism record beside a checkpoint; a clear error where there is none."""
     path = Path(checkpoint) / RECORD_FILE

@@ -36,6 +36,7 @@ from expint_jax.rollout.envs.simweb.reference_agent import (
     run_reference_agent,
 )
 from expint_jax.rollout.envs.simweb.sensitivity import Sensitivity
+from expint_jax.rollout.envs.simweb.tasks import URL_STYLES
 from expint_jax.rollout.envs.simweb.writer import OfflineWriterConfig, write_offline
 
 CONTEXTS = ("none", "global", "stepwise", "stepwise_random", "stepwise_instance")
@@ -80,6 +81,9 @@ class CorpusConfig:
     # and answers only (its mistakes and their response to lessons are in the actions), which
     # halves what it writes per turn and what a rollout decodes.
     think: bool = False
+    # SimWebConfig.url_style of the worlds. "short" (https://s<site>.example.org/<page>) leaves the
+    # network a few digits to copy per visit instead of 40 tokens of names (docs/organism.md, org12s).
+    url_style: str = "path"
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -89,6 +93,8 @@ class CorpusConfig:
                 raise ValueError(f"CorpusConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.mistake_rate <= 1.0:
             raise ValueError(f"CorpusConfig.mistake_rate must be in [0, 1], got {self.mistake_rate}")
+        if self.url_style not in URL_STYLES:
+            raise ValueError(f"CorpusConfig.url_style must be one of {URL_STYLES}, got {self.url_style!r}")
 
     @property
     def mistakes(self) -> Mistakes:
@@ -144,7 +150,8 @@ def bootstrap_trajectories(config: CorpusConfig) -> list[Trajectory]:
     out: list[Trajectory] = []
     for seed in config.seeds:
         env = SimWebEnv(SimWebConfig(seed=seed, split="train", tasks_per_level=config.tasks_per_level,
-                                     levels=config.levels, tasks_per_site=config.tasks_per_site))
+                                     levels=config.levels, tasks_per_site=config.tasks_per_site,
+                                     url_style=config.url_style))
         pools = world_pools(env, config, seed)
         tasks = list(env.tasks())
         drawn = draw_contexts([t.task_id for t in tasks], config, seed)

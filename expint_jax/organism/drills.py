@@ -35,6 +35,7 @@ from expint_jax.models.chat import format_tool_call, format_tool_response
 from expint_jax.records import Message, Trajectory
 from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
 from expint_jax.rollout.envs.simweb.reference_agent import read_facts
+from expint_jax.rollout.envs.simweb.tasks import URL_STYLES
 from expint_jax.rollout.envs.simweb.tools import format_page, link_lines
 from expint_jax.rollout.envs.web import format_search_results
 
@@ -51,11 +52,14 @@ class DrillConfig:
     repeat_share: float = 0.4  # of all drills, the share that repeats link lines verbatim
     repeat_lines: int = 3
     search_share: float = 0.0  # of all drills, the share that opens a page from search results
+    url_style: str = "path"  # SimWebConfig.url_style of the drills' worlds
 
     def __post_init__(self) -> None:
         if (not self.seeds or self.per_page < 1 or self.repeat_lines < 1
-                or not all(0.0 <= x <= 1.0 for x in (self.fact_share, self.repeat_share, self.search_share))):
-            raise ValueError("DrillConfig needs seeds, per_page >= 1, repeat_lines >= 1 and shares in [0, 1]; "
+                or not all(0.0 <= x <= 1.0 for x in (self.fact_share, self.repeat_share, self.search_share))
+                or self.url_style not in URL_STYLES):
+            raise ValueError(f"DrillConfig needs seeds, per_page >= 1, repeat_lines >= 1, shares in [0, 1] and a "
+                             f"url_style in {URL_STYLES}; "
                              f"got {self}")
 
 
@@ -63,7 +67,8 @@ def drills(config: DrillConfig) -> list[Trajectory]:
     out: list[Trajectory] = []
     for seed in config.seeds:
         env = SimWebEnv(SimWebConfig(seed=seed, split="train", tasks_per_level=config.tasks_per_level,
-                                     levels=config.levels, tasks_per_site=config.tasks_per_site))
+                                     levels=config.levels, tasks_per_site=config.tasks_per_site,
+                                     url_style=config.url_style))
         rng = random.Random(f"drills:{seed}")
         for site in env.world.sites:
             for page in site.pages:

@@ -8,6 +8,9 @@ pool in the system prompt) and ``stepwise_random`` (``--k`` random items per tur
 relevance). The pool is the offline writer's principle pool from the scripted agent's rollouts on
 the loop's training world, so it is the same for every checkpoint.
 
+``url_style``: the held-out worlds' URLs, as the checkpoint learned them (the CLI reads it from
+``organism.json``).
+
 ``format_result`` gives one row per injection (accuracy with a 95 % interval over tasks, premature answers, tool
 calls, items shown per turn) and the paired difference stepwise - none with its 95 % interval
 (per-task differences: every injection sees the same tasks and seeds). The gate of issue 14: stepwise - none >= 0.15 on >= 100 tasks x 3 samples.
@@ -62,13 +65,13 @@ def injections(principle: dict[str, str], k: int, seed: int) -> dict[str, Inject
 
 def run_gate(backend, *, world_seed: int = 0, levels: tuple[str, ...] = ("easy", "medium"), tasks: int = 100,
              samples: int = 3, k: int = 4, seed: int = 0, agent: AgentConfig | None = None,
-             which: Sequence[str] = INJECTIONS) -> GateResult:
+             which: Sequence[str] = INJECTIONS, url_style: str = "path") -> GateResult:
     corpus = dataclasses.replace(CorpusConfig(), seeds=(world_seed,), levels=levels)
     train = SimWebEnv(SimWebConfig(seed=world_seed, split="train", tasks_per_level=corpus.tasks_per_level,
-                                   levels=levels))
+                                   levels=levels, url_style=url_style))
     principle = world_pools(train, corpus, world_seed).principle.as_mapping()
     test = SimWebEnv(SimWebConfig(seed=world_seed, split="test", tasks_per_level=math.ceil(tasks / len(levels)),
-                                  levels=levels))
+                                  levels=levels, url_style=url_style))
     chosen = interleaved_tasks(test, tasks)
     agent = agent or AgentConfig(max_llm_calls=10, max_context_tokens=4096,
                                  sampling=SamplingParams(temperature=0.7, top_p=0.95, max_tokens=256))

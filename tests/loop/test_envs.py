@@ -69,6 +69,11 @@ def test_simweb_is_the_default_and_its_stage_keys_are_unchanged():
     assert not {"env", "webwalker", "math"} & set(key)
     # A setting of an unused environment never invalidates a SimWeb stage.
     assert _key(_config(math__seed=7, webwalker__include_root_url=True)) == key
+    # The default URL style is not in the key (keys made before the option hold); short URLs are.
+    assert "url_style" not in key["simweb"]
+    short = _config(simweb__url_style="short")
+    assert _key(short)["simweb"]["url_style"] == "short"
+    assert acting.Worlds.of(short).test.tasks()[0].metadata["root_url"].startswith("https://s")
 
 
 # ------------------------------------------------------------------ math

@@ -126,3 +126,33 @@ def test_the_bootstrap_command_refuses_a_new_vocabulary_without_an_init(tmp_path
     assert cli.main(["organism", "bootstrap", "--out", str(tmp_path / "pi"), "--new-vocabulary"]) == 2
     assert "--new-vocabulary needs --init" in capsys.readouterr().err
     assert not (tmp_path / "pi").exists()
+
+
+def test_short_urls_are_recorded_inherited_and_required_of_a_loop(organism, tmp_path, monkeypatch):
+    from expint_jax import cli
+    from expint_jax.config import ConfigError
+    from expint_jax.organism import check_url_style, url_style
+
+    quick = ["--tasks-per-level", "2", "--samples", "1", "--drill-epochs", "0", "--lm-epochs", "0", "--epochs", "0"]
+    assert cli.main(["organism", "bootstrap", "--init", str(organism), "--out", str(tmp_path / "short"),
+                     "--seeds", "103", "--url-style", "short", *quick]) == 0
+    assert url_style(organism) == url_style(None) == "path" and url_style(tmp_path / "short") == "short"
+    record = storage.read_json(tmp_path / "short" / RECORD_FILE)
+    assert {record["config"][s]["url_style"] for s in ("drills", "lm_corpus", "corpus")} == {"short"}
+    # A later warm start keeps the init's URLs unless told otherwise.
+    assert cli.main(["organism", "bootstrap", "--init", str(tmp_path / "short"), "--out", str(tmp_path / "later"),
+                     "--seeds", "104", *quick]) == 0
+    assert url_style(tmp_path / "later") == "short"
+    check_url_style(tmp_path / "later", "short")
+    check_url_style(None, "path")
+    with pytest.raises(ConfigError, match="url_style='short'.*not 'path'; set simweb.url_style"):
+        check_url_style(tmp_path / "later", "path")
+    # The gate builds its held-out worlds with the organism's URLs.
+    from expint_jax.organism import gate
+
+    seen = []
+    monkeypatch.setattr(gate, "run_gate", lambda engine, **kw: seen.append(kw["url_style"]) or gate.GateResult(
+        (), float("nan"), float("nan"), 0, 1))
+    for pi in (organism, tmp_path / "later"):
+        assert cli.main(["organism", "gate", "--checkpoint", str(pi), "--tasks", "1"]) == 0
+    assert seen == ["path", "short"]

@@ -212,3 +212,33 @@ def test_config_validation():
         SimWebConfig(levels=("extreme",))
     with pytest.raises(ValueError, match=">= 1"):
         SimWebConfig(tasks_per_level=0)
+    with pytest.raises(ValueError, match="url_style must be one of"):
+        SimWebConfig(url_style="numbered")
+
+
+def test_short_urls_rename_every_url_and_change_nothing_else():
+    from expint_jax.rollout.envs.simweb.reference_agent import Mistakes, run_reference_agent
+
+    config = SimWebConfig(seed=5, tasks_per_level=12, levels=("easy", "medium", "hard"))
+    path, short = SimWebEnv(config), SimWebEnv(SimWebConfig(**{**vars(config), "url_style": "short"}))
+    renamed = {}
+    for number, (a, b) in enumerate(zip(path.world.sites, short.world.sites, strict=True)):
+        assert b.root_url == f"https://s{number}.example.org/" and b.name == a.name
+        for p, q in zip(a.pages, b.pages, strict=True):
+            assert (q.title, q.text, q.role, q.indexed) == (p.title, p.text, p.role, p.indexed)
+            assert q.url.startswith(b.root_url) and q.url.endswith("/") == p.url.endswith("/")
+            assert len(q.url) < len(p.url) or p.url == a.root_url
+            renamed[p.url] = q.url
+    assert len(set(renamed.values())) == len(renamed)  # still one URL per page
+    for a, b in zip(path.world.sites, short.world.sites):
+        for p, q in zip(a.pages, b.pages):
+            assert [(l.title, renamed[l.url]) for l in p.links] == [(l.title, l.url) for l in q.links]
+            assert q.parent == (renamed[p.parent] if p.parent else None)
+    for t, u in zip(path.tasks(), short.tasks(), strict=True):
+        root = t.metadata["root_url"]
+        assert u.question == t.question.replace(root, renamed[root]) and u.answer == t.answer
+        assert u.metadata["answer_urls"] == [renamed[url] for url in t.metadata["answer_urls"]]
+    # The scripted agent finds its way by titles and directories, so it acts exactly as before.
+    mistakes = Mistakes(answer_early=0.35, wrong_link=0.35, skip_hop=0.35)
+    assert [r.reward for r in run_reference_agent(path, n=2, seed=1, mistakes=mistakes)] == \
+        [r.reward for r in run_reference_agent(short, n=2, seed=1, mistakes=mistakes)]

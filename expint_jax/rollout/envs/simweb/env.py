@@ -17,7 +17,7 @@ from typing import Any
 
 from expint_jax.rollout.envs.base import Task
 from expint_jax.rollout.envs.simweb.site import LEVELS
-from expint_jax.rollout.envs.simweb.tasks import generate
+from expint_jax.rollout.envs.simweb.tasks import URL_STYLES, generate
 from expint_jax.rollout.envs.simweb.tools import SimSearch, SimVisit
 from expint_jax.rollout.envs.simweb.world import World
 from expint_jax.rollout.judge import ExactMatchJudge, answers_match
@@ -33,12 +33,17 @@ class SimWebConfig:
     tasks_per_site: int = 8
     search_top_k: int = 5
     max_extra_tokens: int = 8  # containment slack of the exact-match judge
+    # "short": every URL is https://s<site>.example.org/<page> (tasks.generate); what the model
+    # organism acts on, since a 1M-parameter network cannot copy 40-token URLs (docs/organism.md).
+    url_style: str = "path"
 
     def __post_init__(self) -> None:
         if not self.levels or any(level not in LEVELS for level in self.levels):
             raise ValueError(f"SimWebConfig.levels must be a non-empty subset of {LEVELS}, got {self.levels!r}")
         if self.tasks_per_level < 1 or self.tasks_per_site < 1 or self.search_top_k < 1:
             raise ValueError("SimWebConfig.tasks_per_level, tasks_per_site and search_top_k must be >= 1")
+        if self.url_style not in URL_STYLES:
+            raise ValueError(f"SimWebConfig.url_style must be one of {URL_STYLES}, got {self.url_style!r}")
 
 
 class SimWebEnv:
@@ -47,7 +52,7 @@ class SimWebEnv:
     def __init__(self, config: SimWebConfig = SimWebConfig()):
         self.config = config
         sites, tasks = generate(config.seed, config.split, config.tasks_per_level, config.levels,
-                                config.tasks_per_site)
+                                config.tasks_per_site, config.url_style)
         self.world = World(sites)
         self._tasks = tuple(tasks)
         self.judge = ExactMatchJudge(containment=True, max_extra_tokens=config.max_extra_tokens)

@@ -12,7 +12,10 @@ hard it is to reach an item page:
                 the agent must walk root -> section -> letter range -> item.
 
 Contract: ``generate_site(rng, level, names)`` draws only from ``rng`` and ``names``, so the same
-seed gives byte-identical sites (``Site.to_json``) in every process.
+seed gives byte-identical sites (``Site.to_json``) in every process. ``with_short_urls(site, n)``
+renames every URL of a finished site to a short one (``https://s<n>.example.org/<i>``, directories
+keeping their trailing ``/``) and changes nothing else: the same site for an agent that cannot
+copy a 40-token URL (the model organism, ``SimWebConfig.url_style="short"``).
 """
 
 from __future__ import annotations
@@ -123,6 +126,24 @@ class Site:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "root_url": self.root_url, "level": self.level, "theme": self.theme,
                 "pages": [p.to_json() for p in self.pages], "entities": [e.to_json() for e in self.entities]}
+
+
+def with_short_urls(site: Site, number: int) -> Site:
+    """``site`` with every URL renamed to ``https://s<number>.example.org/<page index>`` (see the module docstring)."""
+    root = f"https://s{number}.example.org/"
+    renamed = {site.root_url: root}
+    for index, page in enumerate(site.pages):
+        if page.url != site.root_url:
+            renamed[page.url] = f"{root}{index}/" if page.url.endswith("/") else f"{root}{index}"
+
+    def link(old: Link) -> Link:
+        return Link(old.title, renamed[old.url])
+
+    pages = tuple(dataclasses.replace(page, url=renamed[page.url], links=tuple(map(link, page.links)),
+                                      parent=None if page.parent is None else renamed[page.parent])
+                  for page in site.pages)
+    entities = tuple(dataclasses.replace(entity, url=renamed[entity.url]) for entity in site.entities)
+    return dataclasses.replace(site, root_url=root, pages=pages, entities=entities)
 
 
 # ---------------------------------------------------------------------------------------------

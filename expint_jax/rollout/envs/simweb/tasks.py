@@ -29,7 +29,15 @@ from typing import Any
 
 from expint_jax.rollout.envs.base import Task
 from expint_jax.rollout.envs.simweb.names import NameRegistry
-from expint_jax.rollout.envs.simweb.site import LEVELS, RELATIONS, Entity, Site, format_number, generate_site
+from expint_jax.rollout.envs.simweb.site import (
+    LEVELS,
+    RELATIONS,
+    Entity,
+    Site,
+    format_number,
+    generate_site,
+    with_short_urls,
+)
 from expint_jax.rollout.judge import parse_number
 
 STYLES = ("lookup", "chain", "compare", "arithmetic")
@@ -279,13 +287,22 @@ def draw_site_tasks(rng: random.Random, site: Site, count: int) -> list[tuple[st
     return list(drawn.values())
 
 
+URL_STYLES = ("path", "short")
+
+
 def generate(
-    seed: int, split: str, tasks_per_level: int, levels: Sequence[str], tasks_per_site: int
+    seed: int, split: str, tasks_per_level: int, levels: Sequence[str], tasks_per_site: int,
+    url_style: str = "path",
 ) -> tuple[list[Site], list[Task]]:
-    """Sites and tasks of one SimWeb configuration; every site gets its own seeded stream."""
+    """Sites and tasks of one SimWeb configuration; every site gets its own seeded stream.
+
+    ``url_style``: ``"path"`` (URLs spell the site's and the page's names) or ``"short"``
+    (``site.with_short_urls``: the same sites and questions, URLs numbered by site and page)."""
     for level in levels:
         if level not in LEVELS:
             raise ValueError(f"SimWeb level must be one of {LEVELS}, got {level!r}")
+    if url_style not in URL_STYLES:
+        raise ValueError(f"SimWeb url_style must be one of {URL_STYLES}, got {url_style!r}")
     if tasks_per_level < 1 or tasks_per_site < 1:
         raise ValueError(f"tasks_per_level and tasks_per_site must be >= 1, got {tasks_per_level}, {tasks_per_site}")
     names = NameRegistry()
@@ -298,6 +315,8 @@ def generate(
                 break
             rng = random.Random(f"simweb:{seed}:{split}:{level}:{index}")
             site = generate_site(rng, level, names)
+            if url_style == "short":
+                site = with_short_urls(site, len(sites))
             sites.append(site)
             drawn += draw_site_tasks(rng, site, min(tasks_per_site, tasks_per_level - len(drawn)))
         for i, (question, answer, metadata) in enumerate(drawn):
