@@ -16,7 +16,7 @@ The other cells of the paper's comparison change one axis each: ``simweb_demo_in
 
 from expint_jax.config import config_dict
 from expint_jax.loop.config import LoopConfig
-from expint_jax.organism import shipped_checkpoint
+from expint_jax.organism import shipped_checkpoint, url_style
 
 
 def get_config():
@@ -30,6 +30,7 @@ def get_config():
     c.simweb.levels = ("easy", "medium")
     c.simweb.train_tasks_per_level = 30
     c.simweb.eval_tasks_per_level = 50
+    c.simweb.url_style = url_style(shipped_checkpoint())  # the URLs the organism learned to copy
     c.agent.max_llm_calls = 10
     c.agent.max_tokens = 256
     c.agent.max_context_tokens = 3800
