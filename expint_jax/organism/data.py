@@ -82,7 +82,7 @@ class CorpusConfig:
     # halves what it writes per turn and what a rollout decodes.
     think: bool = False
     # SimWebConfig.url_style of the worlds. "short" (https://s<site>.example.org/<page>) leaves the
-    # network a few digits to copy per visit instead of 40 tokens of names (docs/organism.md, org12s).
+    # network ~9 tokens to copy per visit instead of ~21 tokens of names (docs/organism.md, org12s).
     url_style: str = "path"
 
     def __post_init__(self) -> None:

@@ -34,7 +34,7 @@ class SimWebConfig:
     search_top_k: int = 5
     max_extra_tokens: int = 8  # containment slack of the exact-match judge
     # "short": every URL is https://s<site>.example.org/<page> (tasks.generate); what the model
-    # organism acts on, since a 1M-parameter network cannot copy 40-token URLs (docs/organism.md).
+    # organism acts on: a 1M-parameter network copies 20-token URLs of names poorly (docs/organism.md).
     url_style: str = "path"
 
     def __post_init__(self) -> None:

@@ -14,8 +14,8 @@ hard it is to reach an item page:
 Contract: ``generate_site(rng, level, names)`` draws only from ``rng`` and ``names``, so the same
 seed gives byte-identical sites (``Site.to_json``) in every process. ``with_short_urls(site, n)``
 renames every URL of a finished site to a short one (``https://s<n>.example.org/<i>``, directories
-keeping their trailing ``/``) and changes nothing else: the same site for an agent that cannot
-copy a 40-token URL (the model organism, ``SimWebConfig.url_style="short"``).
+keeping their trailing ``/``) and changes nothing else: the same site for an agent that copies
+20-token URLs poorly (the model organism, ``SimWebConfig.url_style="short"``).
 """
 
 from __future__ import annotations
