@@ -147,6 +147,16 @@ def test_short_urls_are_recorded_inherited_and_required_of_a_loop(organism, tmp_
     check_url_style(None, "path")
     with pytest.raises(ConfigError, match="url_style='short'.*not 'path'; set simweb.url_style"):
         check_url_style(tmp_path / "later", "path")
+    from expint_jax.config import bind, config_dict
+    from expint_jax.loop import acting
+    from expint_jax.loop.config import LoopConfig
+
+    loop = config_dict(LoopConfig, name="short")
+    loop.model.checkpoint = str(tmp_path / "later")
+    with pytest.raises(ConfigError, match="set simweb.url_style to match"):
+        acting.Worlds.of(bind(LoopConfig, loop))
+    loop.simweb.url_style = "short"
+    assert acting.Worlds.of(bind(LoopConfig, loop)).train.tasks()[0].metadata["root_url"].startswith("https://s")
     # The gate builds its held-out worlds with the organism's URLs.
     from expint_jax.organism import gate
 
