@@ -33,6 +33,7 @@ from expint_jax.parallel.mesh import MeshConfig
 from expint_jax.records import RecordError
 from expint_jax.rollout.envs.base import Task
 from expint_jax.rollout.envs.math import FAMILIES as MATH_FAMILIES, LEVELS as MATH_LEVELS
+from expint_jax.rollout.envs.simweb.tasks import UrlStyle
 from expint_jax.rollout.envs.webwalker import load_webqa_tasks
 
 MODES = ("none", "global", "stepwise")
@@ -64,7 +65,7 @@ class SimWebSection:
     levels: tuple[str, ...] = ("easy", "medium")
     train_tasks_per_level: int = 8  # training world: extraction and distillation tasks
     eval_tasks_per_level: int = 4  # held-out world: evaluation and held-out KL tasks
-    url_style: Literal["path", "short"] = "path"  # "short" for the model organism (SimWebConfig.url_style)
+    url_style: UrlStyle = "path"  # "short" for the model organism (SimWebConfig.url_style)
 
 
 @dataclasses.dataclass(frozen=True)

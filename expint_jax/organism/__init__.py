@@ -65,8 +65,11 @@ def url_style(checkpoint: str | Path | None) -> str:
 def check_url_style(checkpoint: str | Path | None, style: str) -> None:
     """Refuses SimWeb worlds whose URLs are not spelled as the organism at ``checkpoint`` learned
     to copy them (no-op unless ``checkpoint`` holds an organism record)."""
-    if checkpoint and (Path(checkpoint) / RECORD_FILE).exists() and url_style(checkpoint) != style:
-        raise ConfigError(f"the organism at {checkpoint} acts on SimWeb worlds with url_style={url_style(checkpoint)!r} "
+    if not checkpoint or not (Path(checkpoint) / RECORD_FILE).exists():
+        return
+    learned = url_style(checkpoint)
+    if learned != style:
+        raise ConfigError(f"the organism at {checkpoint} acts on SimWeb worlds with url_style={learned!r} "
                           f"({RECORD_FILE}: config.corpus.url_style), not {style!r}; set simweb.url_style to match")
 
 

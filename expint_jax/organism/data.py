@@ -36,7 +36,7 @@ from expint_jax.rollout.envs.simweb.reference_agent import (
     run_reference_agent,
 )
 from expint_jax.rollout.envs.simweb.sensitivity import Sensitivity
-from expint_jax.rollout.envs.simweb.tasks import URL_STYLES
+from expint_jax.rollout.envs.simweb.tasks import URL_STYLES, UrlStyle
 from expint_jax.rollout.envs.simweb.writer import OfflineWriterConfig, write_offline
 
 CONTEXTS = ("none", "global", "stepwise", "stepwise_random", "stepwise_instance")
@@ -83,7 +83,7 @@ class CorpusConfig:
     think: bool = False
     # SimWebConfig.url_style of the worlds. "short" (https://s<site>.example.org/<page>) leaves the
     # network ~9 tokens to copy per visit instead of ~21 tokens of names (docs/organism.md, org12s).
-    url_style: str = "path"
+    url_style: UrlStyle = "path"
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

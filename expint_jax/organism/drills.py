@@ -35,7 +35,7 @@ from expint_jax.models.chat import format_tool_call, format_tool_response
 from expint_jax.records import Message, Trajectory
 from expint_jax.rollout.envs.simweb.env import SimWebConfig, SimWebEnv
 from expint_jax.rollout.envs.simweb.reference_agent import read_facts
-from expint_jax.rollout.envs.simweb.tasks import URL_STYLES
+from expint_jax.rollout.envs.simweb.tasks import URL_STYLES, UrlStyle
 from expint_jax.rollout.envs.simweb.tools import format_page, link_lines
 from expint_jax.rollout.envs.web import format_search_results
 
@@ -52,7 +52,7 @@ class DrillConfig:
     repeat_share: float = 0.4  # of all drills, the share that repeats link lines verbatim
     repeat_lines: int = 3
     search_share: float = 0.0  # of all drills, the share that opens a page from search results
-    url_style: str = "path"  # SimWebConfig.url_style of the drills' worlds
+    url_style: UrlStyle = "path"  # SimWebConfig.url_style of the drills' worlds
 
     def __post_init__(self) -> None:
         if (not self.seeds or self.per_page < 1 or self.repeat_lines < 1

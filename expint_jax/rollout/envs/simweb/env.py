@@ -17,7 +17,7 @@ from typing import Any
 
 from expint_jax.rollout.envs.base import Task
 from expint_jax.rollout.envs.simweb.site import LEVELS
-from expint_jax.rollout.envs.simweb.tasks import URL_STYLES, generate
+from expint_jax.rollout.envs.simweb.tasks import URL_STYLES, UrlStyle, generate
 from expint_jax.rollout.envs.simweb.tools import SimSearch, SimVisit
 from expint_jax.rollout.envs.simweb.world import World
 from expint_jax.rollout.judge import ExactMatchJudge, answers_match
@@ -35,7 +35,7 @@ class SimWebConfig:
     max_extra_tokens: int = 8  # containment slack of the exact-match judge
     # "short": every URL is https://s<site>.example.org/<page> (tasks.generate); what the model
     # organism acts on: a 1M-parameter network copies 20-token URLs of names poorly (docs/organism.md).
-    url_style: str = "path"
+    url_style: UrlStyle = "path"
 
     def __post_init__(self) -> None:
         if not self.levels or any(level not in LEVELS for level in self.levels):

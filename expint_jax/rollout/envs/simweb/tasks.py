@@ -25,7 +25,7 @@ import math
 import random
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from expint_jax.rollout.envs.base import Task
 from expint_jax.rollout.envs.simweb.names import NameRegistry
@@ -287,12 +287,13 @@ def draw_site_tasks(rng: random.Random, site: Site, count: int) -> list[tuple[st
     return list(drawn.values())
 
 
-URL_STYLES = ("path", "short")
+UrlStyle = Literal["path", "short"]
+URL_STYLES: tuple[str, ...] = get_args(UrlStyle)
 
 
 def generate(
     seed: int, split: str, tasks_per_level: int, levels: Sequence[str], tasks_per_site: int,
-    url_style: str = "path",
+    url_style: UrlStyle = "path",
 ) -> tuple[list[Site], list[Task]]:
     """Sites and tasks of one SimWeb configuration; every site gets its own seeded stream.
 
